@@ -1,0 +1,1 @@
+"""The contract between aic services: schemas, pixel formats, bus, codecs, quality, config."""

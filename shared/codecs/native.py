@@ -1,0 +1,144 @@
+"""Native codecs through PyAV (FFmpeg): x264, x265, VP9, AV1.
+
+Each batch is coded with a fresh encoder, so it is one closed GOP that starts
+with a key frame and decodes alone: a stateless worker needs no history.
+"""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+
+import av
+import numpy as np
+
+from shared.codecs.base import Codec, CodecError, PayloadHeader, pack_payload
+from shared.pixfmt import from_video_frame, to_video_frame
+
+# SVT-AV1 prints its banner on stdout unless told otherwise.
+os.environ.setdefault("SVT_LOG", "1")
+
+# id -> (encoder, decoder, default options, quality option name)
+NATIVE_CODECS: dict[str, tuple[str, str, dict[str, str], str]] = {
+    "x264": ("libx264", "h264", {"preset": "veryfast", "tune": "zerolatency"}, "crf"),
+    "x265": ("libx265", "hevc", {"preset": "veryfast", "tune": "zerolatency", "x265-params": "log-level=error"}, "crf"),
+    "vp9": ("libvpx-vp9", "vp9", {"deadline": "realtime", "cpu-used": "8", "row-mt": "1", "lag-in-frames": "0"}, "crf"),
+    "av1": ("libsvtav1", "libdav1d", {"preset": "10", "svtav1-params": "pred-struct=1"}, "crf"),
+}
+DEFAULT_CRF = {"x264": 23, "x265": 26, "vp9": 36, "av1": 35}
+
+
+class NativeCodec(Codec):
+    version = 1
+
+    def __init__(self, name: str = "x264", crf: int | None = None, preset: str | None = None, threads: int = 0):
+        if name not in NATIVE_CODECS:
+            raise ValueError(f"unknown native codec {name!r}")
+        self.name = name
+        self.encoder, self.decoder, opts, self._qopt = NATIVE_CODECS[name]
+        self.crf = DEFAULT_CRF[name] if crf is None else int(crf)
+        self.options = dict(opts)
+        if preset is not None:
+            self.options["preset" if name != "vp9" else "cpu-used"] = str(preset)
+        self.threads = threads
+
+    @property
+    def params(self) -> dict:
+        return {"crf": self.crf, **{k: v for k, v in self.options.items() if k in ("preset", "cpu-used")}}
+
+    def encode(self, frames: np.ndarray, width: int, height: int, fps: float) -> bytes:
+        n = frames.shape[0]
+        # 4:2:0 encoders need even sizes: pad by edge replication, crop at decode.
+        pw, ph = width + (width & 1), height + (height & 1)
+        ctx = av.CodecContext.create(self.encoder, "w")
+        ctx.width, ctx.height, ctx.pix_fmt = pw, ph, "yuv420p"
+        rate = Fraction(fps).limit_denominator(1001)
+        ctx.time_base = 1 / rate
+        ctx.framerate = rate
+        ctx.gop_size = n
+        ctx.max_b_frames = 0
+        ctx.thread_count = self.threads
+        ctx.options = {**self.options, self._qopt: str(self.crf)}
+        out = bytearray()
+        try:
+            for i, frame in enumerate(frames):
+                vf = to_video_frame(frame, width, height) if (pw, ph) == (width, height) else _padded(frame, width, height)
+                vf.pts = i
+                for pkt in ctx.encode(vf):
+                    out += _with_size(bytes(pkt))
+            for pkt in ctx.encode(None):
+                out += _with_size(bytes(pkt))
+        except av.FFmpegError as exc:
+            raise CodecError(f"{self.encoder} failed: {exc}") from None
+        header = PayloadHeader(self.name, self.version, width, height, n, params=self.params)
+        return pack_payload(header, bytes(out))
+
+    def decode_bitstream(self, header: PayloadHeader, bitstream: memoryview) -> np.ndarray:
+        from shared.pixfmt import frame_size
+
+        width, height = header.width, header.height
+        out = np.empty((header.frame_count, frame_size(width, height)), np.uint8)
+        n = 0
+        try:
+            ctx = av.CodecContext.create(self.decoder, "r")
+            ctx.thread_count = self.threads
+            for pkt_bytes in _packets(bitstream):
+                for vf in ctx.decode(av.Packet(pkt_bytes)):
+                    n = _store(out, n, vf, width, height)
+            for vf in ctx.decode(None):
+                n = _store(out, n, vf, width, height)
+        except av.FFmpegError as exc:
+            raise CodecError(f"{self.decoder} could not decode the payload: {exc}") from None
+        if n != header.frame_count:
+            raise CodecError(f"bitstream held {n} frames, header promised {header.frame_count}")
+        return out
+
+
+def _with_size(pkt: bytes) -> bytes:
+    # Packets are length-prefixed so decoding needs no bitstream parser and
+    # works the same for every codec (Annex B, IVF-less VP9, AV1 OBUs).
+    return len(pkt).to_bytes(4, "big") + pkt
+
+
+def _packets(bitstream: memoryview):
+    pos, end = 0, len(bitstream)
+    while pos < end:
+        if pos + 4 > end:
+            raise CodecError("bitstream truncated inside a packet length")
+        size = int.from_bytes(bitstream[pos : pos + 4], "big")
+        pos += 4
+        if size == 0 or pos + size > end:
+            raise CodecError("bitstream truncated inside a packet")
+        yield bytes(bitstream[pos : pos + size])
+        pos += size
+
+
+def _store(out: np.ndarray, n: int, vf: av.VideoFrame, width: int, height: int) -> int:
+    if n >= out.shape[0]:
+        raise CodecError("bitstream holds more frames than its header says")
+    if (vf.width, vf.height) != (width + (width & 1), height + (height & 1)):
+        raise CodecError(f"decoded frame is {vf.width}x{vf.height}, header says {width}x{height}")
+    if (vf.width, vf.height) == (width, height):
+        out[n] = from_video_frame(vf)
+    else:
+        out[n] = _crop(from_video_frame(vf), vf.width, vf.height, width, height)
+    return n + 1
+
+
+def _padded(frame: np.ndarray, width: int, height: int) -> av.VideoFrame:
+    from shared.pixfmt import frame_size, split_planes
+
+    pw, ph = width + (width & 1), height + (height & 1)
+    out = np.empty(frame_size(pw, ph), np.uint8)
+    for src, dst in zip(split_planes(frame, width, height), split_planes(out, pw, ph)):
+        dst[...] = np.pad(src, ((0, dst.shape[0] - src.shape[0]), (0, dst.shape[1] - src.shape[1])), mode="edge")
+    return to_video_frame(out, pw, ph)
+
+
+def _crop(frame: np.ndarray, pw: int, ph: int, width: int, height: int) -> np.ndarray:
+    from shared.pixfmt import frame_size, split_planes
+
+    out = np.empty(frame_size(width, height), np.uint8)
+    for src, dst in zip(split_planes(frame, pw, ph), split_planes(out, width, height)):
+        dst[...] = src[: dst.shape[0], : dst.shape[1]]
+    return out

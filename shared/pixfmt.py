@@ -1,0 +1,65 @@
+"""Pixel formats and conversions.
+
+Frames travel through the pipeline as packed planar yuv420p: the Y plane
+(w*h bytes) followed by U and V, each ceil(w/2) x ceil(h/2).  Odd sizes are
+allowed; chroma is rounded up as FFmpeg does.  Conversions to and from PyAV
+frames go through swscale, which is 5-20x faster than numpy on these cores.
+"""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+
+SUPPORTED = ("yuv420p",)
+
+
+def chroma_size(width: int, height: int) -> tuple[int, int]:
+    """(width, height) of each chroma plane of a yuv420p frame."""
+    return (width + 1) // 2, (height + 1) // 2
+
+
+def frame_size(width: int, height: int, pix_fmt: str = "yuv420p") -> int:
+    """Bytes of one packed frame."""
+    if pix_fmt != "yuv420p":
+        raise ValueError(f"unsupported pixel format {pix_fmt!r}; supported: {SUPPORTED}")
+    cw, ch = chroma_size(width, height)
+    return width * height + 2 * cw * ch
+
+
+def split_planes(frame: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Views of the Y, U and V planes of one packed yuv420p frame (1-D uint8)."""
+    cw, ch = chroma_size(width, height)
+    ys = width * height
+    cs = cw * ch
+    y = frame[:ys].reshape(height, width)
+    u = frame[ys : ys + cs].reshape(ch, cw)
+    v = frame[ys + cs : ys + 2 * cs].reshape(ch, cw)
+    return y, u, v
+
+
+def to_video_frame(frame: np.ndarray, width: int, height: int) -> av.VideoFrame:
+    """A PyAV yuv420p frame holding a copy of one packed frame."""
+    vf = av.VideoFrame(width, height, "yuv420p")
+    for plane, src in zip(vf.planes, split_planes(frame, width, height)):
+        # PyAV pads each line to an aligned stride: copy row-wise into the view.
+        dst = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)
+        dst[: src.shape[0], : src.shape[1]] = src
+    return vf
+
+
+def from_video_frame(vf: av.VideoFrame) -> np.ndarray:
+    """One packed yuv420p frame (1-D uint8) from any PyAV video frame."""
+    if vf.format.name != "yuv420p":
+        vf = vf.reformat(format="yuv420p")
+    width, height = vf.width, vf.height
+    out = np.empty(frame_size(width, height), np.uint8)
+    for plane, dst in zip(vf.planes, split_planes(out, width, height)):
+        src = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)
+        dst[...] = src[: dst.shape[0], : dst.shape[1]]
+    return out
+
+
+def to_rgb(frame: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(height, width, 3) uint8 RGB of one packed yuv420p frame (BT.601, limited range, via swscale)."""
+    return to_video_frame(frame, width, height).to_ndarray(format="rgb24")
