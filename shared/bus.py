@@ -104,6 +104,7 @@ class Bus:
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
             connect_timeout=5,
+            drain_timeout=5,
             **kwargs,
         )
         return cls(nc, cfg)
@@ -231,3 +232,11 @@ class Bus:
                 await self.js.delete_msg(BLOBS_STREAM, seq)
             except Exception:
                 pass  # already gone: deletion is an optimisation, expiry is the guarantee
+
+
+async def unsubscribe(sub) -> None:
+    """Stop a pull subscription before draining, so a pending fetch cannot stall the drain."""
+    try:
+        await sub.unsubscribe()
+    except Exception:
+        pass  # already closed

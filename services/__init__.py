@@ -1,0 +1,1 @@
+"""aic services: ingest (gateway), compressor (workers), metrics (PostgreSQL), receiver (decode)."""

@@ -1,0 +1,235 @@
+"""``aic``: one command for every service and tool.
+
+Subcommands import their service lazily, so ``aic ingest`` and ``aic metrics``
+never load the compressor's codecs (or torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+
+from shared.config import BusConfig, CompressorConfig, MetricsConfig, data_dir, env_int, env_str
+
+DEFAULT_DEMO_SOURCE = "lavfi:testsrc2=size=640x360:rate=30"
+
+
+def _bus_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nats-url", help="NATS server (default: $AIC_NATS_URL or nats://127.0.0.1:4222)")
+
+
+def _metrics_port(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics-port", type=int, default=env_int("AIC_METRICS_PORT", 0),
+        help="serve Prometheus /metrics on this port (default: $AIC_METRICS_PORT, 0 = off)",
+    )  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aic",
+        description="AI-driven video compression pipeline: gateways publish frame batches to NATS JetStream, "
+        "compressor workers code them, the metrics service writes one PostgreSQL row per batch.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("up", help="run the whole stack on this machine (embedded NATS + PostgreSQL)")
+    p.add_argument("--data-dir", help="where embedded servers keep data (default: $AIC_DATA_DIR or ./.aic)")
+    p.add_argument("--compressors", type=int, default=1, help="compressor processes to start (default 1)")
+    p.add_argument("--codec", default="x264", help="codec for the compressors (default x264)")
+
+    p = sub.add_parser("compressor", help="run a compressor worker on the shared consumer")
+    _bus_args(p)
+    p.add_argument("--codec", default=env_str("AIC_CODEC", "x264"), help="x264 | x265 | vp9 | av1 (default x264)")
+    p.add_argument("--crf", type=int, help="quality: constant rate factor (codec default if unset)")
+    p.add_argument("--preset", help="encoder speed preset (x264/x265: veryfast by default)")
+    p.add_argument("--concurrency", type=int, default=2, help="batches in flight at once (default 2)")
+    p.add_argument(
+        "--quality-frames", type=int, default=env_int("AIC_QUALITY_FRAMES", 1),
+        help="frames per batch measured for PSNR-RGB and MS-SSIM (-1 all, 0 off; PSNR-Y always covers all; default 1)",
+    )  # fmt: skip
+    p.add_argument("--worker-id", help="name in metrics rows and subjects (default host-pid)")
+    _metrics_port(p)
+
+    p = sub.add_parser("metrics", help="run the metrics service (JetStream → PostgreSQL)")
+    _bus_args(p)
+    p.add_argument("--database-url", help="PostgreSQL URL (default: $AIC_DATABASE_URL)")
+    _metrics_port(p)
+
+    p = sub.add_parser("ingest", help="publish a video source as frame batches")
+    p.add_argument("source", help="file, rtsp://, http://, or lavfi:<graph> e.g. lavfi:testsrc2=size=1280x720:rate=30")
+    p.add_argument("--stream-id", required=True, help="stream name, [A-Za-z0-9_-]{1,64}")
+    _bus_args(p)
+    p.add_argument("--batch-frames", type=int, default=8, help="frames per batch = GOP length (default 8)")
+    p.add_argument("--frames", type=int, help="stop after this many frames (needed for endless lavfi sources)")
+    p.add_argument("--start-seq", type=int, default=0, help="first batch sequence number (default 0)")
+    p.add_argument("--realtime", action="store_true", help="pace publishing at the source frame rate")
+
+    p = sub.add_parser("decode", help="receiver: decode a stream's compressed batches to a video file")
+    p.add_argument("--stream-id", required=True)
+    p.add_argument("--out", required=True, help="output file: .y4m or .mkv (lossless), .mp4 (viewing)")
+    _bus_args(p)
+    p.add_argument("--idle-timeout", type=float, default=3.0, help="stop after this many seconds without a batch")
+    p.add_argument("--batches", type=int, help="stop after this many batches")
+    p.add_argument("--start-seq", type=int, default=0, help="first batch sequence number expected (default 0)")
+
+    p = sub.add_parser("demo", help="run the embedded stack, ingest N streams, print per-stream results")
+    p.add_argument("--source", default=DEFAULT_DEMO_SOURCE, help=f"video source (default {DEFAULT_DEMO_SOURCE})")
+    p.add_argument("--streams", type=int, default=2, help="parallel streams (default 2)")
+    p.add_argument("--frames", type=int, default=64, help="frames per stream (default 64)")
+    p.add_argument("--batch-frames", type=int, default=8, help="frames per batch (default 8)")
+    p.add_argument("--compressors", type=int, default=1, help="compressor processes (default 1)")
+    p.add_argument("--codec", default="x264", help="compressor codec (default x264)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for every row (default 600)")
+    p.add_argument("--data-dir", help="embedded servers' data (default: a fresh temporary folder)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+    p = sub.add_parser("db", help="database administration")
+    dsub = p.add_subparsers(dest="db_command", required=True)
+    m = dsub.add_parser("migrate", help="apply pending schema migrations")
+    m.add_argument("--database-url", help="PostgreSQL URL (default: $AIC_DATABASE_URL)")
+    return parser
+
+
+def _serve_metrics(port: int) -> None:
+    if port:
+        from prometheus_client import start_http_server
+
+        start_http_server(port)
+
+
+def cmd_compressor(a: argparse.Namespace) -> int:
+    from services.compressor import Compressor
+    from services.runtime import run_service
+
+    kw = {"worker_id": a.worker_id} if a.worker_id else {}
+    cfg = CompressorConfig(
+        bus=BusConfig.from_env(a.nats_url), codec=a.codec, crf=a.crf, preset=a.preset,
+        concurrency=a.concurrency, quality_frames=a.quality_frames, **kw,
+    )  # fmt: skip
+    _serve_metrics(a.metrics_port)
+    return run_service(Compressor(cfg).run)
+
+
+def cmd_metrics(a: argparse.Namespace) -> int:
+    from services.metrics import MetricsWriter
+    from services.runtime import run_service
+
+    cfg = MetricsConfig(bus=BusConfig.from_env(a.nats_url), database_url=MetricsConfig.database_url_from_env(a.database_url))
+    _serve_metrics(a.metrics_port)
+    return run_service(MetricsWriter(cfg).run)
+
+
+def cmd_ingest(a: argparse.Namespace) -> int:
+    from services.ingest import ingest
+    from services.runtime import run_service
+    from shared.bus import Bus
+
+    async def main(stop: asyncio.Event) -> int:
+        bus = await Bus.connect(BusConfig.from_env(a.nats_url), name=f"aic-ingest-{a.stream_id}")
+        try:
+            await bus.ensure_topology()
+            s = await ingest(
+                bus, a.source, a.stream_id, a.batch_frames, a.frames, a.realtime, stop=stop, start_seq=a.start_seq
+            )
+            print(f"{s.stream_id}: {s.batches} batches, {s.frames} frames, {s.raw_bytes / 1e6:.1f} MB in {s.seconds:.1f}s")
+        finally:
+            await bus.close()
+        return 0
+
+    return run_service(main)
+
+
+def cmd_decode(a: argparse.Namespace) -> int:
+    from services.receiver import decode_stream
+    from services.runtime import run_service
+    from shared.bus import Bus
+
+    async def main(stop: asyncio.Event) -> int:
+        bus = await Bus.connect(BusConfig.from_env(a.nats_url), name=f"aic-decode-{a.stream_id}")
+        try:
+            s = await decode_stream(bus, a.stream_id, a.out, a.idle_timeout, a.batches, stop, a.start_seq)
+        finally:
+            await bus.close()
+        print(f"{a.out}: {s.frames} frames from {s.batches} batches" + (f", gaps at {s.gaps}" if s.gaps else ""))
+        return 0 if s.batches and not s.errors else 1
+
+    return run_service(main)
+
+
+def cmd_up(a: argparse.Namespace) -> int:
+    from services.stack import Stack
+    from shared import logs
+
+    logs.configure()
+    stopping = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.append(1))
+    stack = Stack(data_dir(a.data_dir), compressors=a.compressors, compressor_args=["--codec", a.codec])
+    with stack:
+        print(f"NATS        {stack.nats_url}", flush=True)
+        print(f"PostgreSQL  {stack.database_url}", flush=True)
+        print(f"data        {stack.data_dir}   logs: {stack.data_dir / 'logs'}", flush=True)
+        print("services    " + ", ".join(s.name for s in stack.services) + "   (Ctrl-C stops everything)", flush=True)
+        while not stopping:
+            stack.supervise_once()
+            time.sleep(0.5)
+        print("stopping...", flush=True)
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from services.demo import run_demo
+
+    return run_demo(a)
+
+
+def cmd_db(a: argparse.Namespace) -> int:
+    import asyncpg
+
+    from services.metrics.migrations import migrate
+
+    async def main() -> None:
+        conn = await asyncpg.connect(MetricsConfig.database_url_from_env(a.database_url))
+        try:
+            applied = await migrate(conn)
+            print(f"applied migrations: {applied or 'none (up to date)'}")
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
+    return 0
+
+
+COMMANDS = {
+    "up": cmd_up,
+    "compressor": cmd_compressor,
+    "metrics": cmd_metrics,
+    "ingest": cmd_ingest,
+    "decode": cmd_decode,
+    "demo": cmd_demo,
+    "db": cmd_db,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a clear one-line error, not a traceback, for expected failures
+        from shared.embedded import ServerError
+        from services.ingest.gateway import SourceError
+
+        if isinstance(exc, (ServerError, SourceError, ValueError, OSError)):
+            print(f"aic {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""The compressor worker.
+
+Per batch: validate → encode (one closed GOP) → decode the payload as a receiver
+would → measure quality → publish the CompressedBatch and the BatchMetrics →
+ack.  The ack comes only after both publishes are acknowledged by JetStream,
+so a worker killed at any point loses nothing: the batch is redelivered, and
+message ids plus the metrics table's primary key make the retry invisible.
+CPU work runs in a thread pool; the event loop only does I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import msgpack
+from nats.aio.msg import Msg
+from prometheus_client import Counter, Histogram
+
+from shared import bus as busmod
+from shared.bus import Bus, ClaimError
+from shared.bus import unsubscribe as _unsubscribe
+from shared.codecs import Codec, create_codec, decode_payload
+from shared.config import CompressorConfig
+from shared.logs import get_logger
+from shared.quality import measure_batch
+from shared.schemas import (
+    STREAM_ID_RE,
+    BatchMetrics,
+    CompressedBatch,
+    SchemaError,
+    peek_ids,
+    unpack_frame_batch,
+)
+
+log = get_logger("compressor")
+
+BATCHES = Counter("aic_compressor_batches_total", "Batches handled", ["status"])
+BATCH_SECONDS = Histogram("aic_compressor_batch_seconds", "Wall time per batch, fetch to ack")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What processing one message produced; ``compressed`` is None for rejects."""
+
+    metrics: BatchMetrics
+    compressed: CompressedBatch | None = None
+
+
+def process_batch(data: bytes, codec: Codec, cfg: CompressorConfig) -> Outcome:
+    """Validate, encode, decode and measure one batch (CPU work; runs in a thread).
+
+    Raises SchemaError for invalid input; other exceptions mean the codec failed.
+    """
+    fb = unpack_frame_batch(data, cfg.limits)
+    t0 = time.perf_counter()
+    payload = codec.encode(fb.frames, fb.width, fb.height, fb.fps)
+    t1 = time.perf_counter()
+    _, decoded = decode_payload(payload)  # exactly what a receiver will see
+    q = measure_batch(fb.frames, decoded, fb.width, fb.height, cfg.quality_frames)
+    t2 = time.perf_counter()
+    now = time.time()
+    duration_s = fb.frame_count / fb.fps
+    compressed = CompressedBatch(
+        stream_id=fb.stream_id,
+        batch_seq=fb.batch_seq,
+        codec=codec.name,
+        width=fb.width,
+        height=fb.height,
+        frame_count=fb.frame_count,
+        fps_num=fb.fps_num,
+        fps_den=fb.fps_den,
+        first_pts=fb.first_pts,
+        captured_at=fb.captured_at,
+        encoded_at=now,
+        worker_id=cfg.worker_id,
+        payload=payload,
+    )
+    metrics = BatchMetrics(
+        batch_id=fb.msg_id,
+        stream_id=fb.stream_id,
+        batch_seq=fb.batch_seq,
+        status="ok",
+        worker_id=cfg.worker_id,
+        completed_at=now,
+        codec=codec.name,
+        codec_params=_params_str(codec.params),
+        frames=fb.frame_count,
+        width=fb.width,
+        height=fb.height,
+        raw_bytes=fb.raw_bytes,
+        compressed_bytes=len(payload),
+        kbps=len(payload) * 8 / duration_s / 1000,
+        psnr_y=q.psnr_y,
+        psnr_rgb=q.psnr_rgb,
+        ms_ssim=q.ms_ssim,
+        ms_ssim_frames=q.ms_ssim_frames,
+        encode_ms=(t1 - t0) * 1000,
+        quality_ms=(t2 - t1) * 1000,
+        captured_at=fb.captured_at,
+    )
+    return Outcome(metrics, compressed)
+
+
+def _params_str(params: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(params.items()))
+
+
+class Compressor:
+    """A stateless worker on the shared ``compressor`` consumer."""
+
+    def __init__(self, cfg: CompressorConfig):
+        self.cfg = cfg
+        self.codec = create_codec(cfg.codec, **_codec_kwargs(cfg))
+        self.pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="codec")
+        self.bus: Bus | None = None
+
+    async def run(self, stop: asyncio.Event) -> int:
+        self.bus = await Bus.connect(self.cfg.bus, name=f"aic-compressor-{self.cfg.worker_id}")
+        await self.bus.ensure_topology()
+        sub = await self.bus.pull(busmod.FRAMES_STREAM, busmod.COMPRESSOR_CONSUMER)
+        log.info("compressor_started", worker_id=self.cfg.worker_id, codec=self.codec.name, **self.codec.params)
+        slots = asyncio.Semaphore(self.cfg.concurrency)
+        tasks: set[asyncio.Task] = set()
+        try:
+            while not stop.is_set():
+                await slots.acquire()
+                try:
+                    msgs = await sub.fetch(1, timeout=1.0)
+                except asyncio.TimeoutError:
+                    slots.release()
+                    continue
+                except Exception as exc:  # server gone: keep trying, the client reconnects
+                    slots.release()
+                    log.warning("fetch_failed", error=str(exc))
+                    await asyncio.sleep(0.5)
+                    continue
+                task = asyncio.create_task(self._handle(msgs[0]))
+                tasks.add(task)
+                task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
+        finally:
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            self.pool.shutdown(wait=True)
+            await _unsubscribe(sub)
+            await self.bus.close()
+            log.info("compressor_stopped", worker_id=self.cfg.worker_id)
+        return 0
+
+    async def _handle(self, msg: Msg) -> None:
+        t0 = time.perf_counter()
+        meta = msg.metadata
+        attempts = meta.num_delivered or 1
+        beat = asyncio.create_task(self._heartbeat(msg))
+        try:
+            try:
+                data = await self.bus.payload(msg)
+                outcome = await asyncio.get_running_loop().run_in_executor(
+                    self.pool, process_batch, data, self.codec, self.cfg
+                )
+            except (SchemaError, ClaimError) as exc:
+                code = getattr(exc, "code", "claim_missing")
+                await self._give_up(msg, "rejected", f"{code}: {getattr(exc, 'reason', str(exc))}", attempts)
+                return
+            except Exception as exc:
+                if attempts >= self.cfg.bus.max_deliver:
+                    await self._give_up(msg, "failed", f"{type(exc).__name__}: {exc}", attempts)
+                else:
+                    log.warning("batch_retry", subject=msg.subject, attempts=attempts, error=f"{type(exc).__name__}: {exc}")
+                    await msg.nak(delay=1.0)
+                return
+            await self._deliver(msg, outcome, attempts)
+            BATCH_SECONDS.observe(time.perf_counter() - t0)
+        except Exception as exc:
+            # Publishing failed (server down, timeout): no ack, so JetStream redelivers.
+            log.error("batch_unacked", subject=msg.subject, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            beat.cancel()
+
+    async def _heartbeat(self, msg: Msg) -> None:
+        # Long batches (4K, slow models) must not be redelivered while still in progress.
+        while True:
+            await asyncio.sleep(max(1.0, self.cfg.bus.ack_wait_s / 3))
+            try:
+                await msg.in_progress()
+            except Exception:
+                return
+
+    async def _deliver(self, msg: Msg, outcome: Outcome, attempts: int) -> None:
+        cb = outcome.compressed
+        await self.bus.publish(busmod.compressed_subject(cb.stream_id), cb.pack(), cb.msg_id, kind="compressed")
+        now = time.time()
+        m = outcome.metrics
+        row = BatchMetrics(
+            **{**m.__dict__, "latency_ms": (now - m.captured_at) * 1000, "attempts": attempts, "completed_at": now}
+        )
+        await self.bus.publish(busmod.metrics_subject(self.cfg.worker_id), row.pack(), f"m:{row.batch_id}")
+        await msg.ack_sync(timeout=10)
+        await self.bus.release(msg)
+        BATCHES.labels("ok").inc()
+        log.info(
+            "batch",
+            status="ok",
+            batch_id=row.batch_id,
+            frames=row.frames,
+            size=f"{row.width}x{row.height}",
+            raw_bytes=row.raw_bytes,
+            compressed_bytes=row.compressed_bytes,
+            psnr_y=round(row.psnr_y, 3),
+            ms_ssim=round(row.ms_ssim, 5),
+            encode_ms=round(row.encode_ms, 1),
+            quality_ms=round(row.quality_ms, 1),
+            latency_ms=round(row.latency_ms, 1),
+            attempts=attempts,
+        )
+
+    async def _give_up(self, msg: Msg, status: str, reason: str, attempts: int) -> None:
+        """Terminate a batch that will never succeed, with a dead letter and a metrics row saying why."""
+        sid, seq = peek_ids(msg.data) if not (msg.headers or {}).get(busmod.CLAIM_HEADER) else (None, None)
+        if sid is None:
+            token = msg.subject.rsplit(".", 1)[-1]
+            sid = token if STREAM_ID_RE.match(token) else "_invalid"
+        stream_seq = msg.metadata.sequence.stream
+        batch_id = f"{sid}:{seq}" if seq is not None else f"{sid}:js{stream_seq}"
+        now = time.time()
+        row = BatchMetrics(
+            batch_id=batch_id,
+            stream_id=sid,
+            batch_seq=seq,
+            status=status,
+            reason=reason[:500],
+            worker_id=self.cfg.worker_id,
+            completed_at=now,
+            attempts=attempts,
+        )
+        letter = msgpack.packb(
+            {
+                "v": 1,
+                "kind": "dead_letter",
+                "batch_id": batch_id,
+                "status": status,
+                "reason": row.reason,
+                "subject": msg.subject,
+                "stream_seq": stream_seq,
+                "attempts": attempts,
+                "worker_id": self.cfg.worker_id,
+                "at": now,
+            }
+        )
+        await self.bus.publish(busmod.deadletter_subject(sid), letter, f"dl:{batch_id}")
+        await self.bus.publish(busmod.metrics_subject(self.cfg.worker_id), row.pack(), f"m:{batch_id}")
+        await msg.term()
+        await self.bus.release(msg)
+        BATCHES.labels(status).inc()
+        log.warning("batch", status=status, batch_id=batch_id, reason=row.reason, attempts=attempts)
+
+
+def _codec_kwargs(cfg: CompressorConfig) -> dict:
+    kw = {}
+    if cfg.crf is not None:
+        kw["crf"] = cfg.crf
+    if cfg.preset is not None:
+        kw["preset"] = cfg.preset
+    return kw

@@ -1,0 +1,164 @@
+"""``aic demo``: the whole pipeline on this machine, end to end, with a results table.
+
+Starts the embedded stack (or uses ``AIC_NATS_URL``/``AIC_DATABASE_URL``),
+ingests N streams in parallel, waits until every published batch has its
+metrics row, and prints per-stream results.  Exit code 1 if any row is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+
+from services.ingest import ingest
+from services.stack import Stack
+from shared import logs
+from shared.bus import Bus
+from shared.config import BusConfig
+
+SUMMARY_SQL = """
+SELECT stream_id,
+       count(*)                                              AS rows,
+       count(*) FILTER (WHERE status = 'ok')                 AS ok,
+       count(*) FILTER (WHERE status = 'rejected')           AS rejected,
+       count(*) FILTER (WHERE status = 'failed')             AS failed,
+       coalesce(sum(frames), 0)::bigint                      AS frames,
+       coalesce(sum(raw_bytes), 0)::bigint                   AS raw_bytes,
+       coalesce(sum(compressed_bytes), 0)::bigint            AS compressed_bytes,
+       avg(kbps)                                             AS kbps,
+       avg(psnr_y)                                           AS psnr_y,
+       avg(ms_ssim)                                          AS ms_ssim,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms)  AS p50,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms) AS p99
+FROM batch_metrics WHERE stream_id = ANY($1::text[])
+GROUP BY stream_id ORDER BY stream_id
+"""
+
+TOTAL_SQL = """
+SELECT count(*) AS rows, count(*) FILTER (WHERE status = 'ok') AS ok,
+       avg(psnr_y) AS psnr_y, avg(ms_ssim) AS ms_ssim,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms)  AS p50,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms) AS p99
+FROM batch_metrics WHERE stream_id = ANY($1::text[])
+"""
+
+
+async def wait_for_rows(url: str, batch_ids: list[str], timeout: float, tick=None) -> int:
+    """Poll until every batch id has a row (or the timeout); returns rows found.
+
+    ``tick`` runs on every poll (the demo uses it to supervise its services)."""
+    deadline = time.monotonic() + timeout
+    found = 0
+    while True:
+        if tick is not None:
+            tick()
+        try:
+            conn = await asyncpg.connect(url, timeout=5)
+            try:
+                found = await conn.fetchval(
+                    "SELECT count(*) FROM batch_metrics WHERE batch_id = ANY($1::text[])", batch_ids
+                )
+            finally:
+                await conn.close()
+        except (OSError, asyncpg.PostgresError):
+            pass  # table not created yet, or database restarting
+        if found >= len(batch_ids) or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.3)
+
+
+async def _demo(a: argparse.Namespace, stack: Stack) -> dict:
+    run = uuid.uuid4().hex[:6]
+    stream_ids = [f"demo-{run}-{i}" for i in range(a.streams)]
+    bus = await Bus.connect(BusConfig.from_env(stack.nats_url), name="aic-demo")
+    try:
+        await bus.ensure_topology()
+        t0 = time.monotonic()
+        stats = await asyncio.gather(
+            *(ingest(bus, a.source, sid, a.batch_frames, a.frames) for sid in stream_ids)
+        )
+    finally:
+        await bus.close()
+    batch_ids = [b for s in stats for b in s.batch_ids]
+    found = await wait_for_rows(stack.database_url, batch_ids, a.timeout, stack.supervise_once)
+    wall = time.monotonic() - t0
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        per_stream = [dict(r) for r in await conn.fetch(SUMMARY_SQL, stream_ids)]
+        total = dict(await conn.fetchrow(TOTAL_SQL, stream_ids))
+    finally:
+        await conn.close()
+    return {
+        "source": a.source,
+        "streams": stream_ids,
+        "batches_published": len(batch_ids),
+        "batches_compressed": total["ok"],
+        "metrics_rows": found,
+        "missing": len(batch_ids) - found,
+        "frames": sum(s.frames for s in stats),
+        "raw_bytes": sum(s.raw_bytes for s in stats),
+        "compressed_bytes": sum(int(r["compressed_bytes"]) for r in per_stream),
+        "psnr_y_mean": total["psnr_y"],
+        "ms_ssim_mean": total["ms_ssim"],
+        "latency_p50_ms": total["p50"],
+        "latency_p99_ms": total["p99"],
+        "rejected": sum(r["rejected"] for r in per_stream),
+        "failed": sum(r["failed"] for r in per_stream),
+        "wall_s": round(wall, 3),
+        "per_stream": per_stream,
+    }
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(result: dict) -> None:
+    cols = ("stream", "frames", "batches", "raw MB", "comp kB", "kbps", "PSNR-Y", "MS-SSIM", "p50 ms", "p99 ms", "rejects")
+    rows = [
+        (
+            r["stream_id"], str(r["frames"]), str(r["rows"]), f"{r['raw_bytes'] / 1e6:.1f}",
+            f"{r['compressed_bytes'] / 1e3:.1f}", _fmt(r["kbps"], ".0f"), _fmt(r["psnr_y"], ".2f"),
+            _fmt(r["ms_ssim"], ".4f"), _fmt(r["p50"], ".0f"), _fmt(r["p99"], ".0f"), str(r["rejected"] + r["failed"]),
+        )  # fmt: skip
+        for r in result["per_stream"]
+    ]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    line = "  ".join(c.rjust(w) for c, w in zip(cols, widths))
+    print(line)
+    print("-" * len(line))
+    for r in rows:
+        print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+    print(
+        f"\n{result['batches_published']} batches published, {result['metrics_rows']} rows "
+        f"({result['missing']} missing) in {result['wall_s']:.1f}s; source {result['source']}"
+    )
+
+
+def run_demo(a: argparse.Namespace) -> int:
+    logs.configure(level="warning", json=False)
+    tmp = None if a.data_dir else tempfile.mkdtemp(prefix="aic-demo-")
+    root = Path(a.data_dir or tmp)
+    try:
+        with Stack(root, compressors=a.compressors, compressor_args=["--codec", a.codec]) as stack:
+            result = asyncio.run(_demo(a, stack))
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if a.json:
+        print(json.dumps(result, default=str))
+    else:
+        print_table(result)
+    if result["missing"]:
+        print(f"error: {result['missing']} batches have no metrics row", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,215 @@
+"""Read a video source, cut it into batches of frames and publish them.
+
+Sources are anything PyAV opens: files, ``rtsp://``, ``http://``, and
+synthetic FFmpeg graphs written ``lavfi:testsrc2=size=1280x720:rate=30``.
+Decoding runs in a thread; publishing runs on the event loop with a bounded
+number of un-acked publishes, so a slow bus slows the reader (backpressure)
+instead of filling memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import av
+import numpy as np
+from tqdm import tqdm
+
+from shared import bus as busmod
+from shared.bus import Bus
+from shared.logs import get_logger
+from shared.pixfmt import from_video_frame
+from shared.schemas import STREAM_ID_RE, FrameBatch
+
+log = get_logger("ingest")
+
+
+class SourceError(RuntimeError):
+    """A source that cannot be opened or holds no video."""
+
+
+def open_source(source: str) -> av.container.InputContainer:
+    """Open a PyAV input: a path, a URL, or ``lavfi:<filtergraph>``."""
+    try:
+        if source.startswith("lavfi:"):
+            return av.open(source[len("lavfi:") :], format="lavfi")
+        options = {"rtsp_transport": "tcp"} if source.startswith("rtsp://") else {}
+        return av.open(source, options=options, timeout=10)
+    except (av.FFmpegError, OSError) as exc:
+        raise SourceError(f"cannot open {source!r}: {exc}") from None
+
+
+def read_batches(
+    source: str, stream_id: str, batch_frames: int = 8, max_frames: int | None = None, start_seq: int = 0
+) -> Iterator[FrameBatch]:
+    """Frame batches of a source, in order; the last one may be shorter."""
+    if not STREAM_ID_RE.match(stream_id):
+        raise ValueError("stream id must match [A-Za-z0-9_-]{1,64}")
+    if batch_frames < 1:
+        raise ValueError("batch_frames must be >= 1")
+    with open_source(source) as container:
+        if not container.streams.video:
+            raise SourceError(f"{source!r} has no video stream")
+        vs = container.streams.video[0]
+        vs.thread_type = "AUTO"
+        rate = vs.average_rate or vs.guessed_rate or Fraction(30)
+        rate = Fraction(rate).limit_denominator(1_000_000)
+        buf: list[np.ndarray] = []
+        seq, n, first_pts = start_seq, 0, 0
+        size: tuple[int, int] | None = None
+        for vf in container.decode(vs):
+            if size is None:
+                size = (vf.width, vf.height)
+            elif (vf.width, vf.height) != size:
+                # A mid-stream resolution change starts a new batch at the new size.
+                if buf:
+                    yield _batch(stream_id, seq, size, rate, first_pts, buf)
+                    seq, buf = seq + 1, []
+                size = (vf.width, vf.height)
+            if not buf:
+                first_pts = n
+            buf.append(from_video_frame(vf))
+            n += 1
+            if len(buf) == batch_frames:
+                yield _batch(stream_id, seq, size, rate, first_pts, buf)
+                seq, buf = seq + 1, []
+            if max_frames is not None and n >= max_frames:
+                break
+        if buf:
+            yield _batch(stream_id, seq, size, rate, first_pts, buf)
+
+
+def _batch(stream_id: str, seq: int, size: tuple[int, int], rate: Fraction, first_pts: int, buf: list) -> FrameBatch:
+    return FrameBatch(
+        stream_id=stream_id,
+        batch_seq=seq,
+        width=size[0],
+        height=size[1],
+        fps_num=rate.numerator,
+        fps_den=rate.denominator,
+        first_pts=first_pts,
+        captured_at=time.time(),
+        frames=np.stack(buf),
+    )
+
+
+async def _threaded(gen: Iterator[FrameBatch], depth: int = 3) -> AsyncIterator[FrameBatch]:
+    """Run a blocking generator in a thread, at most ``depth`` items ahead of the consumer."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    room = threading.Semaphore(depth)
+    done = object()
+    cancelled = threading.Event()
+
+    def work():
+        try:
+            for item in gen:
+                room.acquire()
+                if cancelled.is_set():
+                    return
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+        except BaseException as exc:  # surfaces in the consumer
+            loop.call_soon_threadsafe(queue.put_nowait, exc)
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+
+    thread = threading.Thread(target=work, name="ingest-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = await queue.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            room.release()
+            yield item
+    finally:
+        cancelled.set()
+        room.release()
+
+
+@dataclass
+class IngestStats:
+    stream_id: str
+    batches: int = 0
+    frames: int = 0
+    raw_bytes: int = 0
+    duplicates: int = 0
+    seconds: float = 0.0
+    batch_ids: list[str] = field(default_factory=list)
+
+
+async def ingest(
+    bus: Bus,
+    source: str,
+    stream_id: str,
+    batch_frames: int = 8,
+    max_frames: int | None = None,
+    realtime: bool = False,
+    in_flight: int = 4,
+    progress: bool | None = None,
+    stop: asyncio.Event | None = None,
+    start_seq: int = 0,
+) -> IngestStats:
+    """Publish a source's batches on ``aic.frames.<stream_id>``; returns what was published."""
+    stats = IngestStats(stream_id)
+    subject = busmod.frames_subject(stream_id)
+    slots = asyncio.Semaphore(in_flight)
+    pending: set[asyncio.Task] = set()
+    errors: list[BaseException] = []
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=max_frames, unit="frame", desc=stream_id, disable=not show, leave=False)
+    t0 = time.monotonic()
+
+    async def publish(fb: FrameBatch) -> None:
+        try:
+            data = fb.pack()
+            ack = await bus.publish(subject, data, fb.msg_id, kind="frames")
+            stats.duplicates += bool(ack.duplicate)
+            log.debug("batch_published", batch_id=fb.msg_id, frames=fb.frame_count, bytes=len(data), seq=ack.seq)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            slots.release()
+
+    try:
+        async for fb in _threaded(read_batches(source, stream_id, batch_frames, max_frames, start_seq)):
+            if errors or (stop is not None and stop.is_set()):
+                break
+            if realtime:
+                # Pace on the source clock: a batch leaves when its last frame would have been captured.
+                due = t0 + (fb.first_pts + fb.frame_count) / fb.fps
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+            await slots.acquire()
+            task = asyncio.create_task(publish(fb))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            stats.batches += 1
+            stats.frames += fb.frame_count
+            stats.raw_bytes += fb.raw_bytes
+            stats.batch_ids.append(fb.msg_id)
+            bar.update(fb.frame_count)
+        if pending:
+            await asyncio.gather(*pending)
+    finally:
+        bar.close()
+    if errors:
+        raise errors[0]
+    stats.seconds = time.monotonic() - t0
+    log.info(
+        "ingest_done",
+        stream_id=stream_id,
+        batches=stats.batches,
+        frames=stats.frames,
+        raw_bytes=stats.raw_bytes,
+        duplicates=stats.duplicates,
+        seconds=round(stats.seconds, 3),
+    )
+    return stats

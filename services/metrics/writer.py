@@ -1,0 +1,179 @@
+"""Metrics records from JetStream into PostgreSQL with COPY, in micro-batches.
+
+Records are acked only after the transaction that holds them commits.  The
+insert goes COPY → temporary table → ``INSERT ... ON CONFLICT (batch_id) DO
+NOTHING``, so a redelivered record (worker retry, writer restart, duplicate
+publish outside the dedup window) never makes a second row.  While the
+database is away the writer holds its micro-batch, keeps the messages alive
+with in-progress acks and retries with backoff; JetStream keeps the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import datetime, timezone
+
+import asyncpg
+from nats.aio.msg import Msg
+from prometheus_client import Counter
+
+from shared import bus as busmod
+from shared.bus import Bus, unsubscribe as _unsubscribe
+from shared.config import MetricsConfig
+from shared.logs import get_logger
+from shared.schemas import BatchMetrics, SchemaError, unpack_batch_metrics
+from services.metrics.migrations import migrate
+
+log = get_logger("metrics")
+
+ROWS = Counter("aic_metrics_rows_total", "Metrics records committed (including duplicates ignored)")
+INVALID = Counter("aic_metrics_invalid_total", "Metrics records that failed validation")
+DB_ERRORS = Counter("aic_metrics_db_errors_total", "Failed database writes")
+
+COLUMNS = (
+    "batch_id", "stream_id", "batch_seq", "status", "reason", "worker_id", "codec", "codec_params",
+    "frames", "width", "height", "raw_bytes", "compressed_bytes", "kbps", "psnr_y", "psnr_rgb",
+    "ms_ssim", "ms_ssim_frames", "encode_ms", "quality_ms", "latency_ms", "attempts",
+    "captured_at", "completed_at", "extra",
+)  # fmt: skip
+_TS = {"captured_at", "completed_at"}
+_INSERT_SQL = (
+    f"INSERT INTO batch_metrics ({', '.join(COLUMNS)}) "
+    f"SELECT {', '.join(c + '::jsonb' if c == 'extra' else c for c in COLUMNS)} FROM batch_metrics_in "
+    "ON CONFLICT (batch_id) DO NOTHING"
+)
+_CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
+
+
+def to_record(m: BatchMetrics) -> tuple:
+    out = []
+    for c in COLUMNS:
+        v = getattr(m, c)
+        if c in _TS and v is not None:
+            v = datetime.fromtimestamp(v, timezone.utc)
+        elif c == "extra":
+            v = json.dumps(v)
+        out.append(v)
+    return tuple(out)
+
+
+class RowStore:
+    """One connection, the COPY fast path, reconnects on demand."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.conn: asyncpg.Connection | None = None
+
+    async def connect(self) -> asyncpg.Connection:
+        if self.conn is None or self.conn.is_closed():
+            self.conn = await asyncpg.connect(self.url, timeout=5)
+            await migrate(self.conn)
+            # Staging table for COPY; jsonb has no binary COPY encoder in asyncpg, so extra travels as text.
+            await self.conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS batch_metrics_in (LIKE batch_metrics INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;"
+                "ALTER TABLE batch_metrics_in ALTER COLUMN extra TYPE text"
+            )
+        return self.conn
+
+    async def write(self, records: list[tuple]) -> int:
+        """Insert records idempotently; returns rows actually inserted."""
+        conn = await self.connect()
+        async with conn.transaction():
+            await conn.copy_records_to_table("batch_metrics_in", records=records, columns=COLUMNS)
+            status = await conn.execute(_INSERT_SQL)
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def close(self) -> None:
+        if self.conn is not None and not self.conn.is_closed():
+            await self.conn.close()
+
+
+class MetricsWriter:
+    def __init__(self, cfg: MetricsConfig):
+        self.cfg = cfg
+        self.store = RowStore(cfg.database_url)
+        self.inserted = 0
+
+    async def run(self, stop: asyncio.Event) -> int:
+        bus = await Bus.connect(self.cfg.bus, name="aic-metrics")
+        await bus.ensure_topology()
+        sub = await bus.pull(busmod.METRICS_STREAM, busmod.METRICS_CONSUMER)
+        await self._connect_until_ready(stop)
+        log.info("metrics_started")
+        try:
+            while not stop.is_set():
+                try:
+                    msgs = await sub.fetch(self.cfg.max_rows, timeout=self.cfg.flush_interval_s)
+                except asyncio.TimeoutError:
+                    continue
+                except Exception as exc:
+                    log.warning("fetch_failed", error=str(exc))
+                    await asyncio.sleep(0.5)
+                    continue
+                await self._flush(msgs, stop)
+        finally:
+            await self.store.close()
+            await _unsubscribe(sub)
+            await bus.close()
+            log.info("metrics_stopped", inserted=self.inserted)
+        return 0
+
+    async def _connect_until_ready(self, stop: asyncio.Event) -> None:
+        delay = 0.2
+        while not stop.is_set():
+            try:
+                await self.store.connect()
+                return
+            except _CONNECTION_ERRORS as exc:
+                log.warning("db_unavailable", error=f"{type(exc).__name__}: {exc}", retry_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _flush(self, msgs: list[Msg], stop: asyncio.Event) -> None:
+        good: list[tuple[Msg, tuple]] = []
+        for m in msgs:
+            try:
+                good.append((m, to_record(unpack_batch_metrics(m.data))))
+            except SchemaError as exc:
+                INVALID.inc()
+                log.warning("invalid_record", subject=m.subject, reason=exc.reason)
+                await m.term()
+        if not good:
+            return
+        t0 = time.perf_counter()
+        delay = 0.2
+        while True:
+            try:
+                inserted = await self.store.write([r for _, r in good])
+                break
+            except _CONNECTION_ERRORS as exc:
+                DB_ERRORS.inc()
+                log.warning("db_unavailable", error=f"{type(exc).__name__}: {exc}", held=len(good), retry_s=delay)
+                self.store.conn = None
+                await asyncio.gather(*(m.in_progress() for m, _ in good), return_exceptions=True)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            except asyncpg.PostgresError as exc:
+                # A record the database refuses (not an outage): isolate it, keep the rest.
+                DB_ERRORS.inc()
+                log.error("db_write_failed", error=f"{type(exc).__name__}: {exc}", rows=len(good))
+                inserted = await self._write_one_by_one(good)
+                break
+        for m, _ in good:
+            await m.ack()
+        self.inserted += inserted
+        ROWS.inc(len(good))
+        log.info("rows_committed", records=len(good), inserted=inserted, ms=round((time.perf_counter() - t0) * 1000, 1))
+
+    async def _write_one_by_one(self, good: list[tuple[Msg, tuple]]) -> int:
+        inserted = 0
+        for m, rec in list(good):
+            try:
+                inserted += await self.store.write([rec])
+            except asyncpg.PostgresError as exc:
+                log.error("record_refused", batch_id=rec[0], error=f"{type(exc).__name__}: {exc}")
+                await m.term()
+                good.remove((m, rec))
+        return inserted

@@ -1,0 +1,136 @@
+"""``aic decode``: follow a stream's compressed batches and write the decoded video.
+
+Batches may complete out of order (several workers); they are written in
+``batch_seq`` order.  Output by extension: ``.y4m`` (raw yuv420p) or ``.mkv``
+(lossless FFV1) for exact comparisons, ``.mp4`` (x264, CRF 16) for viewing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from nats.js import api as jsapi
+
+from shared import bus as busmod
+from shared.bus import Bus
+from shared.codecs import CodecError, decode_payload
+from shared.logs import get_logger
+from shared.pixfmt import to_video_frame
+from shared.schemas import SchemaError, unpack_compressed_batch
+
+log = get_logger("receiver")
+
+_OUTPUTS = {".y4m": ("rawvideo", {}), ".mkv": ("ffv1", {}), ".mp4": ("libx264", {"crf": "16", "preset": "fast"})}
+
+
+class VideoWriter:
+    """Packed yuv420p frames → a video file chosen by extension."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        ext = self.path.suffix.lower()
+        if ext not in _OUTPUTS:
+            raise ValueError(f"unsupported output {ext!r}; use one of {sorted(_OUTPUTS)}")
+        self.codec, self.options = _OUTPUTS[ext]
+        self.container = None
+        self.stream = None
+        self.frames = 0
+
+    def write(self, frames: np.ndarray, width: int, height: int, fps: Fraction) -> None:
+        if self.container is None:
+            self.container = av.open(str(self.path), "w")
+            self.stream = self.container.add_stream(self.codec, rate=fps, options=self.options)
+            self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
+        for f in frames:
+            vf = to_video_frame(f, width, height)
+            vf.pts = self.frames
+            for pkt in self.stream.encode(vf):
+                self.container.mux(pkt)
+            self.frames += 1
+
+    def close(self) -> None:
+        if self.container is not None:
+            for pkt in self.stream.encode(None):
+                self.container.mux(pkt)
+            self.container.close()
+
+
+@dataclass
+class DecodeStats:
+    stream_id: str
+    batches: int = 0
+    frames: int = 0
+    compressed_bytes: int = 0
+    errors: int = 0
+    gaps: list[int] = field(default_factory=list)
+
+
+async def decode_stream(
+    bus: Bus,
+    stream_id: str,
+    out: str | Path,
+    idle_timeout: float = 3.0,
+    expect_batches: int | None = None,
+    stop: asyncio.Event | None = None,
+    start_seq: int = 0,
+) -> DecodeStats:
+    """Decode every compressed batch of a stream, from its first, until ``expect_batches``
+    arrived or nothing new came for ``idle_timeout`` seconds."""
+    stats = DecodeStats(stream_id)
+    writer = VideoWriter(out)
+    sub = await bus.js.subscribe(
+        busmod.compressed_subject(stream_id),
+        ordered_consumer=True,
+        config=jsapi.ConsumerConfig(deliver_policy=jsapi.DeliverPolicy.ALL),
+    )
+    pending: dict[int, tuple] = {}
+    next_seq = start_seq
+    loop = asyncio.get_running_loop()
+    try:
+        while stop is None or not stop.is_set():
+            if expect_batches is not None and stats.batches >= expect_batches:
+                break
+            try:
+                msg = await sub.next_msg(timeout=idle_timeout)
+            except (asyncio.TimeoutError, TimeoutError):
+                break
+            except Exception as exc:  # nats-py raises its own TimeoutError subclass
+                if "Timeout" in type(exc).__name__:
+                    break
+                raise
+            try:
+                cb = unpack_compressed_batch(await bus.payload(msg))
+                _, frames = await loop.run_in_executor(None, decode_payload, cb.payload)
+            except (SchemaError, CodecError) as exc:
+                stats.errors += 1
+                log.error("undecodable_batch", subject=msg.subject, error=str(exc))
+                continue
+            if cb.batch_seq in pending or cb.batch_seq < next_seq:
+                continue  # duplicate delivery
+            pending[cb.batch_seq] = (cb, frames)
+            stats.batches += 1
+            stats.compressed_bytes += len(cb.payload)
+            while next_seq in pending:
+                c, f = pending.pop(next_seq)
+                writer.write(f, c.width, c.height, Fraction(c.fps_num, c.fps_den))
+                stats.frames += c.frame_count
+                next_seq += 1
+        # Whatever is left arrived after a gap: write it in order, and say so.
+        for seq in sorted(pending):
+            stats.gaps.extend(range(next_seq, seq))
+            c, f = pending[seq]
+            writer.write(f, c.width, c.height, Fraction(c.fps_num, c.fps_den))
+            stats.frames += c.frame_count
+            next_seq = seq + 1
+    finally:
+        await sub.unsubscribe()
+        writer.close()
+    log.info(
+        "decode_done", stream_id=stream_id, batches=stats.batches, frames=stats.frames, gaps=len(stats.gaps), out=str(out)
+    )
+    return stats

@@ -1,0 +1,130 @@
+"""One machine, whole pipeline: embedded NATS and PostgreSQL plus service processes.
+
+With ``AIC_NATS_URL`` / ``AIC_DATABASE_URL`` set (or passed), those servers are
+used and none is started: the same code runs against a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.config import env_str
+from shared.embedded import NatsServer, PostgresServer
+from shared.logs import get_logger
+
+log = get_logger("stack")
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    argv: list[str]
+    env: dict
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    restart_at: float | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as f:
+            self.proc = subprocess.Popen(
+                self.argv, env=self.env, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                start_new_session=True,  # the supervisor decides when it stops, not the terminal's Ctrl-C
+            )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if not self.alive():
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class Stack:
+    data_dir: Path
+    compressors: int = 1
+    compressor_args: list[str] = field(default_factory=list)
+    nats_url: str | None = None
+    database_url: str | None = None
+    with_metrics: bool = True
+    nats: NatsServer | None = None
+    postgres: PostgresServer | None = None
+    services: list[ServiceProcess] = field(default_factory=list)
+
+    def start(self) -> "Stack":
+        self.nats_url = self.nats_url or env_str("AIC_NATS_URL")
+        self.database_url = self.database_url or env_str("AIC_DATABASE_URL")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if self.nats_url is None:
+                self.nats = NatsServer(self.data_dir / "nats").start()
+                self.nats_url = self.nats.url
+            if self.database_url is None and self.with_metrics:
+                self.postgres = PostgresServer(self.data_dir / "postgres").start()
+                self.database_url = self.postgres.url
+            env = {**os.environ, "AIC_NATS_URL": self.nats_url, "PYTHONUNBUFFERED": "1"}
+            if self.database_url:
+                env["AIC_DATABASE_URL"] = self.database_url
+            logs = self.data_dir / "logs"
+            for i in range(self.compressors):
+                self.services.append(
+                    ServiceProcess(
+                        f"compressor-{i}",
+                        [sys.executable, "-m", "services.compressor", *self.compressor_args],
+                        env,
+                        logs / f"compressor-{i}.log",
+                    )
+                )
+            if self.with_metrics:
+                self.services.append(
+                    ServiceProcess("metrics", [sys.executable, "-m", "services.metrics"], env, logs / "metrics.log")
+                )
+            for s in self.services:
+                s.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def supervise_once(self) -> None:
+        """Restart any service that died, after a growing pause, as a process supervisor would (non-blocking)."""
+        now = time.monotonic()
+        for s in self.services:
+            if s.proc is None or s.alive():
+                continue
+            if s.restart_at is None:
+                log.warning("service_exited", service=s.name, code=s.proc.returncode, restarts=s.restarts)
+                s.restart_at = now + min(5.0, 0.5 * 2**s.restarts)
+            elif now >= s.restart_at:
+                s.restarts += 1
+                s.restart_at = None
+                s.start()
+
+    def stop(self) -> None:
+        """Services first (they drain), then PostgreSQL, then NATS."""
+        for s in self.services:
+            s.stop()
+        if self.postgres:
+            self.postgres.stop()
+        if self.nats:
+            self.nats.stop()
+
+    def __enter__(self) -> "Stack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
