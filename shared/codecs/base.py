@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 
+from shared.pixfmt import SUPPORTED as PIX_FMTS
 from shared.pixfmt import frame_size
 
 MAGIC = b"AIC"
@@ -80,6 +81,8 @@ def read_header(payload: bytes) -> tuple[PayloadHeader, memoryview]:
         )
     except Exception as exc:
         raise CodecError(f"payload header is malformed ({type(exc).__name__})") from None
+    if header.pix_fmt not in PIX_FMTS:
+        raise CodecError(f"payload header names unsupported pixel format {header.pix_fmt!r}")
     if not (2 <= header.width <= 16384 and 2 <= header.height <= 16384 and 1 <= header.frame_count <= 4096):
         raise CodecError(f"payload header has implausible geometry {header.width}x{header.height}x{header.frame_count}")
     return header, memoryview(payload)[_PREFIX.size + hlen :]

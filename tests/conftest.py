@@ -1,0 +1,97 @@
+"""Fixtures: real embedded servers on free ports, and in-process services."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from services.compressor import Compressor
+from services.metrics import MetricsWriter
+from shared.bus import Bus
+from shared.config import BusConfig, CompressorConfig, MetricsConfig
+from shared.embedded import NatsServer, PostgresServer
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory) -> PostgresServer:
+    server = PostgresServer(tmp_path_factory.mktemp("pg")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def nats_server(tmp_path) -> NatsServer:
+    """A fresh NATS per test: no stream state leaks between tests."""
+    server = NatsServer(tmp_path / "nats").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bus_cfg(nats_server) -> BusConfig:
+    return BusConfig(nats_url=nats_server.url, ack_wait_s=10.0, max_deliver=3)
+
+
+@pytest.fixture
+async def bus(bus_cfg) -> Bus:
+    b = await Bus.connect(bus_cfg, name="test")
+    await b.ensure_topology()
+    yield b
+    await b.close()
+
+
+def unique(prefix: str = "s") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@contextlib.asynccontextmanager
+async def running(*services):
+    """Run services' ``run(stop)`` as tasks; stop and await them on exit."""
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(s.run(stop)) for s in services]
+    try:
+        yield tasks
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+
+def compressor(bus_cfg: BusConfig, **kw) -> Compressor:
+    return Compressor(CompressorConfig(bus=bus_cfg, worker_id=kw.pop("worker_id", unique("w")), **kw))
+
+
+def metrics_writer(bus_cfg: BusConfig, database_url: str) -> MetricsWriter:
+    return MetricsWriter(MetricsConfig(bus=bus_cfg, database_url=database_url, flush_interval_s=0.1))
+
+
+async def wait_rows(url: str, stream_ids: list[str], n: int, timeout: float = 120.0) -> list[asyncpg.Record]:
+    """All rows of these streams once there are at least ``n`` (fails after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    rows: list = []
+    while time.monotonic() < deadline:
+        try:
+            conn = await asyncpg.connect(url)
+            try:
+                rows = await conn.fetch(
+                    "SELECT * FROM batch_metrics WHERE stream_id = ANY($1::text[]) ORDER BY stream_id, batch_seq",
+                    stream_ids,
+                )
+            finally:
+                await conn.close()
+        except (OSError, asyncpg.PostgresError):
+            rows = []
+        if len(rows) >= n:
+            return rows
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"expected {n} rows for {stream_ids}, got {len(rows)} after {timeout}s")
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]

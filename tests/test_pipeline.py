@@ -1,0 +1,194 @@
+"""End to end on real servers (embedded NATS and PostgreSQL on free ports)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import av
+import msgpack
+import numpy as np
+import pytest
+
+from services.ingest import ingest, read_batches
+from shared import bus as busmod
+from shared.codecs import NativeCodec
+from shared.pixfmt import from_video_frame, frame_size, split_planes
+from shared.quality import psnr
+from shared.schemas import FrameBatch
+from tests.conftest import compressor, metrics_writer, running, unique, wait_rows
+
+pytestmark = pytest.mark.slow
+
+SOURCE = "lavfi:testsrc2=size=320x240:rate=30"
+
+
+def read_video(path) -> list[np.ndarray]:
+    with av.open(str(path)) as c:
+        return [from_video_frame(f) for f in c.decode(video=0)]
+
+
+async def test_two_streams_make_sixteen_rows_and_decode_to_what_the_rows_say(
+    bus, bus_cfg, nats_server, postgres, tmp_path
+):
+    streams = [unique("e2e"), unique("e2e")]
+    async with running(compressor(bus_cfg, quality_frames=-1), metrics_writer(bus_cfg, postgres.url)):
+        stats = await asyncio.gather(*(ingest(bus, SOURCE, s, 8, 64, progress=False) for s in streams))
+        rows = await wait_rows(postgres.url, streams, 16)
+    assert [s.batches for s in stats] == [8, 8]
+    assert len(rows) == 16
+    assert all(r["status"] == "ok" and r["frames"] == 8 for r in rows)
+    assert all(r["ms_ssim_frames"] == 8 and 0.9 < r["ms_ssim"] <= 1 for r in rows)
+
+    source = np.concatenate([b.frames for b in read_batches(SOURCE, "ref", 8, 64)])
+    for sid in streams:
+        out = tmp_path / f"{sid}.y4m"
+        # The receiver as a user runs it: the CLI, in its own process.
+        proc = subprocess.run(
+            [sys.executable, "-m", "services.cli", "decode", "--stream-id", sid, "--out", str(out),
+             "--nats-url", nats_server.url, "--idle-timeout", "2"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        decoded = read_video(out)
+        assert len(decoded) == 64
+        for r in (r for r in rows if r["stream_id"] == sid):
+            k = r["batch_seq"] * 8
+            ys = [
+                psnr(split_planes(source[i], 320, 240)[0], split_planes(decoded[i], 320, 240)[0])
+                for i in range(k, k + 8)
+            ]
+            assert abs(np.mean(ys) - r["psnr_y"]) <= 0.05
+            assert r["compressed_bytes"] > 0 and r["raw_bytes"] == 8 * frame_size(320, 240)
+
+
+async def test_bad_input_gives_rejected_rows_and_the_worker_keeps_serving(bus, bus_cfg, postgres):
+    sid = unique("bad")
+    good = next(read_batches(SOURCE, sid, 8, 8))
+    obj = msgpack.unpackb(good.pack(), raw=False)
+
+    def variant(seq, **changes):
+        d = {**obj, "batch_seq": seq, **changes}
+        return msgpack.packb(d, use_bin_type=True)
+
+    short_frame = list(obj["frames"])
+    short_frame[3] = short_frame[3][:-1]
+    cases = {
+        "not_msgpack": b"\x00\xffthis is not msgpack",
+        "unknown_version": variant(1, v=7),
+        "bad_frame_size": variant(2, frames=short_frame),
+        "negative": variant(3, width=-320),
+        "absurd": variant(4, width=1 << 20, height=1 << 20),
+        "truncated": variant(5, frame_count=8, frames=obj["frames"][:7]),
+        "cut_message": good.pack()[: len(good.pack()) // 2],
+    }
+    async with running(compressor(bus_cfg), metrics_writer(bus_cfg, postgres.url)):
+        for i, data in enumerate(cases.values()):
+            await bus.js.publish(busmod.frames_subject(sid), data, headers={"Nats-Msg-Id": f"bad-{i}"})
+        ok = FrameBatch(**{**good.__dict__, "batch_seq": 100})
+        await bus.publish(busmod.frames_subject(sid), ok.pack(), ok.msg_id)
+        rows = await wait_rows(postgres.url, [sid], len(cases) + 1)
+    by_status = {}
+    for r in rows:
+        by_status.setdefault(r["status"], []).append(r)
+    assert len(by_status["rejected"]) == len(cases)
+    assert [r["batch_seq"] for r in by_status["ok"]] == [100]
+    reasons = " ".join(r["reason"] for r in by_status["rejected"])
+    for code in ("not_msgpack", "unknown_version", "bad_frame_size", "bad_field", "too_large", "truncated"):
+        assert code in reasons
+    dead = await bus.js.stream_info(busmod.DEADLETTER_STREAM)
+    assert dead.state.messages == len(cases)
+
+
+class ExplodingCodec(NativeCodec):
+    def encode(self, *a, **kw):
+        raise RuntimeError("model crashed")
+
+
+async def test_a_batch_that_fails_max_deliver_times_gets_a_failed_row(bus, bus_cfg, postgres):
+    sid = unique("fail")
+    worker = compressor(bus_cfg)
+    worker.codec = ExplodingCodec("x264")
+    fb = next(read_batches(SOURCE, sid, 4, 4))
+    async with running(worker, metrics_writer(bus_cfg, postgres.url)):
+        await bus.publish(busmod.frames_subject(sid), fb.pack(), fb.msg_id)
+        rows = await wait_rows(postgres.url, [sid], 1, timeout=60)
+    assert rows[0]["status"] == "failed"
+    assert "model crashed" in rows[0]["reason"]
+    assert rows[0]["attempts"] == bus_cfg.max_deliver
+
+
+async def test_a_4k_batch_goes_through_by_claim_check(bus, bus_cfg, postgres):
+    sid = unique("uhd")
+    async with running(compressor(bus_cfg, concurrency=1), metrics_writer(bus_cfg, postgres.url)):
+        await ingest(bus, "lavfi:testsrc2=size=3840x2160:rate=30", sid, 8, 8, progress=False)
+        rows = await wait_rows(postgres.url, [sid], 1, timeout=180)
+    assert rows[0]["status"] == "ok", rows[0]["reason"]
+    assert (rows[0]["width"], rows[0]["height"], rows[0]["frames"]) == (3840, 2160, 8)
+    assert rows[0]["raw_bytes"] > bus.nc.max_payload  # it could only have travelled by claim check
+
+
+async def test_kill_9_of_the_compressor_mid_run_loses_and_duplicates_nothing(
+    bus, bus_cfg, nats_server, postgres, tmp_path
+):
+    sid = unique("kill")
+    env = {**os.environ, "AIC_NATS_URL": nats_server.url, "AIC_ACK_WAIT_S": "5"}
+
+    def start_worker():
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.compressor", "--concurrency", "2"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    async with running(metrics_writer(bus_cfg, postgres.url)):
+        first = start_worker()
+        try:
+            stats = await ingest(bus, "lavfi:testsrc2=size=640x360:rate=30", sid, 8, 200, progress=False)
+            await wait_rows(postgres.url, [sid], 5)
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+            partial = len(await wait_rows(postgres.url, [sid], 0))
+            second = start_worker()
+            try:
+                rows = await wait_rows(postgres.url, [sid], stats.batches, timeout=180)
+            finally:
+                second.terminate()
+                second.wait(30)
+        finally:
+            if first.poll() is None:
+                first.kill()
+    assert stats.batches == 25 and partial < 25
+    assert sorted(r["batch_seq"] for r in rows) == list(range(25))
+    assert all(r["status"] == "ok" for r in rows)
+    # The receivers' stream holds each batch exactly once (JetStream dropped any re-publish).
+    seqs = []
+    sub = await bus.js.subscribe(busmod.compressed_subject(sid), ordered_consumer=True)
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=2)
+            seqs.append(msgpack.unpackb(await bus.payload(msg), raw=False)["batch_seq"])
+    except Exception:
+        pass
+    assert sorted(seqs) == list(range(25))
+
+
+async def test_postgres_down_for_20s_loses_no_rows(bus, bus_cfg, tmp_path):
+    from shared.embedded import PostgresServer
+
+    pg = PostgresServer(tmp_path / "pg").start()
+    sid = unique("pgdown")
+    try:
+        async with running(compressor(bus_cfg), metrics_writer(bus_cfg, pg.url)):
+            await ingest(bus, SOURCE, sid, 8, 24, progress=False)
+            await wait_rows(pg.url, [sid], 3)
+            pg.stop()
+            await ingest(bus, SOURCE, sid, 8, 64, start_seq=3, progress=False)
+            await asyncio.sleep(20)
+            pg.start()
+            rows = await wait_rows(pg.url, [sid], 11, timeout=120)
+    finally:
+        pg.stop()
+    assert sorted(r["batch_seq"] for r in rows) == list(range(11))

@@ -1,0 +1,52 @@
+"""Quality metrics behave as their definitions say."""
+
+import math
+
+import numpy as np
+
+from shared.pixfmt import frame_size, from_video_frame, split_planes, to_rgb, to_video_frame
+from shared.quality import PSNR_CAP, measure_batch, ms_ssim, psnr, sample_indices
+
+
+def test_psnr_matches_its_definition():
+    a = np.zeros((10, 10), np.uint8)
+    b = a.copy()
+    b[0, 0] = 10  # mse = 100 / 100 = 1
+    assert math.isclose(psnr(a, b), 10 * math.log10(255**2), rel_tol=1e-9)
+    assert psnr(a, a) == PSNR_CAP
+
+
+def test_ms_ssim_is_one_for_identical_and_drops_with_noise():
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (256, 256), dtype=np.uint8)
+    assert math.isclose(ms_ssim(img, img), 1.0, rel_tol=1e-6)
+    small = np.clip(img + rng.normal(0, 5, img.shape), 0, 255).astype(np.uint8)
+    big = np.clip(img + rng.normal(0, 25, img.shape), 0, 255).astype(np.uint8)
+    assert 1.0 > ms_ssim(img, small) > ms_ssim(img, big) > 0
+
+
+def test_sample_indices_spread_over_the_batch():
+    assert sample_indices(8, 1) == [7]
+    assert sample_indices(8, 2) == [0, 7]
+    assert sample_indices(8, 0) == list(range(8))
+    assert sample_indices(8, -1) == list(range(8))
+
+
+def test_yuv_packing_round_trips_through_pyav_for_odd_sizes():
+    w, h = 37, 21
+    frame = np.random.default_rng(2).integers(0, 256, frame_size(w, h), dtype=np.uint8)
+    assert np.array_equal(from_video_frame(to_video_frame(frame, w, h)), frame)
+    assert to_rgb(frame, w, h).shape == (h, w, 3)
+    assert [p.shape for p in split_planes(frame, w, h)] == [(21, 37), (11, 19), (11, 19)]
+
+
+def test_measure_batch_covers_every_frame_for_psnr_y():
+    w, h = 64, 48
+    rng = np.random.default_rng(3)
+    src = rng.integers(0, 256, (4, frame_size(w, h)), dtype=np.uint8)
+    dec = src.copy()
+    dec[2, :10] ^= 1
+    q = measure_batch(src, dec, w, h, ms_ssim_sample=1)
+    expected = np.mean([PSNR_CAP, PSNR_CAP, psnr(src[2][: w * h], dec[2][: w * h]), PSNR_CAP])
+    assert math.isclose(q.psnr_y, expected)
+    assert q.ms_ssim_frames == 1
