@@ -1,0 +1,209 @@
+"""Pipeline benchmark: x264 alone vs the whole pipeline, bus and COPY throughput.
+
+Everything is measured side by side in one run on this machine, so the ratios
+hold even when the machine is noisy; absolute numbers are for this machine only.
+
+    python benchmarks/pipeline.py [SOURCE] [--frames N] [--json]
+
+SOURCE defaults to ../shared/media/call_screenshare_720p.mp4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import asyncpg
+import numpy as np
+
+from services.demo import wait_for_rows
+from services.ingest import ingest, read_batches
+from services.metrics.writer import RowStore, to_record
+from services.stack import Stack
+from shared import bus as busmod
+from shared.bus import Bus
+from shared.codecs import create_codec
+from shared.config import BusConfig
+from shared.schemas import BatchMetrics
+
+DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "media" / "call_screenshare_720p.mp4"
+
+
+def x264_alone(batches) -> float:
+    """Frames/s of the compressor's own encoder settings, nothing else."""
+    codec = create_codec("x264")
+    frames = sum(b.frame_count for b in batches)
+    t0 = time.perf_counter()
+    for b in batches:
+        codec.encode(b.frames, b.width, b.height, b.fps)
+    return frames / (time.perf_counter() - t0)
+
+
+def pipeline_fps(source: str, frames: int, quality_frames: int, root: Path) -> dict:
+    """Frames/s from the first ingest publish to the last metrics row, through real servers."""
+    args = ["--codec", "x264", "--quality-frames", str(quality_frames)]
+    with Stack(root, compressor_args=args) as stack:
+
+        async def go() -> dict:
+            bus = await Bus.connect(BusConfig(nats_url=stack.nats_url), name="bench")
+            await bus.ensure_topology()
+            # Warm up: one batch, so process start-up is not timed.
+            warm = await ingest(bus, source, f"warm-{uuid.uuid4().hex[:6]}", 8, 8, progress=False)
+            await wait_for_rows(stack.database_url, warm.batch_ids, 120)
+            sid = f"bench-{uuid.uuid4().hex[:6]}"
+            t0 = time.time()
+            stats = await ingest(bus, source, sid, 8, frames, progress=False)
+            found = await wait_for_rows(stack.database_url, stats.batch_ids, 600)
+            await bus.close()
+            conn = await asyncpg.connect(stack.database_url)
+            r = await conn.fetchrow(
+                "SELECT max(completed_at) AS done, avg(encode_ms) AS enc, avg(quality_ms) AS q, "
+                "percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p50 FROM batch_metrics WHERE stream_id=$1",
+                sid,
+            )
+            await conn.close()
+            wall = r["done"].timestamp() - t0
+            return {
+                "frames": stats.frames,
+                "rows": found,
+                "batches": stats.batches,
+                "fps": stats.frames / wall,
+                "encode_ms_per_batch": r["enc"],
+                "quality_ms_per_batch": r["q"],
+                "latency_p50_ms": r["p50"],
+            }
+
+        return asyncio.run(go())
+
+
+async def bus_throughput(nats_url: str, batch_bytes: bytes, count: int) -> dict:
+    """MB/s publishing raw batches (claim check for large ones) and consuming them back."""
+    bus = await Bus.connect(BusConfig(nats_url=nats_url), name="bench-bus")
+    await bus.ensure_topology()
+    sid = f"busbench-{uuid.uuid4().hex[:6]}"
+    t0 = time.perf_counter()
+    for i in range(count):
+        await bus.publish(busmod.frames_subject(sid), batch_bytes, f"{sid}:{i}", kind="frames")
+    t1 = time.perf_counter()
+    # A private consumer on the same stream, so the compressor's is untouched.
+    from nats.js import api as jsapi
+
+    sub = await bus.js.pull_subscribe(
+        busmod.frames_subject(sid), durable=None, stream=busmod.FRAMES_STREAM,
+        config=jsapi.ConsumerConfig(ack_policy=jsapi.AckPolicy.EXPLICIT),
+    )  # fmt: skip
+    got = 0
+    t2 = time.perf_counter()
+    while got < count:
+        for m in await sub.fetch(1, timeout=10):
+            data = await bus.payload(m)
+            assert len(data) == len(batch_bytes)
+            await m.ack()
+            await bus.release(m)
+            got += 1
+    t3 = time.perf_counter()
+    await bus.close()
+    mb = len(batch_bytes) * count / 1e6
+    return {
+        "batch_mb": len(batch_bytes) / 1e6,
+        "batches": count,
+        "inline": len(batch_bytes) <= bus.max_inline,
+        "publish_mb_s": mb / (t1 - t0),
+        "consume_mb_s": mb / (t3 - t2),
+    }
+
+
+async def copy_rows_per_s(database_url: str, rows: int, chunk: int = 1000) -> dict:
+    """Rows/s through the metrics service's write path (COPY → ON CONFLICT insert)."""
+    store = RowStore(database_url)
+    run = uuid.uuid4().hex[:6]
+    now = time.time()
+    recs = [
+        to_record(
+            BatchMetrics(
+                f"copy-{run}:{i}", f"copy-{run}", "ok", "bench", now, batch_seq=i, codec="x264", frames=8,
+                width=1280, height=720, raw_bytes=11059200, compressed_bytes=40000, kbps=1200.0, psnr_y=41.0,
+                psnr_rgb=39.0, ms_ssim=0.99, ms_ssim_frames=1, encode_ms=40.0, quality_ms=60.0, latency_ms=120.0,
+                captured_at=now, attempts=1,
+            )  # fmt: skip
+        )
+        for i in range(rows)
+    ]
+    t0 = time.perf_counter()
+    inserted = 0
+    for i in range(0, rows, chunk):
+        inserted += await store.write(recs[i : i + chunk])
+    t1 = time.perf_counter()
+    dup = await store.write(recs[:chunk])  # redelivered records: no new rows
+    await store.close()
+    return {"rows": rows, "inserted": inserted, "duplicates_inserted": dup, "rows_per_s": rows / (t1 - t0)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("source", nargs="?", default=str(DEFAULT_SOURCE))
+    ap.add_argument("--frames", type=int, default=248, help="frames to push through (default 248 = 31 batches)")
+    ap.add_argument("--copy-rows", type=int, default=50_000)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    if not a.source.startswith("lavfi:") and not Path(a.source).exists():
+        raise SystemExit(f"source not found: {a.source}")
+
+    from shared import logs
+
+    logs.configure(level="warning")
+    batches = list(read_batches(a.source, "bench", 8, a.frames))
+    w, h = batches[0].width, batches[0].height
+    result: dict = {
+        "source": a.source,
+        "size": f"{w}x{h}",
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    with tempfile.TemporaryDirectory(prefix="aic-bench-") as tmp:
+        root = Path(tmp)
+        result["x264_alone_fps"] = x264_alone(batches)
+        result["pipeline_default"] = pipeline_fps(a.source, a.frames, 1, root / "p1")
+        result["pipeline_no_quality_sample"] = pipeline_fps(a.source, a.frames, 0, root / "p0")
+        result["x264_alone_fps_after"] = x264_alone(batches)
+        x = (result["x264_alone_fps"] + result["x264_alone_fps_after"]) / 2
+        result["efficiency_default"] = result["pipeline_default"]["fps"] / x
+        result["efficiency_no_quality_sample"] = result["pipeline_no_quality_sample"]["fps"] / x
+        with Stack(root / "io", compressors=0, with_metrics=False) as stack:
+            result["bus_raw_720p"] = asyncio.run(bus_throughput(stack.nats_url, batches[0].pack(), 40))
+        with Stack(root / "db", compressors=0, with_metrics=True) as stack:
+            for s in stack.services:
+                s.stop()  # only the database is needed
+            from services.metrics.migrations import migrate
+
+            async def prep():
+                c = await asyncpg.connect(stack.database_url)
+                await migrate(c)
+                await c.close()
+
+            asyncio.run(prep())
+            result["copy"] = asyncio.run(copy_rows_per_s(stack.database_url, a.copy_rows))
+    if a.json:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    p1, p0 = result["pipeline_default"], result["pipeline_no_quality_sample"]
+    print(f"source {a.source} ({w}x{h}, {a.frames} frames) on {result['machine']}, {result['date']}")
+    print(f"x264 alone (veryfast, zerolatency, CRF 23, GOP 8) : {x:8.1f} fps  (before {result['x264_alone_fps']:.1f}, after {result['x264_alone_fps_after']:.1f})")
+    print(f"pipeline, quality sample 1 frame/batch (default) : {p1['fps']:8.1f} fps  efficiency {result['efficiency_default']:.2f}")
+    print(f"pipeline, PSNR-Y only (--quality-frames 0)       : {p0['fps']:8.1f} fps  efficiency {result['efficiency_no_quality_sample']:.2f}")
+    print(f"  per batch (default): encode {p1['encode_ms_per_batch']:.1f} ms, decode+quality {p1['quality_ms_per_batch']:.1f} ms, latency p50 {p1['latency_p50_ms']:.0f} ms")
+    b = result["bus_raw_720p"]
+    print(f"bus, raw {b['batch_mb']:.1f} MB batches ({'inline' if b['inline'] else 'claim check'}): publish {b['publish_mb_s']:.0f} MB/s, consume {b['consume_mb_s']:.0f} MB/s")
+    c = result["copy"]
+    print(f"metrics COPY path: {c['rows_per_s']:,.0f} rows/s ({c['rows']} rows; {c['duplicates_inserted']} of 1000 redelivered rows inserted)")
+
+
+if __name__ == "__main__":
+    main()
