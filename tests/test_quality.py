@@ -28,7 +28,7 @@ def test_ms_ssim_is_one_for_identical_and_drops_with_noise():
 def test_sample_indices_spread_over_the_batch():
     assert sample_indices(8, 1) == [7]
     assert sample_indices(8, 2) == [0, 7]
-    assert sample_indices(8, 0) == list(range(8))
+    assert sample_indices(8, 0) == []
     assert sample_indices(8, -1) == list(range(8))
 
 
@@ -46,7 +46,14 @@ def test_measure_batch_covers_every_frame_for_psnr_y():
     src = rng.integers(0, 256, (4, frame_size(w, h)), dtype=np.uint8)
     dec = src.copy()
     dec[2, :10] ^= 1
-    q = measure_batch(src, dec, w, h, ms_ssim_sample=1)
+    q = measure_batch(src, dec, w, h, sample=1)
     expected = np.mean([PSNR_CAP, PSNR_CAP, psnr(src[2][: w * h], dec[2][: w * h]), PSNR_CAP])
     assert math.isclose(q.psnr_y, expected)
     assert q.ms_ssim_frames == 1
+
+
+def test_quality_sample_zero_measures_psnr_y_only():
+    w, h = 64, 48
+    src = np.random.default_rng(4).integers(0, 256, (2, frame_size(w, h)), dtype=np.uint8)
+    q = measure_batch(src, src, w, h, sample=0)
+    assert (q.psnr_y, q.psnr_rgb, q.ms_ssim, q.ms_ssim_frames) == (PSNR_CAP, None, None, 0)

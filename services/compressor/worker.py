@@ -209,7 +209,7 @@ class Compressor:
             raw_bytes=row.raw_bytes,
             compressed_bytes=row.compressed_bytes,
             psnr_y=round(row.psnr_y, 3),
-            ms_ssim=round(row.ms_ssim, 5),
+            ms_ssim=None if row.ms_ssim is None else round(row.ms_ssim, 5),
             encode_ms=round(row.encode_ms, 1),
             quality_ms=round(row.quality_ms, 1),
             latency_ms=round(row.latency_ms, 1),

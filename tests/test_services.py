@@ -1,0 +1,100 @@
+"""Service behaviour seen from outside: the CLI, `aic up`, `aic demo`, the metrics writer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import asyncpg
+import pytest
+
+from shared import bus as busmod
+from shared.schemas import BatchMetrics
+from tests.conftest import metrics_writer, running, unique, wait_rows
+
+
+def aic(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, **kw)
+
+
+@pytest.mark.parametrize("command", ["up", "ingest", "compressor", "metrics", "decode", "demo", "db"])
+def test_every_command_explains_itself(command):
+    r = aic(command, "--help", timeout=60)
+    assert r.returncode == 0
+    assert "usage: aic " + command in r.stdout
+
+
+def test_ingest_and_metrics_never_import_torch_or_codecs():
+    code = (
+        "import sys, services.cli, services.ingest, services.metrics;"
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith('shared.codecs')];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_missing_source_is_a_clear_error(nats_server):
+    r = aic("ingest", "/no/such/clip.mp4", "--stream-id", "x", "--nats-url", nats_server.url, timeout=60)
+    assert r.returncode == 2
+    assert "cannot open '/no/such/clip.mp4'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+async def test_a_redelivered_metrics_record_makes_no_second_row(bus, bus_cfg, postgres):
+    sid = unique("dup")
+    rec = BatchMetrics(f"{sid}:0", sid, "ok", "w1", time.time(), batch_seq=0, frames=8, psnr_y=40.0)
+    async with running(metrics_writer(bus_cfg, postgres.url)):
+        # Distinct message ids: JetStream cannot dedupe these, the database must.
+        for i in range(3):
+            await bus.js.publish(busmod.metrics_subject("w1"), rec.pack(), headers={"Nats-Msg-Id": f"x{i}"})
+        await bus.js.publish(busmod.metrics_subject("w1"), b"\x01garbage", headers={"Nats-Msg-Id": "g"})
+        nxt = BatchMetrics(f"{sid}:1", sid, "ok", "w1", time.time(), batch_seq=1)
+        await bus.publish(busmod.metrics_subject("w1"), nxt.pack(), "x9")
+        rows = await wait_rows(postgres.url, [sid], 2)
+    assert [r["batch_id"] for r in rows] == [f"{sid}:0", f"{sid}:1"]
+    conn = await asyncpg.connect(postgres.url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM batch_metrics WHERE stream_id = $1", sid) == 2
+    finally:
+        await conn.close()
+
+
+@pytest.mark.slow
+def test_aic_up_prints_its_urls_and_stops_cleanly_on_sigterm(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("AIC_NATS_URL", "AIC_DATABASE_URL")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "up", "--data-dir", str(tmp_path / "aic")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    lines = []
+    try:
+        while len(lines) < 4:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            lines.append(line)
+        assert lines[0].startswith("NATS        nats://127.0.0.1:")
+        assert lines[1].startswith("PostgreSQL  postgresql://postgres@127.0.0.1:")
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert leftovers == []
+
+
+@pytest.mark.slow
+def test_demo_json_reports_every_batch(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("AIC_NATS_URL", "AIC_DATABASE_URL")}
+    r = aic("demo", "--streams", "2", "--frames", "24", "--json", "--data-dir", str(tmp_path / "d"), env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["batches_published"] == out["metrics_rows"] == out["batches_compressed"] == 6
+    assert out["frames"] == 48 and out["compressed_bytes"] < out["raw_bytes"]
+    assert 30 < out["psnr_y_mean"] < 100 and 0.9 < out["ms_ssim_mean"] <= 1
+    assert 0 < out["latency_p50_ms"] <= out["latency_p99_ms"]
