@@ -66,9 +66,10 @@ def nats_server_binary() -> str:
 
 
 class NatsServer:
-    """nats-server with JetStream; max_payload raised to 8 MiB (larger messages use the claim check)."""
+    """nats-server with JetStream; max_payload raised to 16 MiB so 720p batches of 8 travel inline
+    (measured 2x the worker throughput of the claim check); larger ones use the claim check."""
 
-    def __init__(self, root: Path, port: int | None = None, max_payload: str = "8MB"):
+    def __init__(self, root: Path, port: int | None = None, max_payload: str = "16MB"):
         self.root = Path(root)
         self.port = port or free_port()
         self.monitor_port = free_port()
