@@ -98,3 +98,22 @@ def test_demo_json_reports_every_batch(tmp_path):
     assert out["frames"] == 48 and out["compressed_bytes"] < out["raw_bytes"]
     assert 30 < out["psnr_y_mean"] < 100 and 0.9 < out["ms_ssim_mean"] <= 1
     assert 0 < out["latency_p50_ms"] <= out["latency_p99_ms"]
+
+
+@pytest.mark.slow
+async def test_with_server_urls_set_the_stack_starts_no_server_and_uses_them(
+    bus, nats_server, postgres, tmp_path, monkeypatch
+):
+    from services.ingest import ingest
+    from services.stack import Stack
+
+    monkeypatch.setenv("AIC_NATS_URL", nats_server.url)
+    monkeypatch.setenv("AIC_DATABASE_URL", postgres.url)
+    sid = unique("ext")
+    with Stack(tmp_path / "aic") as stack:
+        assert stack.nats is None and stack.postgres is None
+        assert (stack.nats_url, stack.database_url) == (nats_server.url, postgres.url)
+        await ingest(bus, "lavfi:testsrc2=size=160x120:rate=30", sid, 8, 16, progress=False)
+        rows = await wait_rows(postgres.url, [sid], 2, timeout=120)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert not (tmp_path / "aic" / "nats").exists() and not (tmp_path / "aic" / "postgres").exists()
