@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import msgpack
 from nats.aio.msg import Msg
@@ -193,9 +193,7 @@ class Compressor:
         await self.bus.publish(busmod.compressed_subject(cb.stream_id), cb.pack(), cb.msg_id, kind="compressed")
         now = time.time()
         m = outcome.metrics
-        row = BatchMetrics(
-            **{**m.__dict__, "latency_ms": (now - m.captured_at) * 1000, "attempts": attempts, "completed_at": now}
-        )
+        row = replace(m, latency_ms=(now - m.captured_at) * 1000, attempts=attempts, completed_at=now)
         await self.bus.publish(busmod.metrics_subject(self.cfg.worker_id), row.pack(), f"m:{row.batch_id}")
         await msg.ack_sync(timeout=10)
         await self.bus.release(msg)

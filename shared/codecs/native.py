@@ -13,7 +13,7 @@ import av
 import numpy as np
 
 from shared.codecs.base import Codec, CodecError, PayloadHeader, pack_payload
-from shared.pixfmt import from_video_frame, to_video_frame
+from shared.pixfmt import frame_size, from_video_frame, split_planes, to_video_frame
 
 # SVT-AV1 prints its banner on stdout unless told otherwise.
 os.environ.setdefault("SVT_LOG", "1")
@@ -74,8 +74,6 @@ class NativeCodec(Codec):
         return pack_payload(header, bytes(out))
 
     def decode_bitstream(self, header: PayloadHeader, bitstream: memoryview) -> np.ndarray:
-        from shared.pixfmt import frame_size
-
         width, height = header.width, header.height
         out = np.empty((header.frame_count, frame_size(width, height)), np.uint8)
         n = 0
@@ -126,8 +124,6 @@ def _store(out: np.ndarray, n: int, vf: av.VideoFrame, width: int, height: int) 
 
 
 def _padded(frame: np.ndarray, width: int, height: int) -> av.VideoFrame:
-    from shared.pixfmt import frame_size, split_planes
-
     pw, ph = width + (width & 1), height + (height & 1)
     out = np.empty(frame_size(pw, ph), np.uint8)
     for src, dst in zip(split_planes(frame, width, height), split_planes(out, pw, ph)):
@@ -136,8 +132,6 @@ def _padded(frame: np.ndarray, width: int, height: int) -> av.VideoFrame:
 
 
 def _crop(frame: np.ndarray, pw: int, ph: int, width: int, height: int) -> np.ndarray:
-    from shared.pixfmt import frame_size, split_planes
-
     out = np.empty(frame_size(width, height), np.uint8)
     for src, dst in zip(split_planes(frame, pw, ph), split_planes(out, width, height)):
         dst[...] = src[: dst.shape[0], : dst.shape[1]]
