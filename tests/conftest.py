@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -16,6 +18,21 @@ from services.metrics import MetricsWriter
 from shared.bus import Bus
 from shared.config import BusConfig, CompressorConfig, MetricsConfig
 from shared.embedded import NatsServer, PostgresServer
+
+
+# pytest-timeout cannot stop a test whose thread is stuck in C code holding the GIL.
+# faulthandler's watchdog is a C thread that needs no GIL: it prints every
+# thread's stack and exits, so CI fails loudly instead of hanging.
+HARD_TEST_DEADLINE_S = 420
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    faulthandler.dump_traceback_later(HARD_TEST_DEADLINE_S, exit=True, file=sys.__stderr__)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +80,7 @@ async def running(*services):
 
 
 def compressor(bus_cfg: BusConfig, **kw) -> Compressor:
+    kw.setdefault("codec", "x264")  # fast; the neural path has its own tests
     return Compressor(CompressorConfig(bus=bus_cfg, worker_id=kw.pop("worker_id", unique("w")), **kw))
 
 
@@ -95,3 +113,30 @@ async def wait_rows(url: str, stream_ids: list[str], n: int, timeout: float = 12
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory):
+    """A models folder holding 'tiny': a small untrained model, exported like a real one.
+
+    Untrained weights code badly but exercise every mechanism (bitstreams,
+    integer hyper-synthesis, tables, padding) in milliseconds.
+    """
+    torch = pytest.importorskip("torch")
+    from shared.neural.export import export_weights
+    from shared.neural.models import MeanScaleHyperprior
+    from shared.neural.training import TrainConfig, save_checkpoint
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("models")
+    cfg = TrainConfig(data="none", n=16, m=24)
+    net = MeanScaleHyperprior(cfg.n, cfg.m, len(cfg.lambdas))
+    save_checkpoint(root / "ckpt.pt", net, torch.optim.Adam(net.parameters()), 0, cfg)
+    export_weights(root / "ckpt.pt", root / "tiny")
+    return root
+
+
+@pytest.fixture
+def tiny_model(tiny_models_dir, monkeypatch):
+    monkeypatch.setenv("AIC_MODELS_DIR", str(tiny_models_dir))
+    return "tiny"

@@ -89,14 +89,36 @@ def read_header(payload: bytes) -> tuple[PayloadHeader, memoryview]:
 
 
 class Codec(ABC):
-    """Encodes a batch of packed yuv420p frames into one self-contained payload."""
+    """Encodes a batch of packed yuv420p frames into one self-contained payload.
+
+    Rate is chosen by ``level``: 0 .. ``levels`` - 1, fewest bits first.  ``None``
+    means the codec's configured default.
+    """
 
     name: str
     version: int
+    levels: int = 8
 
     @abstractmethod
-    def encode(self, frames: np.ndarray, width: int, height: int, fps: float) -> bytes:
+    def encode(self, frames: np.ndarray, width: int, height: int, fps: float, level: int | None = None) -> bytes:
         """frames: (n, frame_size) uint8 → payload bytes (one closed GOP)."""
+
+    def encode_reconstruct(
+        self, frames: np.ndarray, width: int, height: int, fps: float, level: int | None = None
+    ) -> tuple[bytes, np.ndarray]:
+        """(payload, the frames a receiver will decode from it).
+
+        The default decodes the payload; codecs that already hold their
+        reconstruction (the neural ones) return it without decoding, and tests
+        check that it equals a receiver's decode bit for bit.
+        """
+        payload = self.encode(frames, width, height, fps, level)
+        return payload, decode_payload(payload)[1]
+
+    def check_level(self, level: int) -> int:
+        if not 0 <= int(level) < self.levels:
+            raise CodecError(f"level {level} out of range 0..{self.levels - 1} for {self.name}")
+        return int(level)
 
     @abstractmethod
     def decode_bitstream(self, header: PayloadHeader, bitstream: memoryview) -> np.ndarray:
@@ -109,14 +131,14 @@ class Codec(ABC):
 
 def decode_payload(payload: bytes) -> tuple[PayloadHeader, np.ndarray]:
     """Decode any aic payload to (header, frames (n, frame_size) uint8)."""
-    from shared.codecs import create_codec  # the registry imports this module
+    from shared.codecs import bitstream_decoder  # the registry imports this module
 
     header, bitstream = read_header(payload)
     try:
-        codec = create_codec(header.codec)
+        decode = bitstream_decoder(header.codec)
     except ValueError as exc:
         raise CodecError(str(exc)) from None
-    frames = codec.decode_bitstream(header, bitstream)
+    frames = decode(header, bitstream)
     expected = (header.frame_count, frame_size(header.width, header.height, header.pix_fmt))
     if frames.shape != expected:
         raise CodecError(f"decoded {frames.shape}, header promised {expected}")

@@ -26,6 +26,13 @@ NATIVE_CODECS: dict[str, tuple[str, str, dict[str, str], str]] = {
     "av1": ("libsvtav1", "libdav1d", {"preset": "10", "svtav1-params": "pred-struct=1"}, "crf"),
 }
 DEFAULT_CRF = {"x264": 23, "x265": 26, "vp9": 36, "av1": 35}
+# Rate levels, fewest bits first: the CRF each level stands for.
+LEVEL_CRF = {
+    "x264": (40, 36, 32, 29, 26, 23, 20, 17),
+    "x265": (42, 38, 34, 31, 28, 25, 22, 19),
+    "vp9": (60, 54, 48, 42, 36, 30, 24, 18),
+    "av1": (60, 54, 48, 42, 36, 30, 24, 18),
+}
 
 
 class NativeCodec(Codec):
@@ -46,8 +53,9 @@ class NativeCodec(Codec):
     def params(self) -> dict:
         return {"crf": self.crf, **{k: v for k, v in self.options.items() if k in ("preset", "cpu-used")}}
 
-    def encode(self, frames: np.ndarray, width: int, height: int, fps: float) -> bytes:
+    def encode(self, frames: np.ndarray, width: int, height: int, fps: float, level: int | None = None) -> bytes:
         n = frames.shape[0]
+        crf = self.crf if level is None else LEVEL_CRF[self.name][self.check_level(level)]
         # 4:2:0 encoders need even sizes: pad by edge replication, crop at decode.
         pw, ph = width + (width & 1), height + (height & 1)
         ctx = av.CodecContext.create(self.encoder, "w")
@@ -58,7 +66,7 @@ class NativeCodec(Codec):
         ctx.gop_size = n
         ctx.max_b_frames = 0
         ctx.thread_count = self.threads
-        ctx.options = {**self.options, self._qopt: str(self.crf)}
+        ctx.options = {**self.options, self._qopt: str(crf)}
         out = bytearray()
         try:
             for i, frame in enumerate(frames):
@@ -70,7 +78,7 @@ class NativeCodec(Codec):
                 out += _with_size(bytes(pkt))
         except av.FFmpegError as exc:
             raise CodecError(f"{self.encoder} failed: {exc}") from None
-        header = PayloadHeader(self.name, self.version, width, height, n, params=self.params)
+        header = PayloadHeader(self.name, self.version, width, height, n, params={**self.params, "crf": crf, **({} if level is None else {"level": level})})
         return pack_payload(header, bytes(out))
 
     def decode_bitstream(self, header: PayloadHeader, bitstream: memoryview) -> np.ndarray:

@@ -1,0 +1,142 @@
+"""The learned codec behind the common codec interface.
+
+Frames arrive as yuv420p; the model codes RGB, so each frame is converted with
+swscale (BT.601, limited range) on the way in and back on the way out.  The
+payload names the model and the first 16 hex digits of its weights' sha256: a
+receiver decodes only with the same weights, and says so clearly otherwise.
+Importing this module imports torch: only the compressor and receivers do.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+from shared.codecs.base import Codec, CodecError, PayloadHeader, pack_payload
+from shared.neural.coder import BitstreamError, ImageCoder
+from shared.pixfmt import frame_size, from_video_frame, to_rgb
+
+DEFAULT_MODEL = "hyperprior-v1"
+DEFAULT_LEVEL = 4
+# Decoding work grows with the area a header claims, not with the bytes it sends: a forged
+# header must not make a receiver decode gigapixels.  4K (and DCI 4K) fit.
+MAX_DECODE_PIXELS = 4096 * 2304
+WEIGHTS = "weights.pt"
+
+
+def models_dir() -> Path:
+    """Where models live: ``$AIC_MODELS_DIR``, else the repository's ``models/``."""
+    env = os.environ.get("AIC_MODELS_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "models"
+
+
+def model_path(name: str) -> Path:
+    return models_dir() / name / WEIGHTS
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=8)
+def _load(path: str, device: str) -> ImageCoder:
+    return ImageCoder(Path(path), device)
+
+
+def load_coder(name: str, device: str) -> ImageCoder:
+    """A cached coder for a model by name (loading takes ~0.1 s; payloads come by the thousand)."""
+    path = model_path(name)
+    if not path.exists():
+        raise CodecError(f"neural model {name!r} not found at {path} (set AIC_MODELS_DIR?)")
+    with _lock:
+        return _load(str(path), device)
+
+
+class NeuralCodec(Codec):
+    """Intra-frame learned coding: every frame of the batch is coded alone."""
+
+    name = "neural"
+    version = 1
+
+    def __init__(self, model: str = DEFAULT_MODEL, level: int | None = None, device: str | None = None):
+        self.device = device or default_device()
+        self.coder = load_coder(model, self.device)
+        self.model = model
+        self.levels = self.coder.levels
+        self.level = DEFAULT_LEVEL if level is None else self.check_level(level)
+
+    @property
+    def params(self) -> dict:
+        return {"model": self.model, "level": self.level}
+
+    def encode(self, frames: np.ndarray, width: int, height: int, fps: float, level: int | None = None) -> bytes:
+        return self._encode(frames, width, height, level, reconstruct=False)[0]
+
+    def encode_reconstruct(
+        self, frames: np.ndarray, width: int, height: int, fps: float, level: int | None = None
+    ) -> tuple[bytes, np.ndarray]:
+        payload, recon = self._encode(frames, width, height, level, reconstruct=True)
+        return payload, _to_yuv(recon)
+
+    def _encode(self, frames, width, height, level, reconstruct):
+        level = self.level if level is None else self.check_level(level)
+        rgb = np.stack([to_rgb(f, width, height) for f in frames])
+        x = torch.from_numpy(rgb).permute(0, 3, 1, 2).float().div_(255.0)
+        with self.coder.lock:
+            streams, recon = self.coder.encode(x, level, reconstruct)
+        header = PayloadHeader(
+            self.name, self.version, width, height, len(frames),
+            params={"model": self.model, "sha256": self.coder.sha256[:16], "level": level,
+                    "sizes": [len(s) for s in streams]},
+        )
+        return pack_payload(header, b"".join(streams)), recon
+
+    def decode_bitstream(self, header: PayloadHeader, bitstream: memoryview) -> np.ndarray:
+        return decode_neural(header, bitstream, self.device)
+
+
+def decode_neural(header: PayloadHeader, bitstream: memoryview, device: str | None = None) -> np.ndarray:
+    """Decode a neural payload's bitstream with the model it names."""
+    p = header.params
+    try:
+        model, sha, level, sizes = str(p["model"]), str(p["sha256"]), int(p["level"]), [int(s) for s in p["sizes"]]
+    except (KeyError, TypeError, ValueError):
+        raise CodecError("neural payload header lacks model, sha256, level or sizes") from None
+    if header.width * header.height > MAX_DECODE_PIXELS:
+        raise CodecError(f"neural payload claims {header.width}x{header.height}, above the decoder's limit")
+    if len(sizes) != header.frame_count or any(s <= 0 for s in sizes) or sum(sizes) != len(bitstream):
+        raise CodecError("neural payload's frame sizes do not add up to its bitstream (truncated?)")
+    if "/" in model or model.startswith("."):
+        raise CodecError(f"neural payload names an invalid model {model!r}")
+    coder = load_coder(model, device or default_device())
+    if not coder.sha256.startswith(sha):
+        raise CodecError(f"payload was coded with {model} sha256 {sha}…, this receiver has {coder.sha256[:16]}…")
+    streams, pos = [], 0
+    for s in sizes:
+        streams.append(bytes(bitstream[pos : pos + s]))
+        pos += s
+    try:
+        with coder.lock:
+            rgb = coder.decode(streams, level, header.height, header.width)
+    except BitstreamError as exc:
+        raise CodecError(str(exc)) from None
+    return _to_yuv(rgb)
+
+
+def _to_yuv(rgb: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) float in [0, 1] → (N, frame_size) packed yuv420p uint8."""
+    arr = rgb.mul(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    h, w = arr.shape[1:3]
+    out = np.empty((arr.shape[0], frame_size(w, h)), np.uint8)
+    for i, img in enumerate(arr):
+        out[i] = from_video_frame(av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p"))
+    return out

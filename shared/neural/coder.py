@@ -1,0 +1,184 @@
+"""Real bitstreams for the learned image codec: transforms in torch, entropy
+coding with ``constriction`` (an ANS coder), entropy parameters from the
+integer hyper-synthesis and frozen tables, so decoding is bit-exact anywhere.
+
+Per frame the bitstream is one ANS stream: the hyper-latent z (per channel, a
+categorical table frozen at export) on top of the latent y (a quantized
+Gaussian whose scale is one of a fixed table, chosen by an integer index).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import constriction
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from shared.neural.entropy import Y_RANGE, Z_RANGE, gaussian_likelihood
+from shared.neural.intnet import IntegerHyperSynthesis
+from shared.neural.models import MeanScaleHyperprior
+
+
+ANALYSIS_PIXELS = 8 * 1280 * 720
+
+
+class BitstreamError(ValueError):
+    """A latent bitstream that does not decode."""
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ImageCoder:
+    """An exported model, ready to code frames (float RGB tensors in [0, 1])."""
+
+    def __init__(self, path: Path, device: str = "cpu"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        cfg = state["config"]
+        self.name = str(cfg["name"])
+        self.sha256 = file_sha256(path)
+        self.lambdas = [float(v) for v in cfg["lambdas"]]
+        self.levels = len(self.lambdas)
+        self.device = torch.device(device)
+        # One batch at a time per model: the compressor's pool has several threads, and running
+        # torch's intra-op pool from two of them at once buys nothing on CPU.
+        self.lock = threading.Lock()
+        self.net = MeanScaleHyperprior(int(cfg["n"]), int(cfg["m"]), self.levels)
+        self.net.load_state_dict(state["model"])
+        # Converting float weights to integers (scaling by powers of two, rounding) is exact IEEE
+        # arithmetic, so every machine derives the same integer network from the same file.
+        self.hyper = IntegerHyperSynthesis.from_float(self.net.h_s, state["scale_thresholds"].numpy(), self.net.m)
+        self.net.eval().to(self.device).to(memory_format=torch.channels_last)
+        self.hyper.to(self.device)
+        self.m = self.net.m
+        self.scales = state["scale_table"].numpy().astype(np.float64)
+        self.z_pmf = state["z_pmf"].numpy().astype(np.float64)
+        self.z_models = [constriction.stream.model.Categorical(p, perfect=False) for p in self.z_pmf]
+        self.y_family = constriction.stream.model.QuantizedGaussian(-Y_RANGE, Y_RANGE)
+
+    # -- transforms -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def analyse(self, x: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, 3, H, W), H and W multiples of 64 → (gained y, integer z), both on the CPU."""
+        lv = torch.full((x.shape[0],), level, dtype=torch.long, device=self.device)
+        gain, _ = self.net.gains(lv)
+        y = self.net.g_a(x.to(self.device).contiguous(memory_format=torch.channels_last)) * gain
+        z = torch.round(self.net.h_a(y)).clamp_(-Z_RANGE, Z_RANGE)
+        return y.float().cpu(), z.cpu()
+
+    @torch.no_grad()
+    def synthesise(self, y_hat: torch.Tensor, level: int) -> torch.Tensor:
+        """Dequantized latents of ONE frame (1, M, h, w) → RGB (1, 3, H, W) in [0, 1], on the CPU.
+
+        One frame at a time, so the reconstruction never depends on what else was in the batch.
+        """
+        lv = torch.full((1,), level, dtype=torch.long, device=self.device)
+        _, inv_gain = self.net.gains(lv)
+        x = self.net.g_s(y_hat.to(self.device).contiguous(memory_format=torch.channels_last) * inv_gain)
+        return x.clamp_(0, 1).float().cpu()
+
+    # -- entropy coding ---------------------------------------------------------------------------
+
+    def encode_latents(self, y: torch.Tensor, z: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+        """One frame's gained y (1, M, h, w) and integer z → (bitstream, dequantized y_hat)."""
+        mean, index = self.hyper(z)
+        q = torch.round(y - mean).clamp_(-Y_RANGE, Y_RANGE)
+        coder = constriction.stream.stack.AnsCoder()
+        stds = self.scales[index.numpy().ravel()]
+        coder.encode_reverse(q.numpy().astype(np.int32).ravel(), self.y_family, np.zeros_like(stds), stds)
+        zs = (z[0].numpy().astype(np.int32) + Z_RANGE).reshape(z.shape[1], -1)
+        for c in range(zs.shape[0] - 1, -1, -1):  # a stack: the decoder pops channel 0 first
+            coder.encode_reverse(zs[c], self.z_models[c])
+        return coder.get_compressed().tobytes(), q + mean
+
+    def decode_latents(self, data: bytes, z_shape: tuple[int, int, int, int]) -> torch.Tensor:
+        """The inverse of :meth:`encode_latents`: bitstream → y_hat (1, M, h, w)."""
+        if len(data) % 4 or not data:
+            raise BitstreamError(f"latent stream of {len(data)} bytes is not a whole number of 32-bit words")
+        words = np.frombuffer(data, np.uint32)
+        try:
+            coder = constriction.stream.stack.AnsCoder(words.copy())
+            c, h, w = z_shape[1:]
+            zs = np.stack([coder.decode(self.z_models[k], h * w) for k in range(c)])
+            z = torch.from_numpy(zs.astype(np.float64) - Z_RANGE).view(1, c, h, w)
+            mean, index = self.hyper(z)
+            stds = self.scales[index.numpy().ravel()]
+            q = coder.decode(self.y_family, np.zeros_like(stds), stds)
+            empty = coder.is_empty()
+        except (ValueError, RuntimeError, OverflowError) as exc:
+            raise BitstreamError(f"latent stream does not decode: {exc}") from None
+        if not empty:
+            raise BitstreamError("latent stream has data left over after decoding (corrupt?)")
+        return torch.from_numpy(q.astype(np.float32)).view(mean.shape) + mean
+
+    @torch.no_grad()
+    def ideal_bits(self, rgb: torch.Tensor, level: int) -> float:
+        """−log2 probability of one frame's latents under the coding tables the entropy coder uses.
+
+        The coder's own overhead is its output size minus this; the training likelihood differs
+        from it by the table quantization of scales and the renormalization of z's density over
+        its coded range.
+        """
+        y, z = self.analyse(pad_to(rgb, self.net.stride), level)
+        mean, index = self.hyper(z)
+        q = torch.round(y - mean).clamp_(-Y_RANGE, Y_RANGE).double()
+        scale = torch.from_numpy(self.scales[index.numpy()])
+        y_bits = -gaussian_likelihood(q, torch.zeros_like(q), scale).log2().sum()
+        pmf = torch.from_numpy(self.z_pmf)
+        zs = (z[0] + Z_RANGE).long().reshape(z.shape[1], -1)
+        z_bits = -torch.gather(pmf, 1, zs).log2().sum()
+        return float(y_bits + z_bits)
+
+    # -- whole frames -----------------------------------------------------------------------------
+
+    def z_shape(self, height: int, width: int) -> tuple[int, int, int, int]:
+        s = self.net.stride
+        return 1, self.net.n, -(-height // s), -(-width // s)
+
+    def encode(self, rgb: torch.Tensor, level: int, reconstruct: bool = True) -> tuple[list[bytes], torch.Tensor | None]:
+        """rgb (N, 3, H, W) in [0, 1], any size → (one bitstream per frame, reconstruction (N, 3, H, W)).
+
+        ``reconstruct=False`` skips the synthesis transform (a pure encoder) and returns None.
+        """
+        if not 0 <= level < self.levels:
+            raise ValueError(f"level {level} out of range 0..{self.levels - 1}")
+        n, _, h, w = rgb.shape
+        x = pad_to(rgb, self.net.stride)
+        # Batched analysis pays on a GPU; a pixel budget keeps activations of 4K batches in memory.
+        per_call = max(1, ANALYSIS_PIXELS // (x.shape[2] * x.shape[3])) if self.device.type != "cpu" else 1
+        parts = [self.analyse(x[i : i + per_call], level) for i in range(0, n, per_call)]
+        y, z = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        streams, recon = [], []
+        for i in range(n):
+            data, y_hat = self.encode_latents(y[i : i + 1], z[i : i + 1])
+            streams.append(data)
+            if reconstruct:
+                recon.append(self.synthesise(y_hat, level)[..., :h, :w])
+        return streams, torch.cat(recon) if reconstruct else None
+
+    def decode(self, streams: list[bytes], level: int, height: int, width: int) -> torch.Tensor:
+        """Bitstreams of frames of one size → RGB (N, 3, height, width) in [0, 1]."""
+        if not 0 <= level < self.levels:
+            raise BitstreamError(f"level {level} out of range 0..{self.levels - 1}")
+        shape = self.z_shape(height, width)
+        return torch.cat([self.synthesise(self.decode_latents(s, shape), level)[..., :height, :width]
+                          for s in streams])
+
+
+def pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad (N, C, H, W) on the right and bottom to multiples of ``multiple`` by edge replication."""
+    h, w = x.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+    return x
