@@ -12,9 +12,11 @@ import signal
 import sys
 import time
 
-from shared.config import BusConfig, CompressorConfig, MetricsConfig, data_dir, env_int, env_str
+from shared.config import BusConfig, CompressorConfig, MetricsConfig, PolicyConfig, data_dir, env_int, env_str
 
 DEFAULT_DEMO_SOURCE = "lavfi:testsrc2=size=640x360:rate=30"
+CODEC_HELP = ("auto | neural | x264 | x265 | vp9 | av1 (default auto: the neural codec when its weights "
+              "are in models/ and torch is installed, else x264)")
 
 
 def _bus_args(p: argparse.ArgumentParser) -> None:
@@ -39,12 +41,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="run the whole stack on this machine (embedded NATS + PostgreSQL)")
     p.add_argument("--data-dir", help="where embedded servers keep data (default: $AIC_DATA_DIR or ./.aic)")
     p.add_argument("--compressors", type=int, default=1, help="compressor processes to start (default 1)")
-    p.add_argument("--codec", default="x264", help="codec for the compressors (default x264)")
+    p.add_argument("--codec", default="auto", help=CODEC_HELP)
 
     p = sub.add_parser("compressor", help="run a compressor worker on the shared consumer")
     _bus_args(p)
-    p.add_argument("--codec", default=env_str("AIC_CODEC", "x264"), help="x264 | x265 | vp9 | av1 (default x264)")
-    p.add_argument("--crf", type=int, help="quality: constant rate factor (codec default if unset)")
+    p.add_argument("--codec", default=env_str("AIC_CODEC", "auto"), help=CODEC_HELP + "; env AIC_CODEC")
+    p.add_argument("--level", type=int, help="rate level 0..7, fewest bits first (default: the codec's own; "
+                   "for native codecs each level is a CRF)")
+    p.add_argument("--model", help="neural model under models/ (default hyperprior-v1)")
+    p.add_argument("--crf", type=int, help="native codecs: constant rate factor (codec default if unset)")
+    p.add_argument("--target", default=env_str("AIC_TARGET", "psnr_y:34"),
+                   help="neural path's quality target METRIC:VALUE, metric psnr_y|psnr_rgb|ms_ssim "
+                   "(default psnr_y:34; env AIC_TARGET); below it the native codec goes out")
+    p.add_argument("--compare-every", type=int, default=env_int("AIC_COMPARE_EVERY", 8),
+                   help="1 in N batches per stream is also coded natively at matched quality; the smaller payload "
+                   "goes out and the row records baseline_bytes (0 = never; default 8)")
+    p.add_argument("--latency-budget-ms", type=float, default=0.0,
+                   help="neural coding time per batch above which native goes out (default 0 = no limit)")
+    p.add_argument("--fallback", default="x264", help="native codec for fallbacks (default x264)")
     p.add_argument("--preset", help="encoder speed preset (x264/x265: veryfast by default)")
     p.add_argument("--concurrency", type=int, default=2, help="batches in flight at once (default 2)")
     p.add_argument(
@@ -82,10 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=64, help="frames per stream (default 64)")
     p.add_argument("--batch-frames", type=int, default=8, help="frames per batch (default 8)")
     p.add_argument("--compressors", type=int, default=1, help="compressor processes (default 1)")
-    p.add_argument("--codec", default="x264", help="compressor codec (default x264)")
+    p.add_argument("--codec", default="auto", help=CODEC_HELP)
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for every row (default 600)")
     p.add_argument("--data-dir", help="embedded servers' data (default: a fresh temporary folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+    # train and bench hand their arguments to their own parsers (``aic train --help``).
+    sub.add_parser("train", help="train the learned codec (aic train --help)", add_help=False)
+    p = sub.add_parser("bench", help="benchmarks: 'aic bench rd SOURCES...' (aic bench rd --help)", add_help=False)
+    p.add_argument("bench", nargs="?", choices=["rd"], help="which benchmark")
 
     p = sub.add_parser("db", help="database administration")
     dsub = p.add_subparsers(dest="db_command", required=True)
@@ -106,8 +125,11 @@ def cmd_compressor(a: argparse.Namespace) -> int:
     from services.runtime import run_service
 
     kw = {"worker_id": a.worker_id} if a.worker_id else {}
+    metric, target = PolicyConfig.parse_target(a.target)
+    kw["policy"] = PolicyConfig(metric, target, a.compare_every, a.latency_budget_ms)
+    kw["fallback"] = a.fallback
     cfg = CompressorConfig(
-        bus=BusConfig.from_env(a.nats_url), codec=a.codec, crf=a.crf, preset=a.preset,
+        bus=BusConfig.from_env(a.nats_url), codec=a.codec, level=a.level, model=a.model, crf=a.crf, preset=a.preset,
         concurrency=a.concurrency, quality_frames=a.quality_frames, **kw,
     )  # fmt: skip
     _serve_metrics(a.metrics_port)
@@ -187,6 +209,21 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(a)
 
 
+def cmd_train(a: argparse.Namespace, rest: list[str]) -> int:
+    from shared.neural.training import main as train_main
+
+    return train_main(rest)
+
+
+def cmd_bench(a: argparse.Namespace, rest: list[str]) -> int:
+    if a.bench != "rd":
+        print("usage: aic bench rd SOURCES... [--json] [--plot out.png]   (aic bench rd --help)", file=sys.stderr)
+        return 2
+    from benchmarks.rd import main as rd_main
+
+    return rd_main(rest)
+
+
 def cmd_db(a: argparse.Namespace) -> int:
     import asyncpg
 
@@ -213,10 +250,16 @@ COMMANDS = {
     "demo": cmd_demo,
     "db": cmd_db,
 }
+PASSTHROUGH = {"train": cmd_train, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command in PASSTHROUGH:
+        return PASSTHROUGH[args.command](args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

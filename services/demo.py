@@ -31,6 +31,8 @@ SELECT stream_id,
        count(*) FILTER (WHERE status = 'ok')                 AS ok,
        count(*) FILTER (WHERE status = 'rejected')           AS rejected,
        count(*) FILTER (WHERE status = 'failed')             AS failed,
+       coalesce(string_agg(DISTINCT codec, ','), '-')        AS codec,
+       count(*) FILTER (WHERE fallback_reason IS NOT NULL)   AS fallbacks,
        coalesce(sum(frames), 0)::bigint                      AS frames,
        coalesce(sum(raw_bytes), 0)::bigint                   AS raw_bytes,
        coalesce(sum(compressed_bytes), 0)::bigint            AS compressed_bytes,
@@ -41,6 +43,11 @@ SELECT stream_id,
        percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms) AS p99
 FROM batch_metrics WHERE stream_id = ANY($1::text[])
 GROUP BY stream_id ORDER BY stream_id
+"""
+
+FALLBACK_SQL = """
+SELECT fallback_reason, count(*) AS n FROM batch_metrics
+WHERE stream_id = ANY($1::text[]) AND fallback_reason IS NOT NULL GROUP BY fallback_reason
 """
 
 TOTAL_SQL = """
@@ -95,11 +102,13 @@ async def _demo(a: argparse.Namespace, stack: Stack) -> dict:
     try:
         per_stream = [dict(r) for r in await conn.fetch(SUMMARY_SQL, stream_ids)]
         total = dict(await conn.fetchrow(TOTAL_SQL, stream_ids))
+        fallbacks = {r["fallback_reason"]: r["n"] for r in await conn.fetch(FALLBACK_SQL, stream_ids)}
     finally:
         await conn.close()
     return {
         "source": a.source,
         "streams": stream_ids,
+        "codecs": sorted({c for r in per_stream for c in r["codec"].split(",") if c != "-"}),
         "batches_published": len(batch_ids),
         "batches_compressed": total["ok"],
         "metrics_rows": found,
@@ -111,6 +120,7 @@ async def _demo(a: argparse.Namespace, stack: Stack) -> dict:
         "ms_ssim_mean": total["ms_ssim"],
         "latency_p50_ms": total["p50"],
         "latency_p99_ms": total["p99"],
+        "fallbacks": fallbacks,
         "rejected": sum(r["rejected"] for r in per_stream),
         "failed": sum(r["failed"] for r in per_stream),
         "wall_s": round(wall, 3),
@@ -123,12 +133,13 @@ def _fmt(v, spec: str) -> str:
 
 
 def print_table(result: dict) -> None:
-    cols = ("stream", "frames", "batches", "raw MB", "comp kB", "kbps", "PSNR-Y", "MS-SSIM", "p50 ms", "p99 ms", "rejects")
+    cols = ("stream", "codec", "frames", "batches", "raw MB", "comp kB", "kbps", "PSNR-Y", "MS-SSIM", "p50 ms", "p99 ms", "fallbacks", "rejects")
     rows = [
         (
-            r["stream_id"], str(r["frames"]), str(r["rows"]), f"{r['raw_bytes'] / 1e6:.1f}",
+            r["stream_id"], r["codec"], str(r["frames"]), str(r["rows"]), f"{r['raw_bytes'] / 1e6:.1f}",
             f"{r['compressed_bytes'] / 1e3:.1f}", _fmt(r["kbps"], ".0f"), _fmt(r["psnr_y"], ".2f"),
-            _fmt(r["ms_ssim"], ".4f"), _fmt(r["p50"], ".0f"), _fmt(r["p99"], ".0f"), str(r["rejected"] + r["failed"]),
+            _fmt(r["ms_ssim"], ".4f"), _fmt(r["p50"], ".0f"), _fmt(r["p99"], ".0f"), str(r["fallbacks"]),
+            str(r["rejected"] + r["failed"]),
         )  # fmt: skip
         for r in result["per_stream"]
     ]
@@ -138,6 +149,9 @@ def print_table(result: dict) -> None:
     print("-" * len(line))
     for r in rows:
         print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+    if result["fallbacks"]:
+        print("\nnative fallbacks (the neural path would have been worse): "
+              + ", ".join(f"{k}={v}" for k, v in sorted(result["fallbacks"].items())))
     print(
         f"\n{result['batches_published']} batches published, {result['metrics_rows']} rows "
         f"({result['missing']} missing) in {result['wall_s']:.1f}s; source {result['source']}"

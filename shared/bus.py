@@ -40,6 +40,11 @@ DEADLETTER_STREAM = "AIC_DEADLETTER"
 BLOBS_STREAM = "AIC_BLOBS"
 COMPRESSOR_CONSUMER = "compressor"
 METRICS_CONSUMER = "metrics"
+# JetStream announces a batch that used up max_deliver without an ack (its worker crashed or hung
+# on every attempt) with an advisory; a stream keeps those so a worker turns each into a failed row.
+ADVISORY_STREAM = "AIC_ADVISORIES"
+EXHAUSTED_SUBJECT = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{FRAMES_STREAM}.{COMPRESSOR_CONSUMER}"
+EXHAUSTED_CONSUMER = "exhausted"
 CLAIM_HEADER = "Aic-Claim"
 MSG_ID_HEADER = "Nats-Msg-Id"
 # Leave room for headers and protocol framing inside max_payload.
@@ -144,6 +149,7 @@ class Bus:
             jsapi.StreamConfig(
                 name=BLOBS_STREAM, subjects=["aic.blobs.>"], max_age=age, duplicate_window=dup, allow_direct=True
             ),
+            jsapi.StreamConfig(name=ADVISORY_STREAM, subjects=[EXHAUSTED_SUBJECT], max_age=age),
         ]
 
     async def ensure_topology(self) -> None:
@@ -167,6 +173,12 @@ class Bus:
                 max_deliver=self.cfg.max_deliver,
                 max_ack_pending=256,
                 filter_subject="aic.frames.>",
+            ),
+        )
+        await self.js.add_consumer(
+            ADVISORY_STREAM,
+            jsapi.ConsumerConfig(
+                durable_name=EXHAUSTED_CONSUMER, ack_policy=jsapi.AckPolicy.EXPLICIT, ack_wait=30.0, max_deliver=-1
             ),
         )
         await self.js.add_consumer(

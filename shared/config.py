@@ -48,13 +48,47 @@ class BusConfig:
         )
 
 
+POLICY_METRICS = ("psnr_y", "psnr_rgb", "ms_ssim")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """What the neural path must achieve to be delivered."""
+
+    metric: str = "psnr_y"  # psnr_y | psnr_rgb | ms_ssim
+    target: float = 34.0  # dB for PSNR, 0..1 for MS-SSIM
+    compare_every: int = 8  # 1 in N batches of a stream is also coded natively at matched quality; 0 = never
+    latency_budget_ms: float = 0.0  # neural coding time per batch above which native goes out; 0 = no limit
+
+    def __post_init__(self):
+        if self.metric not in POLICY_METRICS:
+            raise ValueError(f"quality metric must be one of {POLICY_METRICS}, not {self.metric!r}")
+        if self.metric == "ms_ssim" and not 0 <= self.target <= 1:
+            raise ValueError("an MS-SSIM target lies in 0..1")
+        if self.compare_every < 0 or self.latency_budget_ms < 0:
+            raise ValueError("compare_every and latency_budget_ms must be >= 0")
+
+    @classmethod
+    def parse_target(cls, spec: str) -> tuple[str, float]:
+        """``psnr_y:36`` → ("psnr_y", 36.0)."""
+        metric, _, value = spec.partition(":")
+        try:
+            return metric, float(value)
+        except ValueError:
+            raise ValueError(f"target {spec!r}: expected METRIC:VALUE, e.g. psnr_y:36 or ms_ssim:0.98") from None
+
+
 @dataclass(frozen=True)
 class CompressorConfig:
     bus: BusConfig = field(default_factory=BusConfig)
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    codec: str = "x264"
+    codec: str = "auto"  # auto: the neural codec when its weights are present, else x264
+    level: int | None = None  # rate level, 0 = fewest bits; None: the codec's default
+    model: str | None = None  # neural model name under models/ (None: the default model)
     crf: int | None = None
     preset: str | None = None
+    fallback: str = "x264"  # native codec the policy falls back to
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     concurrency: int = 2
     quality_frames: int = 1  # frames per batch for PSNR-RGB and MS-SSIM; -1 = all, 0 = off
     limits: Limits = field(default_factory=Limits)

@@ -289,6 +289,9 @@ class BatchMetrics:
     latency_ms: float | None = None
     captured_at: float | None = None
     attempts: int | None = None
+    level: int | None = None  # rate level of the codec used
+    fallback_reason: str | None = None  # why native went out instead of neural: quality | size | latency | error
+    baseline_bytes: int | None = None  # native payload at matched quality, on sampled batches
     extra: dict = field(default_factory=dict)
 
     def pack(self) -> bytes:
@@ -297,7 +300,11 @@ class BatchMetrics:
         return msgpack.packb(d, use_bin_type=True)
 
 
-_METRIC_INTS = ("batch_seq", "frames", "width", "height", "raw_bytes", "compressed_bytes", "ms_ssim_frames", "attempts")
+_METRIC_INTS = (
+    "batch_seq", "frames", "width", "height", "raw_bytes", "compressed_bytes", "ms_ssim_frames", "attempts",
+    "level", "baseline_bytes",
+)  # fmt: skip
+FALLBACK_REASONS = ("quality", "size", "latency", "error")
 _METRIC_FLOATS = ("kbps", "psnr_y", "psnr_rgb", "ms_ssim", "encode_ms", "quality_ms", "latency_ms", "captured_at")
 _METRIC_STRS = ("reason", "codec", "codec_params")
 
@@ -313,6 +320,9 @@ def unpack_batch_metrics(data: bytes) -> BatchMetrics:
     kw: dict[str, Any] = {k: _int_in(obj, k, 0, 2**62, optional=True) for k in _METRIC_INTS}
     kw.update({k: _float(obj, k, optional=True) for k in _METRIC_FLOATS})
     kw.update({k: _get(obj, k, str, optional=True) for k in _METRIC_STRS})
+    kw["fallback_reason"] = _get(obj, "fallback_reason", str, optional=True)
+    if kw["fallback_reason"] not in (None, *FALLBACK_REASONS):
+        raise SchemaError("bad_field", f"fallback_reason {kw['fallback_reason']!r} not in {FALLBACK_REASONS}")
     extra = _get(obj, "extra", dict, optional=True) or {}
     return BatchMetrics(
         batch_id=batch_id,

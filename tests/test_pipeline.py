@@ -15,7 +15,9 @@ import pytest
 
 from services.ingest import ingest, read_batches
 from shared import bus as busmod
+from services.compressor.policy import Policy
 from shared.codecs import NativeCodec
+from shared.config import PolicyConfig
 from shared.pixfmt import from_video_frame, frame_size, split_planes
 from shared.quality import psnr
 from shared.schemas import FrameBatch
@@ -111,7 +113,7 @@ class ExplodingCodec(NativeCodec):
 async def test_a_batch_that_fails_max_deliver_times_gets_a_failed_row(bus, bus_cfg, postgres):
     sid = unique("fail")
     worker = compressor(bus_cfg)
-    worker.codec = ExplodingCodec("x264")
+    worker.policy = Policy(None, ExplodingCodec("x264"), PolicyConfig())
     fb = next(read_batches(SOURCE, sid, 4, 4))
     async with running(worker, metrics_writer(bus_cfg, postgres.url)):
         await bus.publish(busmod.frames_subject(sid), fb.pack(), fb.msg_id)
@@ -119,6 +121,34 @@ async def test_a_batch_that_fails_max_deliver_times_gets_a_failed_row(bus, bus_c
     assert rows[0]["status"] == "failed"
     assert "model crashed" in rows[0]["reason"]
     assert rows[0]["attempts"] == bus_cfg.max_deliver
+
+
+async def test_a_batch_whose_worker_dies_on_every_attempt_gets_a_failed_row(nats_server, postgres):
+    from shared.bus import Bus
+    from shared.config import BusConfig
+
+    cfg = BusConfig(nats_url=nats_server.url, ack_wait_s=1.0, max_deliver=2)
+    bus = await Bus.connect(cfg, name="test-crash")
+    await bus.ensure_topology()
+    sid = unique("crash")
+    fb = next(read_batches(SOURCE, sid, 4, 4))
+    try:
+        await bus.publish(busmod.frames_subject(sid), fb.pack(), fb.msg_id)
+        # A worker that takes the batch and dies before answering, twice (= max_deliver).
+        crashing = await bus.pull(busmod.FRAMES_STREAM, busmod.COMPRESSOR_CONSUMER)
+        for _ in range(2):
+            assert len(await crashing.fetch(1, timeout=5)) == 1
+        await crashing.unsubscribe()
+        async with running(compressor(cfg), metrics_writer(cfg, postgres.url)):
+            rows = await wait_rows(postgres.url, [sid], 1, timeout=60)
+        info = await bus.js.stream_info(busmod.FRAMES_STREAM)
+        dead = await bus.js.stream_info(busmod.DEADLETTER_STREAM)
+    finally:
+        await bus.close()
+    assert rows[0]["status"] == "failed" and rows[0]["batch_seq"] == 0
+    assert "no worker answered in 2 deliveries" in rows[0]["reason"]
+    assert info.state.messages == 0  # the exhausted batch left the work queue
+    assert dead.state.messages == 1
 
 
 async def test_a_4k_batch_goes_through_by_claim_check(bus, bus_cfg, postgres):
@@ -135,7 +165,7 @@ async def test_kill_9_of_the_compressor_mid_run_loses_and_duplicates_nothing(
     bus, bus_cfg, nats_server, postgres, tmp_path
 ):
     sid = unique("kill")
-    env = {**os.environ, "AIC_NATS_URL": nats_server.url, "AIC_ACK_WAIT_S": "5"}
+    env = {**os.environ, "AIC_NATS_URL": nats_server.url, "AIC_ACK_WAIT_S": "5", "AIC_CODEC": "x264"}
 
     def start_worker():
         return subprocess.Popen(
@@ -192,3 +222,33 @@ async def test_postgres_down_for_20s_loses_no_rows(bus, bus_cfg, tmp_path):
     finally:
         pg.stop()
     assert sorted(r["batch_seq"] for r in rows) == list(range(11))
+
+
+async def test_the_neural_codec_runs_in_the_pipeline_and_rows_report_its_payloads(
+    bus, bus_cfg, postgres, tiny_model
+):
+    from shared.codecs import decode_payload
+    from shared.quality import measure_batch
+
+    sid = unique("neural")
+    source = "lavfi:testsrc2=size=128x96:rate=30"
+    # Target 0 and no size comparison: the (untrained, poor) tiny model's payloads go out as they are.
+    policy = PolicyConfig(target=0.0, compare_every=0)
+    async with running(compressor(bus_cfg, codec="neural", model=tiny_model, level=6, quality_frames=-1, policy=policy),
+                       metrics_writer(bus_cfg, postgres.url)):
+        await ingest(bus, source, sid, 4, 8, progress=False)
+        rows = await wait_rows(postgres.url, [sid], 2)
+    payloads = {}
+    sub = await bus.js.subscribe(busmod.compressed_subject(sid), ordered_consumer=True)
+    while len(payloads) < 2:
+        cb = msgpack.unpackb(await bus.payload(await sub.next_msg(timeout=10)), raw=False)
+        payloads[cb["batch_seq"]] = cb["payload"]
+    frames = [b.frames for b in read_batches(source, "ref", 4, 8)]
+    for r in rows:
+        assert r["status"] == "ok" and r["codec"] == "neural" and "level=6" in r["codec_params"]
+        assert r["level"] == 6 and r["fallback_reason"] is None and r["baseline_bytes"] is None
+        payload = payloads[r["batch_seq"]]
+        assert r["compressed_bytes"] == len(payload)
+        _, decoded = decode_payload(payload)
+        # What the row says is what a receiver gets.
+        assert abs(measure_batch(frames[r["batch_seq"]], decoded, 128, 96, 0).psnr_y - r["psnr_y"]) < 0.01

@@ -11,18 +11,21 @@ CPU work runs in a thread pool; the event loop only does I/O.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import msgpack
 from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Histogram
 
 from shared import bus as busmod
 from shared.bus import Bus, ClaimError
 from shared.bus import unsubscribe as _unsubscribe
-from shared.codecs import Codec, create_codec, decode_payload
+from services.compressor.policy import Policy
+from shared.codecs import create_codec, neural_available, read_header
 from shared.config import CompressorConfig
 from shared.logs import get_logger
 from shared.quality import measure_batch
@@ -38,6 +41,7 @@ from shared.schemas import (
 log = get_logger("compressor")
 
 BATCHES = Counter("aic_compressor_batches_total", "Batches handled", ["status"])
+FALLBACKS = Counter("aic_compressor_fallbacks_total", "Batches sent natively instead of neurally", ["reason"])
 BATCH_SECONDS = Histogram("aic_compressor_batch_seconds", "Wall time per batch, fetch to ack")
 
 
@@ -49,16 +53,17 @@ class Outcome:
     compressed: CompressedBatch | None = None
 
 
-def process_batch(data: bytes, codec: Codec, cfg: CompressorConfig) -> Outcome:
-    """Validate, encode, decode and measure one batch (CPU work; runs in a thread).
+def process_batch(data: bytes, policy: Policy, cfg: CompressorConfig) -> Outcome:
+    """Validate, code (through the policy), and measure one batch (CPU work; runs in a thread).
 
     Raises SchemaError for invalid input; other exceptions mean the codec failed.
     """
     fb = unpack_frame_batch(data, cfg.limits)
     t0 = time.perf_counter()
-    payload = codec.encode(fb.frames, fb.width, fb.height, fb.fps)
+    coded = policy.code(fb)
+    # The reconstruction is exactly what a receiver decodes (tests hold every codec to it).
+    payload, decoded = coded.payload, coded.decoded
     t1 = time.perf_counter()
-    _, decoded = decode_payload(payload)  # exactly what a receiver will see
     q = measure_batch(fb.frames, decoded, fb.width, fb.height, cfg.quality_frames)
     t2 = time.perf_counter()
     now = time.time()
@@ -66,7 +71,7 @@ def process_batch(data: bytes, codec: Codec, cfg: CompressorConfig) -> Outcome:
     compressed = CompressedBatch(
         stream_id=fb.stream_id,
         batch_seq=fb.batch_seq,
-        codec=codec.name,
+        codec=coded.codec,
         width=fb.width,
         height=fb.height,
         frame_count=fb.frame_count,
@@ -85,8 +90,12 @@ def process_batch(data: bytes, codec: Codec, cfg: CompressorConfig) -> Outcome:
         status="ok",
         worker_id=cfg.worker_id,
         completed_at=now,
-        codec=codec.name,
-        codec_params=_params_str(codec.params),
+        codec=coded.codec,
+        codec_params=_params_str(read_header(payload)[0].params),
+        level=coded.level,
+        fallback_reason=coded.fallback_reason,
+        reason=coded.detail,
+        baseline_bytes=coded.baseline_bytes,
         frames=fb.frame_count,
         width=fb.width,
         height=fb.height,
@@ -105,15 +114,21 @@ def process_batch(data: bytes, codec: Codec, cfg: CompressorConfig) -> Outcome:
 
 
 def _params_str(params: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(params.items()))
+    # Per-frame sizes and hashes belong to the payload, not to the row.
+    return ",".join(f"{k}={v}" for k, v in sorted(params.items()) if k not in ("sizes", "sha256"))
 
 
 class Compressor:
     """A stateless worker on the shared ``compressor`` consumer."""
 
     def __init__(self, cfg: CompressorConfig):
-        self.cfg = cfg
-        self.codec = create_codec(cfg.codec, **_codec_kwargs(cfg))
+        self.cfg = replace(cfg, codec=resolve_codec(cfg.codec))
+        self.codec = create_codec(self.cfg.codec, **_codec_kwargs(self.cfg))
+        if self.cfg.codec == "neural":
+            native = create_codec(self.cfg.fallback, **_native_kwargs(self.cfg))
+            self.policy = Policy(self.codec, native, self.cfg.policy, self.cfg.level)
+        else:
+            self.policy = Policy(None, self.codec, self.cfg.policy, self.cfg.level)
         self.pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="codec")
         self.bus: Bus | None = None
 
@@ -121,6 +136,7 @@ class Compressor:
         self.bus = await Bus.connect(self.cfg.bus, name=f"aic-compressor-{self.cfg.worker_id}")
         await self.bus.ensure_topology()
         sub = await self.bus.pull(busmod.FRAMES_STREAM, busmod.COMPRESSOR_CONSUMER)
+        watcher = asyncio.create_task(self.watch_exhausted(stop))
         log.info("compressor_started", worker_id=self.cfg.worker_id, codec=self.codec.name, **self.codec.params)
         slots = asyncio.Semaphore(self.cfg.concurrency)
         tasks: set[asyncio.Task] = set()
@@ -143,6 +159,7 @@ class Compressor:
         finally:
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(watcher, return_exceptions=True)
             self.pool.shutdown(wait=True)
             await _unsubscribe(sub)
             await self.bus.close()
@@ -158,7 +175,7 @@ class Compressor:
             try:
                 data = await self.bus.payload(msg)
                 outcome = await asyncio.get_running_loop().run_in_executor(
-                    self.pool, process_batch, data, self.codec, self.cfg
+                    self.pool, process_batch, data, self.policy, self.cfg
                 )
             except (SchemaError, ClaimError) as exc:
                 code = getattr(exc, "code", "claim_missing")
@@ -198,10 +215,15 @@ class Compressor:
         await msg.ack_sync(timeout=10)
         await self.bus.release(msg)
         BATCHES.labels("ok").inc()
+        if row.fallback_reason:
+            FALLBACKS.labels(row.fallback_reason).inc()
         log.info(
             "batch",
             status="ok",
             batch_id=row.batch_id,
+            codec=row.codec,
+            level=row.level,
+            fallback=row.fallback_reason,
             frames=row.frames,
             size=f"{row.width}x{row.height}",
             raw_bytes=row.raw_bytes,
@@ -216,11 +238,61 @@ class Compressor:
 
     async def _give_up(self, msg: Msg, status: str, reason: str, attempts: int) -> None:
         """Terminate a batch that will never succeed, with a dead letter and a metrics row saying why."""
+        await self._report_failure(msg, msg.metadata.sequence.stream, status, reason, attempts)
+        await msg.term()
+        await self.bus.release(msg)
+
+    async def watch_exhausted(self, stop: asyncio.Event) -> None:
+        """Turn JetStream's max-deliveries advisories into failed rows.
+
+        A batch whose worker dies or hangs on every attempt never reaches ``_give_up``;
+        JetStream then announces it.  Any worker may handle the advisory: the row and the
+        dead letter carry message ids, so two workers handling it make one of each.
+        """
+        sub = await self.bus.pull(busmod.ADVISORY_STREAM, busmod.EXHAUSTED_CONSUMER)
+        try:
+            while not stop.is_set():
+                try:
+                    msgs = await sub.fetch(8, timeout=1.0)
+                except asyncio.TimeoutError:
+                    continue
+                except Exception as exc:
+                    log.warning("fetch_failed", consumer=busmod.EXHAUSTED_CONSUMER, error=str(exc))
+                    await asyncio.sleep(0.5)
+                    continue
+                for adv in msgs:
+                    try:
+                        await self._handle_exhausted(adv)
+                    except Exception as exc:  # server trouble: the advisory is redelivered
+                        log.warning("exhausted_unhandled", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            await _unsubscribe(sub)
+
+    async def _handle_exhausted(self, adv: Msg) -> None:
+        try:
+            info = json.loads(adv.data)
+            stream_seq = int(info["stream_seq"])
+            deliveries = int(info.get("deliveries", self.cfg.bus.max_deliver))
+        except (ValueError, KeyError, TypeError):
+            await adv.term()
+            return
+        try:
+            msg = await self.bus.js.get_msg(busmod.FRAMES_STREAM, stream_seq)
+        except NotFoundError:
+            await adv.ack()  # answered after all (a late ack) or already failed by a worker
+            return
+        reason = f"no worker answered in {deliveries} deliveries (crashed or hung every time)"
+        await self._report_failure(msg, stream_seq, "failed", reason, deliveries)
+        await self.bus.js.delete_msg(busmod.FRAMES_STREAM, stream_seq)
+        await self.bus.release(msg)
+        await adv.ack()
+
+    async def _report_failure(self, msg, stream_seq: int, status: str, reason: str, attempts: int) -> None:
+        """Publish the dead letter and the metrics row of a batch that ends without a payload."""
         sid, seq = peek_ids(msg.data) if not (msg.headers or {}).get(busmod.CLAIM_HEADER) else (None, None)
         if sid is None:
             token = msg.subject.rsplit(".", 1)[-1]
             sid = token if STREAM_ID_RE.match(token) else "_invalid"
-        stream_seq = msg.metadata.sequence.stream
         batch_id = f"{sid}:{seq}" if seq is not None else f"{sid}:js{stream_seq}"
         now = time.time()
         row = BatchMetrics(
@@ -249,13 +321,27 @@ class Compressor:
         )
         await self.bus.publish(busmod.deadletter_subject(sid), letter, f"dl:{batch_id}")
         await self.bus.publish(busmod.metrics_subject(self.cfg.worker_id), row.pack(), f"m:{batch_id}")
-        await msg.term()
-        await self.bus.release(msg)
         BATCHES.labels(status).inc()
         log.warning("batch", status=status, batch_id=batch_id, reason=row.reason, attempts=attempts)
 
 
+def resolve_codec(name: str) -> str:
+    """``auto`` → ``neural`` when its weights and torch are present, else ``x264`` (logged, never silent)."""
+    if name != "auto":
+        return name
+    chosen = "neural" if neural_available() else "x264"
+    log.info("codec_auto", chosen=chosen, reason="neural weights present" if chosen == "neural"
+             else "neural codec unavailable (torch, constriction or weights missing)")
+    return chosen
+
+
 def _codec_kwargs(cfg: CompressorConfig) -> dict:
+    if cfg.codec == "neural":
+        return {k: v for k, v in (("model", cfg.model), ("level", cfg.level)) if v is not None}
+    return _native_kwargs(cfg)
+
+
+def _native_kwargs(cfg: CompressorConfig) -> dict:
     kw = {}
     if cfg.crf is not None:
         kw["crf"] = cfg.crf

@@ -47,6 +47,16 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX batch_metrics_time ON batch_metrics USING brin (completed_at);
         """,
     ),
+    (
+        2,
+        "batch_metrics: codec policy (level, fallback reason, native baseline)",
+        """
+        ALTER TABLE batch_metrics
+            ADD COLUMN level           integer,
+            ADD COLUMN fallback_reason text CHECK (fallback_reason IN ('quality', 'size', 'latency', 'error')),
+            ADD COLUMN baseline_bytes  bigint;
+        """,
+    ),
 ]
 
 

@@ -36,7 +36,7 @@ COLUMNS = (
     "batch_id", "stream_id", "batch_seq", "status", "reason", "worker_id", "codec", "codec_params",
     "frames", "width", "height", "raw_bytes", "compressed_bytes", "kbps", "psnr_y", "psnr_rgb",
     "ms_ssim", "ms_ssim_frames", "encode_ms", "quality_ms", "latency_ms", "attempts",
-    "captured_at", "completed_at", "extra",
+    "captured_at", "completed_at", "level", "fallback_reason", "baseline_bytes", "extra",
 )  # fmt: skip
 _TS = {"captured_at", "completed_at"}
 _INSERT_SQL = (
@@ -44,7 +44,14 @@ _INSERT_SQL = (
     f"SELECT {', '.join(c + '::jsonb' if c == 'extra' else c for c in COLUMNS)} FROM batch_metrics_in "
     "ON CONFLICT (batch_id) DO NOTHING"
 )
-_CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
+# An outage (retry and hold the records), as opposed to a record the database refuses.  Operator
+# intervention (57P01 admin shutdown, 57P03 cannot connect now, ...) is what a restart looks like.
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
 
 
 def to_record(m: BatchMetrics) -> tuple:
@@ -144,9 +151,13 @@ class MetricsWriter:
             return
         t0 = time.perf_counter()
         delay = 0.2
+        isolate = False
         while True:
             try:
-                inserted = await self.store.write([r for _, r in good])
+                if isolate:
+                    inserted = await self._write_one_by_one(good)
+                else:
+                    inserted = await self.store.write([r for _, r in good])
                 break
             except _CONNECTION_ERRORS as exc:
                 DB_ERRORS.inc()
@@ -157,10 +168,10 @@ class MetricsWriter:
                 delay = min(delay * 2, 2.0)
             except asyncpg.PostgresError as exc:
                 # A record the database refuses (not an outage): isolate it, keep the rest.
+                # The one-by-one pass stays inside this loop, so an outage during it is retried too.
                 DB_ERRORS.inc()
                 log.error("db_write_failed", error=f"{type(exc).__name__}: {exc}", rows=len(good))
-                inserted = await self._write_one_by_one(good)
-                break
+                isolate = True
         for m, _ in good:
             await m.ack()
         self.inserted += inserted
@@ -172,6 +183,8 @@ class MetricsWriter:
         for m, rec in list(good):
             try:
                 inserted += await self.store.write([rec])
+            except _CONNECTION_ERRORS:
+                raise  # an outage, not this record's fault: the caller waits and retries
             except asyncpg.PostgresError as exc:
                 log.error("record_refused", batch_id=rec[0], error=f"{type(exc).__name__}: {exc}")
                 await m.term()

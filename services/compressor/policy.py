@@ -1,0 +1,114 @@
+"""The per-batch codec policy: the neural path goes out only when it is at least as good.
+
+For each batch the neural codec codes first.  Native goes out instead when the
+neural path fails (``error``), is too slow (``latency``), misses the quality
+target (``quality``), or — on sampled batches, where the native codec also codes
+the batch at matched quality — spends more bytes (``size``); a stream whose
+sampled batch went out natively for size stays native, at that level and
+without running the model, until its next sampled batch.  Every fallback is
+named in the metrics row; none is silent.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared.codecs import Codec, read_header
+from shared.config import PolicyConfig
+from shared.quality import measure_batch, ms_ssim, psnr, sample_indices
+from shared.pixfmt import split_planes, to_rgb
+from shared.schemas import FrameBatch
+
+@dataclass(frozen=True)
+class Coded:
+    """The payload that goes out, and why."""
+
+    payload: bytes
+    decoded: np.ndarray
+    codec: str
+    level: int | None
+    fallback_reason: str | None = None
+    detail: str | None = None
+    baseline_bytes: int | None = None
+
+
+def batch_quality(metric: str, fb: FrameBatch, decoded: np.ndarray) -> float:
+    """The policy's metric for a decoded batch: PSNR-Y on all frames, RGB metrics on the last frame."""
+    w, h = fb.width, fb.height
+    if metric == "psnr_y":
+        return measure_batch(fb.frames, decoded, w, h, 0).psnr_y
+    i = sample_indices(len(fb.frames), 1)[0]
+    if metric == "psnr_rgb":
+        return psnr(to_rgb(fb.frames[i], w, h), to_rgb(decoded[i], w, h))
+    return ms_ssim(split_planes(fb.frames[i], w, h)[0], split_planes(decoded[i], w, h)[0])
+
+
+class Policy:
+    """Chooses, per batch, between a neural codec (may be None: native only) and a native one."""
+
+    def __init__(self, neural: Codec | None, native: Codec, cfg: PolicyConfig, level: int | None = None):
+        self.neural, self.native, self.cfg, self.level = neural, native, cfg, level
+        # Soft state per stream: the native level that beat the neural payload at the last sampled
+        # batch.  Until the next sample, that stream's batches go out natively at that level without
+        # running the model.  Losing it (restart, another worker) only costs a neural attempt.
+        self._native_wins: dict[str, tuple[int, int]] = {}
+
+    def code(self, fb: FrameBatch) -> Coded:
+        if self.neural is None:
+            payload, decoded = self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, self.level)
+            return Coded(payload, decoded, self.native.name, _level(payload))
+        sampled = bool(self.cfg.compare_every) and fb.batch_seq % self.cfg.compare_every == 0
+        won = self._native_wins.get(fb.stream_id)
+        if won is not None and not sampled and 0 < fb.batch_seq - won[1] < self.cfg.compare_every:
+            payload, decoded = self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, won[0])
+            return Coded(payload, decoded, self.native.name, won[0], "size",
+                         f"native was smaller at matched quality on sampled batch {won[1]}")
+        t0 = time.perf_counter()
+        try:
+            payload, decoded = self.neural.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, self.level)
+        except Exception as exc:  # a model failure must not lose the batch: native goes out
+            return self._native(fb, "error", f"{type(exc).__name__}: {exc}")
+        ms = (time.perf_counter() - t0) * 1000
+        if self.cfg.latency_budget_ms and ms > self.cfg.latency_budget_ms:
+            return self._native(fb, "latency", f"neural took {ms:.0f} ms > {self.cfg.latency_budget_ms:.0f} ms")
+        q = batch_quality(self.cfg.metric, fb, decoded)
+        if q < self.cfg.target:
+            return self._native(fb, "quality", f"neural {self.cfg.metric} {q:.3f} < target {self.cfg.target}")
+        if not sampled:
+            return Coded(payload, decoded, self.neural.name, _level(payload))
+        base = self._native_at_least(fb, q)
+        if len(base[0]) < len(payload):
+            self._native_wins[fb.stream_id] = (_level(base[0]), fb.batch_seq)
+            return Coded(base[0], base[1], self.native.name, _level(base[0]), "size",
+                         f"native {len(base[0])} B < neural {len(payload)} B at {self.cfg.metric} >= {q:.3f}",
+                         len(base[0]))
+        self._native_wins.pop(fb.stream_id, None)
+        return Coded(payload, decoded, self.neural.name, _level(payload), baseline_bytes=len(base[0]))
+
+    def _native(self, fb: FrameBatch, reason: str, detail: str) -> Coded:
+        """The native payload that meets the target (or the best it has), as a named fallback."""
+        payload, decoded = self._native_at_least(fb, self.cfg.target)
+        return Coded(payload, decoded, self.native.name, _level(payload), reason, detail)
+
+    def _native_at_least(self, fb: FrameBatch, quality: float) -> tuple[bytes, np.ndarray]:
+        """The fewest-bits native level whose quality reaches ``quality`` (binary search over levels)."""
+        lo, hi = 0, self.native.levels - 1
+        best = None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            payload, decoded = self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, mid)
+            if batch_quality(self.cfg.metric, fb, decoded) >= quality:
+                best, hi = (payload, decoded), mid - 1
+            else:
+                lo = mid + 1
+                if best is None and lo > hi:  # nothing reaches it: the top level is the best native can do
+                    best = (payload, decoded)
+        return best
+
+
+def _level(payload: bytes) -> int | None:
+    params = read_header(payload)[0].params
+    return params.get("level")

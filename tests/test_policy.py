@@ -1,0 +1,131 @@
+"""The codec policy: the neural payload goes out only when it is at least as good, and every
+fallback is named in the row."""
+
+from dataclasses import replace
+
+import pytest
+
+from services.compressor.policy import Policy
+from services.compressor.worker import process_batch
+from services.ingest import read_batches
+from shared.codecs import Codec, NativeCodec, create_codec
+from shared.config import CompressorConfig, PolicyConfig
+from shared.schemas import unpack_batch_metrics
+
+CFG = CompressorConfig(codec="x264", quality_frames=1)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return next(read_batches("lavfi:testsrc2=size=128x96:rate=25", "pol", 4, 4))
+
+
+def row(policy: Policy, fb):
+    out = process_batch(fb.pack(), policy, CFG)
+    # The row survives the wire format, new fields included.
+    return unpack_batch_metrics(out.metrics.pack()), out
+
+
+@pytest.fixture
+def neural(tiny_model):
+    return create_codec("neural", model=tiny_model, device="cpu")  # untrained: poor quality, many bytes
+
+
+def test_below_the_quality_target_native_goes_out_meeting_it(neural, batch):
+    r, out = row(Policy(neural, NativeCodec("x264"), PolicyConfig("psnr_y", 30.0, compare_every=0)), batch)
+    assert (r.codec, r.fallback_reason) == ("x264", "quality")
+    assert r.psnr_y >= 30 and "target" in r.reason
+    assert out.compressed.codec == "x264"
+
+
+class StandIn(Codec):
+    """A stand-in for the neural codec that codes with x264 (so tests control its quality and size)."""
+
+    name, version = "neural", 1
+
+    def __init__(self):
+        self.inner = NativeCodec("x264")
+
+    def encode(self, *a, **kw):
+        return self.inner.encode(*a, **kw)
+
+    def encode_reconstruct(self, *a, **kw):
+        return self.inner.encode_reconstruct(*a, **kw)
+
+    def decode_bitstream(self, header, bitstream):
+        return self.inner.decode_bitstream(header, bitstream)
+
+
+class Bloated(StandIn):
+    """x264's pictures, 10 kB more bytes."""
+
+    def encode_reconstruct(self, *a, **kw):
+        payload, decoded = super().encode_reconstruct(*a, **kw)
+        return payload + bytes(10_000), decoded
+
+
+def test_on_sampled_batches_a_smaller_native_payload_at_matched_quality_goes_out(batch):
+    policy = Policy(Bloated(), NativeCodec("x264"), PolicyConfig("psnr_y", 0.0, compare_every=1), level=4)
+    r, _ = row(policy, batch)
+    assert (r.codec, r.fallback_reason) == ("x264", "size")
+    assert r.baseline_bytes == r.compressed_bytes and "native" in r.reason
+    assert r.level <= 4  # matched quality: no more than the level the stand-in used
+
+
+def test_the_untrained_model_goes_out_when_nothing_forbids_it(neural, batch):
+    r, _ = row(Policy(neural, NativeCodec("x264"), PolicyConfig("psnr_y", 0.0, compare_every=0)), batch)
+    assert (r.codec, r.fallback_reason, r.baseline_bytes) == ("neural", None, None)
+    assert r.level == 4  # the neural codec's default level
+
+
+def test_a_neural_path_over_its_latency_budget_falls_back(neural, batch):
+    r, _ = row(Policy(neural, NativeCodec("x264"), PolicyConfig("psnr_y", 0.0, 0, latency_budget_ms=0.001)), batch)
+    assert (r.codec, r.fallback_reason) == ("x264", "latency")
+
+
+class Broken(StandIn):
+    def encode_reconstruct(self, *a, **kw):
+        raise RuntimeError("CUDA error: out of memory")
+
+
+def test_a_neural_error_falls_back_and_says_which(batch):
+    r, _ = row(Policy(Broken(), NativeCodec("x264"), PolicyConfig("psnr_y", 30.0)), batch)
+    assert (r.codec, r.fallback_reason, r.status) == ("x264", "error", "ok")
+    assert "out of memory" in r.reason
+
+
+def test_a_neural_payload_that_meets_everything_goes_out_with_its_baseline(batch):
+    # Coding exactly as x264 level 5, it is never larger than native at matched quality.
+    fake = StandIn()
+    policy = Policy(fake, NativeCodec("x264"), PolicyConfig("psnr_y", 20.0, compare_every=2), level=5)
+    sampled, _ = row(policy, batch)
+    assert (sampled.codec, sampled.fallback_reason, sampled.level) == ("neural", None, 5)
+    assert sampled.baseline_bytes is not None and sampled.baseline_bytes <= sampled.compressed_bytes
+    unsampled, _ = row(policy, replace(batch, batch_seq=1))
+    assert unsampled.baseline_bytes is None and unsampled.fallback_reason is None
+
+
+def test_without_a_neural_codec_native_goes_out_with_no_fallback(batch):
+    r, _ = row(Policy(None, NativeCodec("x264"), PolicyConfig(), level=2), batch)
+    assert (r.codec, r.level, r.fallback_reason, r.baseline_bytes) == ("x264", 2, None, None)
+
+
+@pytest.mark.parametrize("spec", ["psnr:30", "ssim", "ms_ssim:2"])
+def test_bad_targets_are_clear_errors(spec):
+    with pytest.raises(ValueError):
+        metric, value = PolicyConfig.parse_target(spec)
+        PolicyConfig(metric, value)
+
+
+def test_after_native_wins_a_sample_the_stream_stays_native_until_the_next_sample(batch):
+    policy = Policy(Bloated(), NativeCodec("x264"), PolicyConfig("psnr_y", 0.0, compare_every=4), level=4)
+    first, _ = row(policy, batch)
+    assert (first.codec, first.fallback_reason) == ("x264", "size")
+    for seq in (1, 3):
+        r, _ = row(policy, replace(batch, batch_seq=seq))
+        assert (r.codec, r.fallback_reason, r.level, r.baseline_bytes) == ("x264", "size", first.level, None)
+        assert "sampled batch 0" in r.reason
+    other, _ = row(policy, replace(batch, stream_id="other", batch_seq=1))
+    assert other.codec == "neural"  # another stream has no verdict yet
+    resample, _ = row(policy, replace(batch, batch_seq=4))
+    assert resample.baseline_bytes is not None  # the next sample decides afresh
