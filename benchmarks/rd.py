@@ -26,11 +26,11 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-from shared.codecs import create_codec, decode_payload, neural_available, read_header
+from shared.codecs import LEARNED_CODECS, create_codec, decode_payload, learned_available, read_header
 from shared.pixfmt import from_video_frame, to_video_frame
 from shared.quality import measure_batch
 
-VIDEO_CODECS = ("x264", "x265", "vp9", "av1")
+VIDEO_CODECS = ("x264", "x264-psnr", "x265", "vp9", "av1")
 # Per-frame image codecs: quality points, fewest bits first.
 IMAGE_POINTS = {"jpeg": (31, 20, 12, 8, 5, 3, 2), "webp": (5, 20, 40, 60, 75, 85, 95)}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -178,7 +178,7 @@ def _quality(p: Point, metric: str) -> float:
 
 
 def run(sources: list[str], codecs: list[str], frames: int, max_side: int, gop: int,
-        neural_model: str | None = None) -> dict:
+        models: dict[str, str] | None = None) -> dict:
     loaded = [load_source(s, frames, max_side) for s in sources]
     jobs = []
     for src in loaded:
@@ -186,7 +186,7 @@ def run(sources: list[str], codecs: list[str], frames: int, max_side: int, gop: 
             if name in IMAGE_POINTS:
                 jobs += [(src, name, i, q) for i, q in enumerate(IMAGE_POINTS[name])]
             else:
-                kw = {"model": neural_model} if name == "neural" and neural_model else {}
+                kw = {"model": models[name]} if models and models.get(name) else {}
                 c = create_codec(name, **kw)
                 jobs += [(src, name, lv, c) for lv in range(c.levels)]
     points: list[Point] = []
@@ -279,8 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", help="image files and video clips")
     p.add_argument("--codecs", default=None,
-                   help="comma list from neural,x264,x265,vp9,av1,jpeg,webp (default: all; neural if its weights exist)")
-    p.add_argument("--model", help="neural model under models/ (default hyperprior-v1)")
+                   help="comma list from hybrid,neural,x264,x265,vp9,av1,jpeg,webp (default: all; the learned "
+                        "ones where their weights exist)")
+    p.add_argument("--model", help="neural codec's model under models/ (default hyperprior-v1)")
+    p.add_argument("--restore-model", help="hybrid codec's model under models/ (default restore-v1)")
     p.add_argument("--frames", type=int, default=32, help="frames per clip (default %(default)s)")
     p.add_argument("--gop", type=int, default=8, help="frames per closed GOP = batch size (default %(default)s)")
     p.add_argument("--max-side", type=int, default=1024, help="images scaled to this long side (default %(default)s)")
@@ -292,15 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    all_codecs = (["neural"] if neural_available() else []) + [*VIDEO_CODECS, *IMAGE_POINTS]
+    all_codecs = [c for c in LEARNED_CODECS if learned_available(c)] + [*VIDEO_CODECS, *IMAGE_POINTS]
     codecs = a.codecs.split(",") if a.codecs else all_codecs
-    unknown = set(codecs) - {"neural", *VIDEO_CODECS, *IMAGE_POINTS}
+    unknown = set(codecs) - {*LEARNED_CODECS, *VIDEO_CODECS, *IMAGE_POINTS}
     if unknown:
         raise SystemExit(f"aic bench rd: unknown codecs {sorted(unknown)}")
     for s in a.sources:
         if not Path(s).exists():
             raise SystemExit(f"aic bench rd: {s}: no such file")
-    result = run(a.sources, codecs, a.frames, a.max_side, a.gop, a.model)
+    result = run(a.sources, codecs, a.frames, a.max_side, a.gop, {"neural": a.model, "hybrid": a.restore_model})
     if a.save:
         a.save.write_text(json.dumps(result, indent=1))
     if a.json:

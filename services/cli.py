@@ -15,8 +15,8 @@ import time
 from shared.config import BusConfig, CompressorConfig, MetricsConfig, PolicyConfig, data_dir, env_int, env_str
 
 DEFAULT_DEMO_SOURCE = "lavfi:testsrc2=size=640x360:rate=30"
-CODEC_HELP = ("auto | neural | x264 | x265 | vp9 | av1 (default auto: the neural codec when its weights "
-              "are in models/ and torch is installed, else x264)")
+CODEC_HELP = ("auto | hybrid | neural | x264 | x265 | vp9 | av1 (default auto: hybrid — x264 with learned "
+              "restoration — when its weights are in models/ and torch is installed, else neural, else x264)")
 
 
 def _bus_args(p: argparse.ArgumentParser) -> None:
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", default=env_str("AIC_CODEC", "auto"), help=CODEC_HELP + "; env AIC_CODEC")
     p.add_argument("--level", type=int, help="rate level 0..7, fewest bits first (default: the codec's own; "
                    "for native codecs each level is a CRF)")
-    p.add_argument("--model", help="neural model under models/ (default hyperprior-v1)")
+    p.add_argument("--model", help="learned model under models/ (default: hybrid restore-v1, neural hyperprior-v1)")
     p.add_argument("--crf", type=int, help="native codecs: constant rate factor (codec default if unset)")
     p.add_argument("--target", default=env_str("AIC_TARGET", "psnr_y:34"),
                    help="neural path's quality target METRIC:VALUE, metric psnr_y|psnr_rgb|ms_ssim "

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import faulthandler
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -18,21 +16,6 @@ from services.metrics import MetricsWriter
 from shared.bus import Bus
 from shared.config import BusConfig, CompressorConfig, MetricsConfig
 from shared.embedded import NatsServer, PostgresServer
-
-
-# pytest-timeout cannot stop a test whose thread is stuck in C code holding the GIL.
-# faulthandler's watchdog is a C thread that needs no GIL: it prints every
-# thread's stack and exits, so CI fails loudly instead of hanging.
-HARD_TEST_DEADLINE_S = 420
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item, nextitem):
-    faulthandler.dump_traceback_later(HARD_TEST_DEADLINE_S, exit=True, file=sys.__stderr__)
-    try:
-        yield
-    finally:
-        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="session")
@@ -117,7 +100,7 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory):
-    """A models folder holding 'tiny': a small untrained model, exported like a real one.
+    """A models folder holding 'tiny' (image codec) and 'tiny-restore' (hybrid): small untrained models.
 
     Untrained weights code badly but exercise every mechanism (bitstreams,
     integer hyper-synthesis, tables, padding) in milliseconds.
@@ -133,6 +116,13 @@ def tiny_models_dir(tmp_path_factory):
     net = MeanScaleHyperprior(cfg.n, cfg.m, len(cfg.lambdas))
     save_checkpoint(root / "ckpt.pt", net, torch.optim.Adam(net.parameters()), 0, cfg)
     export_weights(root / "ckpt.pt", root / "tiny")
+
+    from shared.neural.restoration import RestorationNet
+    from shared.neural.restore_training import save_weights
+
+    restore = RestorationNet(channels=8, depth=3, levels=8)
+    torch.nn.init.normal_(restore.tail.weight, std=0.02)  # untrained but not the identity
+    save_weights(restore, root / "tiny-restore")
     return root
 
 
@@ -140,3 +130,28 @@ def tiny_models_dir(tmp_path_factory):
 def tiny_model(tiny_models_dir, monkeypatch):
     monkeypatch.setenv("AIC_MODELS_DIR", str(tiny_models_dir))
     return "tiny"
+
+
+def corrupted_payloads(payload: bytes, count: int, seed: int = 1):
+    """``count`` damaged copies of an aic payload: bit flips, truncations, garbage bitstreams, bad headers."""
+    import numpy as np
+
+    from shared.codecs import read_header
+
+    header_len = len(payload) - len(read_header(payload)[1])
+    rng = np.random.default_rng(seed)
+    for k in range(count):
+        p = bytearray(payload)
+        kind = k % 4
+        if kind == 0:  # flip bits anywhere
+            for i in rng.integers(0, len(p), rng.integers(1, 6)):
+                p[i] ^= 1 << int(rng.integers(0, 8))
+        elif kind == 1:  # truncate
+            p = p[: int(rng.integers(0, len(p)))]
+        elif kind == 2:  # garbage in the bitstream only
+            i = int(rng.integers(header_len, len(p)))
+            p[i:] = rng.integers(0, 256, len(p) - i, dtype=np.uint8).tobytes()
+        else:  # overwrite bytes in the header
+            for i in rng.integers(0, header_len, 3):
+                p[i] = rng.integers(0, 256)
+        yield bytes(p)

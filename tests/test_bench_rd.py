@@ -49,19 +49,19 @@ def test_bench_rd_cli_reports_every_point_with_bd_rates(tiny_clip, tiny_models_d
     env = {**os.environ, "AIC_MODELS_DIR": str(tiny_models_dir)}
     plot = tmp_path / "rd.png"
     r = subprocess.run(
-        [sys.executable, "-m", "services.cli", "bench", "rd", str(tiny_clip), "--codecs", "x264,jpeg,neural",
-         "--model", "tiny", "--frames", "8", "--json", "--plot", str(plot)],
+        [sys.executable, "-m", "services.cli", "bench", "rd", str(tiny_clip), "--codecs", "x264,jpeg,neural,hybrid",
+         "--model", "tiny", "--restore-model", "tiny-restore", "--frames", "8", "--json", "--plot", str(plot)],
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     pts = res["points"]
-    assert {p["codec"] for p in pts} == {"x264", "jpeg", "neural"}
+    assert {p["codec"] for p in pts} == {"x264", "jpeg", "neural", "hybrid"}
     assert len([p for p in pts if p["codec"] == "x264"]) == 8 and len([p for p in pts if p["codec"] == "jpeg"]) >= 4
     x264 = sorted((p for p in pts if p["codec"] == "x264"), key=lambda p: p["level"])
     assert [p["bpp"] for p in x264] == sorted(p["bpp"] for p in x264)  # levels: fewest bits first
     assert all(p["frames"] == 8 and p["encode_fps"] > 0 and 0 < p["ms_ssim"] <= 1 for p in pts)
-    assert "jpeg" in res["bd_rate_vs_x264"]["clip.mkv"]
+    assert {"jpeg", "hybrid"} <= set(res["bd_rate_vs_x264"]["clip.mkv"])
     assert plot.stat().st_size > 10_000
 
 

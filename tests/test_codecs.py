@@ -13,7 +13,7 @@ def clip(w=96, h=64, n=8):
     return next(read_batches(f"lavfi:testsrc2=size={w}x{h}:rate=25", "t", n, n)).frames
 
 
-@pytest.mark.parametrize("name", ["x264", "x265", "vp9", "av1"])
+@pytest.mark.parametrize("name", ["x264", "x264-psnr", "x265", "vp9", "av1"])
 def test_native_round_trip_is_close_and_self_describing(name):
     frames = clip()
     payload = create_codec(name).encode(frames, 96, 64, 25.0)
@@ -70,3 +70,11 @@ def test_random_corruptions_never_crash():
 def test_header_rejects_foreign_bytes():
     with pytest.raises(CodecError):
         read_header(b"RIFF0000WAVEfmt ")
+
+
+def test_x264_psnr_is_x264_at_the_same_speed_without_psychovisual_tuning():
+    frames = clip()
+    psy = read_header(create_codec("x264").encode(frames, 96, 64, 25.0, level=3))[1]
+    plain = read_header(create_codec("x264-psnr").encode(frames, 96, 64, 25.0, level=3))[1]
+    assert bytes(psy) != bytes(plain)
+    assert create_codec("x264-psnr").options["preset"] == create_codec("x264").options["preset"] == "veryfast"

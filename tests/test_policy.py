@@ -9,6 +9,7 @@ from services.compressor.policy import Policy
 from services.compressor.worker import process_batch
 from services.ingest import read_batches
 from shared.codecs import Codec, NativeCodec, create_codec
+from shared.codecs.native import LEVEL_CRF
 from shared.config import CompressorConfig, PolicyConfig
 from shared.schemas import unpack_batch_metrics
 
@@ -69,7 +70,9 @@ def test_on_sampled_batches_a_smaller_native_payload_at_matched_quality_goes_out
     r, _ = row(policy, batch)
     assert (r.codec, r.fallback_reason) == ("x264", "size")
     assert r.baseline_bytes == r.compressed_bytes and "native" in r.reason
-    assert r.level <= 4  # matched quality: no more than the level the stand-in used
+    # Matched quality on the fine CRF grid: the stand-in coded at level 4 (CRF 26), so native needs no lower CRF.
+    crf = int(dict(kv.split("=") for kv in r.codec_params.split(","))["crf"])
+    assert crf >= 26 and r.level is None
 
 
 def test_the_untrained_model_goes_out_when_nothing_forbids_it(neural, batch):
@@ -94,13 +97,19 @@ def test_a_neural_error_falls_back_and_says_which(batch):
     assert "out of memory" in r.reason
 
 
+class SameAsNative(StandIn):
+    """Byte for byte the payload native's matched-quality search finds (x264 at the level's CRF)."""
+
+    def encode_reconstruct(self, frames, w, h, fps, level=None):
+        return self.inner.encode_reconstruct(frames, w, h, fps, crf=LEVEL_CRF["x264"][level])
+
+
 def test_a_neural_payload_that_meets_everything_goes_out_with_its_baseline(batch):
-    # Coding exactly as x264 level 5, it is never larger than native at matched quality.
-    fake = StandIn()
-    policy = Policy(fake, NativeCodec("x264"), PolicyConfig("psnr_y", 20.0, compare_every=2), level=5)
+    # testsrc2's PSNR-Y falls strictly with the CRF, so native's cheapest payload at matched quality is this one.
+    policy = Policy(SameAsNative(), NativeCodec("x264"), PolicyConfig("psnr_y", 20.0, compare_every=2), level=5)
     sampled, _ = row(policy, batch)
-    assert (sampled.codec, sampled.fallback_reason, sampled.level) == ("neural", None, 5)
-    assert sampled.baseline_bytes is not None and sampled.baseline_bytes <= sampled.compressed_bytes
+    assert (sampled.codec, sampled.fallback_reason) == ("neural", None)
+    assert sampled.baseline_bytes == sampled.compressed_bytes  # native must be strictly smaller to win
     unsampled, _ = row(policy, replace(batch, batch_seq=1))
     assert unsampled.baseline_bytes is None and unsampled.fallback_reason is None
 
@@ -124,8 +133,20 @@ def test_after_native_wins_a_sample_the_stream_stays_native_until_the_next_sampl
     for seq in (1, 3):
         r, _ = row(policy, replace(batch, batch_seq=seq))
         assert (r.codec, r.fallback_reason, r.level, r.baseline_bytes) == ("x264", "size", first.level, None)
+        assert r.codec_params == first.codec_params  # at the rate that won the sample
         assert "sampled batch 0" in r.reason
     other, _ = row(policy, replace(batch, stream_id="other", batch_seq=1))
     assert other.codec == "neural"  # another stream has no verdict yet
     resample, _ = row(policy, replace(batch, batch_seq=4))
     assert resample.baseline_bytes is not None  # the next sample decides afresh
+
+
+def test_the_hybrid_codec_goes_out_when_native_needs_more_bytes_for_its_quality(tiny_model, batch):
+    # testsrc2 is a chart with sharp edges: x264's psychovisual tuning spends bits that PSNR does not reward,
+    # so x264 needs more bytes than the hybrid's PSNR-tuned base layer for the same PSNR-Y.
+    hybrid = create_codec("hybrid", model="tiny-restore", device="cpu")
+    policy = Policy(hybrid, NativeCodec("x264"), PolicyConfig("psnr_y", 20.0, compare_every=1), level=3)
+    r, out = row(policy, batch)
+    assert (r.codec, r.level, r.fallback_reason) == ("hybrid", 3, None)
+    assert "model=tiny-restore" in r.codec_params and "base=x264-psnr" in r.codec_params
+    assert r.baseline_bytes > r.compressed_bytes == len(out.compressed.payload)

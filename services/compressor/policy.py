@@ -1,12 +1,17 @@
-"""The per-batch codec policy: the neural path goes out only when it is at least as good.
+"""The per-batch codec policy: the learned path goes out only when it is at least as good.
 
-For each batch the neural codec codes first.  Native goes out instead when the
-neural path fails (``error``), is too slow (``latency``), misses the quality
-target (``quality``), or — on sampled batches, where the native codec also codes
-the batch at matched quality — spends more bytes (``size``); a stream whose
-sampled batch went out natively for size stays native, at that level and
-without running the model, until its next sampled batch.  Every fallback is
-named in the metrics row; none is silent.
+For each batch the learned codec (``neural`` or ``hybrid``) codes first.  Native
+goes out instead when the learned path fails (``error``), is too slow
+(``latency``), misses the quality target (``quality``), or — on sampled batches,
+where the native codec also codes the batch at matched quality — spends more
+bytes (``size``); a stream whose sampled batch went out natively for size stays
+native, at that rate and without running the model, until its next sampled
+batch.  Every fallback is named in the metrics row; none is silent.
+
+"Matched quality" is the native codec's cheapest payload whose quality reaches
+the learned payload's: for native codecs with a CRF, a binary search over every
+integer CRF its levels span (about five encodes), not just over the eight
+levels, so the size comparison is not flattered by coarse steps.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.codecs import Codec, read_header
+from shared.codecs import Codec, NativeCodec, read_header
 from shared.config import PolicyConfig
 from shared.quality import measure_batch, ms_ssim, psnr, sample_indices
 from shared.pixfmt import split_planes, to_rgb
@@ -51,10 +56,11 @@ class Policy:
 
     def __init__(self, neural: Codec | None, native: Codec, cfg: PolicyConfig, level: int | None = None):
         self.neural, self.native, self.cfg, self.level = neural, native, cfg, level
-        # Soft state per stream: the native level that beat the neural payload at the last sampled
-        # batch.  Until the next sample, that stream's batches go out natively at that level without
-        # running the model.  Losing it (restart, another worker) only costs a neural attempt.
-        self._native_wins: dict[str, tuple[int, int]] = {}
+        # Soft state per stream: the native rate (encode options) that beat the learned payload at the
+        # last sampled batch, and that batch's number.  Until the next sample, that stream's batches go
+        # out natively at that rate without running the model.  Losing it (restart, another worker)
+        # only costs a learned attempt.
+        self._native_wins: dict[str, tuple[dict, int]] = {}
 
     def code(self, fb: FrameBatch) -> Coded:
         if self.neural is None:
@@ -63,8 +69,8 @@ class Policy:
         sampled = bool(self.cfg.compare_every) and fb.batch_seq % self.cfg.compare_every == 0
         won = self._native_wins.get(fb.stream_id)
         if won is not None and not sampled and 0 < fb.batch_seq - won[1] < self.cfg.compare_every:
-            payload, decoded = self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, won[0])
-            return Coded(payload, decoded, self.native.name, won[0], "size",
+            payload, decoded = self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, **won[0])
+            return Coded(payload, decoded, self.native.name, _level(payload), "size",
                          f"native was smaller at matched quality on sampled batch {won[1]}")
         t0 = time.perf_counter()
         try:
@@ -81,7 +87,7 @@ class Policy:
             return Coded(payload, decoded, self.neural.name, _level(payload))
         base = self._native_at_least(fb, q)
         if len(base[0]) < len(payload):
-            self._native_wins[fb.stream_id] = (_level(base[0]), fb.batch_seq)
+            self._native_wins[fb.stream_id] = (_rate_options(base[0]), fb.batch_seq)
             return Coded(base[0], base[1], self.native.name, _level(base[0]), "size",
                          f"native {len(base[0])} B < neural {len(payload)} B at {self.cfg.metric} >= {q:.3f}",
                          len(base[0]))
@@ -94,7 +100,9 @@ class Policy:
         return Coded(payload, decoded, self.native.name, _level(payload), reason, detail)
 
     def _native_at_least(self, fb: FrameBatch, quality: float) -> tuple[bytes, np.ndarray]:
-        """The fewest-bits native level whose quality reaches ``quality`` (binary search over levels)."""
+        """The fewest-bits native payload whose quality reaches ``quality`` (or the best native can do)."""
+        if isinstance(self.native, NativeCodec):
+            return self._native_crf_at_least(fb, quality)
         lo, hi = 0, self.native.levels - 1
         best = None
         while lo <= hi:
@@ -107,6 +115,28 @@ class Policy:
                 if best is None and lo > hi:  # nothing reaches it: the top level is the best native can do
                     best = (payload, decoded)
         return best
+
+
+    def _native_crf_at_least(self, fb: FrameBatch, quality: float) -> tuple[bytes, np.ndarray]:
+        """Binary search for the largest CRF (fewest bits) whose quality reaches ``quality``."""
+        best_crf, worst_crf = self.native.crf_range
+        lo, hi, best = best_crf, worst_crf, None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            coded = self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, crf=mid)
+            if batch_quality(self.cfg.metric, fb, coded[1]) >= quality:
+                best, lo = coded, mid + 1
+            else:
+                hi = mid - 1
+        if best is None:  # nothing reaches it: the best the level range offers
+            best = self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, crf=best_crf)
+        return best
+
+
+def _rate_options(payload: bytes) -> dict:
+    """How to code the next batches at this payload's rate: its level, else its CRF."""
+    params = read_header(payload)[0].params
+    return {"level": params["level"]} if params.get("level") is not None else {"crf": params["crf"]}
 
 
 def _level(payload: bytes) -> int | None:

@@ -25,7 +25,7 @@ from shared import bus as busmod
 from shared.bus import Bus, ClaimError
 from shared.bus import unsubscribe as _unsubscribe
 from services.compressor.policy import Policy
-from shared.codecs import create_codec, neural_available, read_header
+from shared.codecs import LEARNED_CODECS, create_codec, learned_available, read_header
 from shared.config import CompressorConfig
 from shared.logs import get_logger
 from shared.quality import measure_batch
@@ -124,7 +124,7 @@ class Compressor:
     def __init__(self, cfg: CompressorConfig):
         self.cfg = replace(cfg, codec=resolve_codec(cfg.codec))
         self.codec = create_codec(self.cfg.codec, **_codec_kwargs(self.cfg))
-        if self.cfg.codec == "neural":
+        if self.cfg.codec in LEARNED_CODECS:
             native = create_codec(self.cfg.fallback, **_native_kwargs(self.cfg))
             self.policy = Policy(self.codec, native, self.cfg.policy, self.cfg.level)
         else:
@@ -325,18 +325,22 @@ class Compressor:
         log.warning("batch", status=status, batch_id=batch_id, reason=row.reason, attempts=attempts)
 
 
+#: ``auto`` prefers these, in order, when their weights and torch are present.
+AUTO_PREFERENCE = ("hybrid", "neural")
+
+
 def resolve_codec(name: str) -> str:
-    """``auto`` → ``neural`` when its weights and torch are present, else ``x264`` (logged, never silent)."""
+    """``auto`` → the first learned codec of AUTO_PREFERENCE that can run, else ``x264`` (logged, never silent)."""
     if name != "auto":
         return name
-    chosen = "neural" if neural_available() else "x264"
-    log.info("codec_auto", chosen=chosen, reason="neural weights present" if chosen == "neural"
-             else "neural codec unavailable (torch, constriction or weights missing)")
+    chosen = next((c for c in AUTO_PREFERENCE if learned_available(c)), "x264")
+    log.info("codec_auto", chosen=chosen, reason=f"{chosen} weights present" if chosen != "x264"
+             else "no learned codec available (torch, constriction or weights missing)")
     return chosen
 
 
 def _codec_kwargs(cfg: CompressorConfig) -> dict:
-    if cfg.codec == "neural":
+    if cfg.codec in LEARNED_CODECS:
         return {k: v for k, v in (("model", cfg.model), ("level", cfg.level)) if v is not None}
     return _native_kwargs(cfg)
 

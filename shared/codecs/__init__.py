@@ -14,6 +14,8 @@ __all__ = [
     "NATIVE_CODECS",
     "NativeCodec",
     "CODEC_NAMES",
+    "LEARNED_CODECS",
+    "learned_available",
     "neural_available",
     "create_codec",
     "decode_payload",
@@ -21,22 +23,31 @@ __all__ = [
 ]
 
 
-CODEC_NAMES = (*NATIVE_CODECS, "neural")
+#: Codecs with a learned model; the compressor's policy checks them against a native one.
+LEARNED_CODECS = ("neural", "hybrid")
+CODEC_NAMES = (*NATIVE_CODECS, *LEARNED_CODECS)
+
+
+def _learned_module(name: str):
+    # Learned codecs are imported only when asked for: they bring torch.
+    try:
+        if name == "neural":
+            from shared.codecs import neural as module
+        else:
+            from shared.codecs import hybrid as module
+    except ImportError as exc:
+        raise CodecError(f"the {name} codec needs torch and constriction: pip install 'aic[neural]' ({exc})") from None
+    return module
 
 
 def create_codec(name: str, **params) -> Codec:
-    """A codec by its id (``x264``, ``x265``, ``vp9``, ``av1``, ``neural``).
-
-    The neural codec is imported only when asked for: it brings torch.
-    """
+    """A codec by its id (``x264``, ``x265``, ``vp9``, ``av1``, ``neural``, ``hybrid``)."""
     if name in NATIVE_CODECS:
         return NativeCodec(name, **params)
     if name == "neural":
-        try:
-            from shared.codecs.neural import NeuralCodec
-        except ImportError as exc:
-            raise CodecError(f"the neural codec needs torch and constriction: pip install 'aic[neural]' ({exc})") from None
-        return NeuralCodec(**params)
+        return _learned_module(name).NeuralCodec(**params)
+    if name == "hybrid":
+        return _learned_module(name).HybridCodec(**params)
     raise ValueError(f"unknown codec {name!r}; available: {list(CODEC_NAMES)}")
 
 
@@ -45,18 +56,28 @@ def bitstream_decoder(name: str):
     if name in NATIVE_CODECS:
         return NativeCodec(name).decode_bitstream
     if name == "neural":
-        try:
-            from shared.codecs.neural import decode_neural
-        except ImportError as exc:
-            raise CodecError(f"this payload needs the neural codec: pip install 'aic[neural]' ({exc})") from None
-        return decode_neural
+        return _learned_module(name).decode_neural
+    if name == "hybrid":
+        return _learned_module(name).decode_hybrid
     raise ValueError(f"payload names unknown codec {name!r}")
 
 
-def neural_available() -> bool:
-    """True when torch and constriction import and the default model's weights are present."""
-    try:
-        from shared.codecs.neural import DEFAULT_MODEL, model_path
-    except ImportError:
+DEFAULT_MODELS = {"neural": "hyperprior-v1", "hybrid": "restore-v1"}
+
+
+def learned_available(name: str) -> bool:
+    """True when torch and constriction import and the codec's default weights are present."""
+    from shared.modelstore import model_path
+
+    if not model_path(DEFAULT_MODELS[name]).exists():
         return False
-    return model_path(DEFAULT_MODEL).exists()
+    try:
+        _learned_module(name)
+    except CodecError:
+        return False
+    return True
+
+
+def neural_available() -> bool:
+    """True when the intra-frame neural codec can run with its default weights."""
+    return learned_available("neural")

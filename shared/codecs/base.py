@@ -104,15 +104,16 @@ class Codec(ABC):
         """frames: (n, frame_size) uint8 → payload bytes (one closed GOP)."""
 
     def encode_reconstruct(
-        self, frames: np.ndarray, width: int, height: int, fps: float, level: int | None = None
+        self, frames: np.ndarray, width: int, height: int, fps: float, level: int | None = None, **options
     ) -> tuple[bytes, np.ndarray]:
         """(payload, the frames a receiver will decode from it).
 
         The default decodes the payload; codecs that already hold their
-        reconstruction (the neural ones) return it without decoding, and tests
-        check that it equals a receiver's decode bit for bit.
+        reconstruction (the learned ones) return it without decoding, and tests
+        check that it equals a receiver's decode bit for bit.  ``options`` go to
+        ``encode`` (native codecs: ``crf``).
         """
-        payload = self.encode(frames, width, height, fps, level)
+        payload = self.encode(frames, width, height, fps, level, **options)
         return payload, decode_payload(payload)[1]
 
     def check_level(self, level: int) -> int:

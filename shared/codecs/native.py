@@ -21,14 +21,18 @@ os.environ.setdefault("SVT_LOG", "1")
 # id -> (encoder, decoder, default options, quality option name)
 NATIVE_CODECS: dict[str, tuple[str, str, dict[str, str], str]] = {
     "x264": ("libx264", "h264", {"preset": "veryfast", "tune": "zerolatency"}, "crf"),
+    # The same speed, tuned for PSNR (no psychovisual rate-distortion, no adaptive quantization):
+    # the base layer of the hybrid codec, whose restoration is trained for MSE too.
+    "x264-psnr": ("libx264", "h264", {"preset": "veryfast", "tune": "zerolatency,psnr"}, "crf"),
     "x265": ("libx265", "hevc", {"preset": "veryfast", "tune": "zerolatency", "x265-params": "log-level=error"}, "crf"),
     "vp9": ("libvpx-vp9", "vp9", {"deadline": "realtime", "cpu-used": "8", "row-mt": "1", "lag-in-frames": "0"}, "crf"),
     "av1": ("libsvtav1", "libdav1d", {"preset": "10", "svtav1-params": "pred-struct=1"}, "crf"),
 }
-DEFAULT_CRF = {"x264": 23, "x265": 26, "vp9": 36, "av1": 35}
+DEFAULT_CRF = {"x264": 23, "x264-psnr": 23, "x265": 26, "vp9": 36, "av1": 35}
 # Rate levels, fewest bits first: the CRF each level stands for.
 LEVEL_CRF = {
     "x264": (40, 36, 32, 29, 26, 23, 20, 17),
+    "x264-psnr": (40, 36, 32, 29, 26, 23, 20, 17),
     "x265": (42, 38, 34, 31, 28, 25, 22, 19),
     "vp9": (60, 54, 48, 42, 36, 30, 24, 18),
     "av1": (60, 54, 48, 42, 36, 30, 24, 18),
@@ -53,9 +57,19 @@ class NativeCodec(Codec):
     def params(self) -> dict:
         return {"crf": self.crf, **{k: v for k, v in self.options.items() if k in ("preset", "cpu-used")}}
 
-    def encode(self, frames: np.ndarray, width: int, height: int, fps: float, level: int | None = None) -> bytes:
+    @property
+    def crf_range(self) -> tuple[int, int]:
+        """The CRFs the levels span, best quality first: finer rate steps for matching a quality."""
+        return min(LEVEL_CRF[self.name]), max(LEVEL_CRF[self.name])
+
+    def encode(self, frames: np.ndarray, width: int, height: int, fps: float, level: int | None = None,
+               *, crf: int | None = None) -> bytes:
+        """As :meth:`Codec.encode`; ``crf`` (keyword) overrides the level's CRF."""
         n = frames.shape[0]
-        crf = self.crf if level is None else LEVEL_CRF[self.name][self.check_level(level)]
+        if crf is None:
+            crf = self.crf if level is None else LEVEL_CRF[self.name][self.check_level(level)]
+        else:
+            level = None
         # 4:2:0 encoders need even sizes: pad by edge replication, crop at decode.
         pw, ph = width + (width & 1), height + (height & 1)
         ctx = av.CodecContext.create(self.encoder, "w")

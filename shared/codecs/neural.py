@@ -10,7 +10,6 @@ Importing this module imports torch: only the compressor and receivers do.
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 
 from shared.codecs.base import Codec, CodecError, PayloadHeader, pack_payload
 from shared.neural.coder import BitstreamError, ImageCoder
+from shared.modelstore import model_path, models_dir  # noqa: F401  (models_dir: re-exported)
 from shared.pixfmt import frame_size, from_video_frame, to_rgb
 
 DEFAULT_MODEL = "hyperprior-v1"
@@ -27,17 +27,6 @@ DEFAULT_LEVEL = 4
 # Decoding work grows with the area a header claims, not with the bytes it sends: a forged
 # header must not make a receiver decode gigapixels.  4K (and DCI 4K) fit.
 MAX_DECODE_PIXELS = 4096 * 2304
-WEIGHTS = "weights.pt"
-
-
-def models_dir() -> Path:
-    """Where models live: ``$AIC_MODELS_DIR``, else the repository's ``models/``."""
-    env = os.environ.get("AIC_MODELS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "models"
-
-
-def model_path(name: str) -> Path:
-    return models_dir() / name / WEIGHTS
 
 
 def default_device() -> str:

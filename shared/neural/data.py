@@ -14,12 +14,16 @@ VIDEO_SUFFIXES = {".mp4", ".mkv", ".mov", ".webm", ".avi", ".y4m", ".ts"}
 
 
 def list_sources(spec: str | Path) -> list[Path]:
-    """Files named by a list file (one path per line), a folder (searched recursively) or one file."""
+    """Files named by a list file (one path per line), a folder (searched recursively) or one file.
+
+    A list file may also name synthetic FFmpeg sources as ``lavfi:<graph>`` lines (read as videos).
+    """
     p = Path(spec)
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
     elif p.suffix.lower() == ".txt":
-        files = [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
+        lines = [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        files = [LavfiSource(line) if line.startswith("lavfi:") else Path(line) for line in lines]
     elif p.exists():
         files = [p]
     else:
@@ -30,6 +34,15 @@ def list_sources(spec: str | Path) -> list[Path]:
     if not files:
         raise ValueError(f"no images or videos found in {spec!r}")
     return files
+
+
+class LavfiSource(str):
+    """A synthetic source named ``lavfi:<graph>`` in a data list; ``exists`` like a Path."""
+
+    suffix = ".lavfi"
+
+    def exists(self) -> bool:
+        return True
 
 
 def _resize(frame: av.VideoFrame, max_side: int) -> np.ndarray:
@@ -43,9 +56,10 @@ def _resize(frame: av.VideoFrame, max_side: int) -> np.ndarray:
 def load_frames(path: Path, max_side: int, video_stride: int = 15, max_video_frames: int = 40) -> list[np.ndarray]:
     """RGB frames (H, W, 3) uint8 of an image, or every ``video_stride``-th frame of a video."""
     out: list[np.ndarray] = []
-    with av.open(str(path)) as container:
+    lavfi = isinstance(path, LavfiSource)
+    with (av.open(path[len("lavfi:"):], format="lavfi") if lavfi else av.open(str(path))) as container:
         stream = container.streams.video[0]
-        is_video = path.suffix.lower() in VIDEO_SUFFIXES
+        is_video = lavfi or path.suffix.lower() in VIDEO_SUFFIXES
         for i, frame in enumerate(container.decode(stream)):
             if not is_video:
                 return [_resize(frame, max_side)]

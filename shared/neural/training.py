@@ -121,14 +121,21 @@ def train(cfg: TrainConfig, out_dir: Path, resume: Path | None = None, init: Pat
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="aic train", description=__doc__)
+    p = parser or argparse.ArgumentParser(prog="aic train", description=__doc__,
+                                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=("hyperprior", "restore"), default="hyperprior",
+                   help="hyperprior: the learned image codec (default); restore: the hybrid codec's "
+                        "restoration network, trained on x264-coded synthetic camera motion")
     p.add_argument("--data", help="list file (one path per line), folder, or file of images/videos")
     p.add_argument("--level", default="all",
                    help="'all' trains every rate level (default); K trains only level K (fine-tuning)")
-    p.add_argument("--steps", type=int, default=TrainConfig.steps, help="total optimizer steps (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--crop", type=int, default=TrainConfig.crop, help="crop side in pixels, multiple of 64")
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--steps", type=int,
+                   help=f"total optimizer steps (default {TrainConfig.steps}; restore 4000); with --resume, the new total")
+    p.add_argument("--batch-size", type=int,
+                   help=f"crops per step (hyperprior, default {TrainConfig.batch_size}) or clips per step (restore, default 2)")
+    p.add_argument("--crop", type=int,
+                   help=f"crop side in pixels: multiple of 64 for hyperprior (default {TrainConfig.crop}), even for restore (default 128)")
+    p.add_argument("--lr", type=float, help=f"learning rate (default {TrainConfig.lr}; restore 1e-3)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=Path("data/train"), help="checkpoint folder (default %(default)s)")
@@ -142,10 +149,16 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.arch == "restore":
+        return _main_restore(args)
+    args.steps = args.steps or (None if args.resume else TrainConfig.steps)
+    args.batch_size = args.batch_size or TrainConfig.batch_size
+    args.crop = args.crop or TrainConfig.crop
+    args.lr = args.lr or TrainConfig.lr
     if args.resume:
         saved = torch.load(args.resume, map_location="cpu")["config"]
         saved["lambdas"] = tuple(saved["lambdas"])
-        cfg = TrainConfig(**{**saved, "steps": args.steps, "device": args.device, "threads": args.threads})
+        cfg = TrainConfig(**{**saved, "steps": args.steps or saved["steps"], "device": args.device, "threads": args.threads})
     else:
         if not args.data:
             raise SystemExit("aic train: --data is required (unless --resume)")
@@ -161,6 +174,26 @@ def main(argv: list[str] | None = None) -> int:
         from shared.neural.export import export_model
 
         export_model(ckpt, args.export, val=args.val)
+    return 0
+
+
+def _main_restore(args: argparse.Namespace) -> int:
+    from shared.neural.restore_training import RestoreConfig, export_restore, train_restore
+
+    if args.resume:
+        saved = torch.load(args.resume, map_location="cpu")["config"]
+        cfg = RestoreConfig(**{**saved, "steps": args.steps or saved["steps"], "device": args.device, "threads": args.threads})
+    else:
+        if not args.data:
+            raise SystemExit("aic train: --data is required (unless --resume)")
+        crop = args.crop or RestoreConfig.crop
+        if crop % 2 or crop < 32:
+            raise SystemExit("aic train: --crop must be even and at least 32 for --arch restore")
+        cfg = RestoreConfig(data=args.data, steps=args.steps or RestoreConfig.steps, clips=args.batch_size or RestoreConfig.clips, crop=crop,
+                            lr=args.lr or RestoreConfig.lr, device=args.device, threads=args.threads)
+    ckpt = train_restore(cfg, args.out, resume=args.resume, init=args.init, ckpt_every=args.ckpt_every)
+    if args.export:
+        export_restore(ckpt, args.export, val=args.val)
     return 0
 
 
