@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("metrics", help="run the metrics service (JetStream → PostgreSQL)")
     _bus_args(p)
     p.add_argument("--database-url", help="PostgreSQL URL (default: $AIC_DATABASE_URL)")
+    _partition_args(p)
     _metrics_port(p)
 
     p = sub.add_parser("ingest", help="publish a video source as frame batches")
@@ -106,11 +107,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks: 'aic bench rd SOURCES...' (aic bench rd --help)", add_help=False)
     p.add_argument("bench", nargs="?", choices=["rd"], help="which benchmark")
 
+    p = sub.add_parser("config", help="per-stream compression config, applied live by every worker",
+                       description=CONFIG_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    csub = p.add_subparsers(dest="config_command", required=True)
+    c = csub.add_parser("set", help="set keys of a stream's config (key= unsets one; mode= resets the mode)")
+    c.add_argument("stream_id")
+    c.add_argument("assignments", nargs="+", metavar="key=value",
+                   help="mode=conservative|adaptive|aggressive|off, target=DB, level_min=K, level_max=K, budget_kbps=N")
+    _bus_args(c)
+    c = csub.add_parser("get", help="show a stream's config and what it means, or every stream's")
+    c.add_argument("stream_id", nargs="?")
+    _bus_args(c)
+    c = csub.add_parser("delete", help="forget a stream's config (it runs on the workers' flags again)")
+    c.add_argument("stream_id")
+    _bus_args(c)
+
     p = sub.add_parser("db", help="database administration")
     dsub = p.add_subparsers(dest="db_command", required=True)
-    m = dsub.add_parser("migrate", help="apply pending schema migrations")
+    m = dsub.add_parser("migrate", help="apply pending schema migrations, create day partitions ahead, "
+                                        "drop those past retention")
     m.add_argument("--database-url", help="PostgreSQL URL (default: $AIC_DATABASE_URL)")
+    _partition_args(m)
     return parser
+
+
+def _partition_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--retention-days", type=int, default=env_int("AIC_RETENTION_DAYS", MetricsConfig.retention_days),
+                   help="drop day partitions of batch_metrics older than this (0 keeps all; "
+                        "default %(default)s; env AIC_RETENTION_DAYS)")
+    p.add_argument("--partitions-ahead", type=int, default=MetricsConfig.partitions_ahead,
+                   help="day partitions to create ahead of today (default %(default)s)")
 
 
 def _serve_metrics(port: int) -> None:
@@ -140,7 +166,8 @@ def cmd_metrics(a: argparse.Namespace) -> int:
     from services.metrics import MetricsWriter
     from services.runtime import run_service
 
-    cfg = MetricsConfig(bus=BusConfig.from_env(a.nats_url), database_url=MetricsConfig.database_url_from_env(a.database_url))
+    cfg = MetricsConfig(bus=BusConfig.from_env(a.nats_url), database_url=MetricsConfig.database_url_from_env(a.database_url),
+                        retention_days=a.retention_days, partitions_ahead=a.partitions_ahead)
     _serve_metrics(a.metrics_port)
     return run_service(MetricsWriter(cfg).run)
 
@@ -224,16 +251,86 @@ def cmd_bench(a: argparse.Namespace, rest: list[str]) -> int:
     return rd_main(rest)
 
 
+CONFIG_HELP = """Per-stream compression config, kept in the NATS KV bucket 'aic_config'.
+
+Every compressor watches the bucket and applies a change to the stream's next
+batch.  Modes: conservative (PSNR-Y 38 dB, levels 4..7), adaptive (34 dB,
+2..6), aggressive (30 dB, 0..4), off (native codec only, no neural
+inference).  target, level_min and level_max override the mode's values.
+A stream with no config runs on the workers' own flags.
+
+  aic config set cam-1 mode=aggressive
+  aic config set cam-1 target=32 level_max=5
+  aic config get cam-1
+"""
+
+
+def cmd_config(a: argparse.Namespace) -> int:
+    import json
+
+    from nats.js.errors import KeyNotFoundError
+
+    from shared.bus import Bus
+    from shared.control import ConfigError, StreamConfig, check_stream_id
+
+    async def main() -> int:
+        bus = await Bus.connect(BusConfig.from_env(a.nats_url), name="aic-config")
+        try:
+            kv = await bus.config_kv()
+
+            async def current(sid: str) -> StreamConfig | None:
+                try:
+                    return StreamConfig.from_json((await kv.get(sid)).value)
+                except KeyNotFoundError:
+                    return None
+
+            def show(sid: str, cfg: StreamConfig | None) -> dict:
+                if cfg is None:
+                    return {"stream_id": sid, "config": None, "note": "no config: the workers' flags apply"}
+                eff = cfg.effective
+                return {"stream_id": sid, "config": json.loads(cfg.to_json()),
+                        "effective": {"mode": cfg.mode, "target_psnr_y": eff.target,
+                                      "levels": [eff.level_min, eff.level_max], "budget_kbps": cfg.budget_kbps}}
+
+            if a.config_command == "set":
+                sid = check_stream_id(a.stream_id)
+                cfg = (await current(sid) or StreamConfig()).updated(a.assignments)
+                await kv.put(sid, cfg.to_json())
+                print(json.dumps(show(sid, cfg)))
+            elif a.config_command == "delete":
+                await kv.delete(check_stream_id(a.stream_id))
+                print(json.dumps(show(a.stream_id, None)))
+            elif a.stream_id:
+                print(json.dumps(show(a.stream_id, await current(check_stream_id(a.stream_id)))))
+            else:
+                try:
+                    keys = await kv.keys()
+                except Exception:  # nats-py raises NoKeysError on an empty bucket
+                    keys = []
+                for sid in sorted(keys):
+                    print(json.dumps(show(sid, await current(sid))))
+            return 0
+        except ConfigError as exc:
+            print(f"aic config: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            await bus.close()
+
+    return asyncio.run(main())
+
+
 def cmd_db(a: argparse.Namespace) -> int:
     import asyncpg
 
-    from services.metrics.migrations import migrate
+    from services.metrics.migrations import maintain_partitions, migrate
 
     async def main() -> None:
         conn = await asyncpg.connect(MetricsConfig.database_url_from_env(a.database_url))
         try:
             applied = await migrate(conn)
             print(f"applied migrations: {applied or 'none (up to date)'}")
+            created, dropped = await maintain_partitions(conn, a.partitions_ahead, a.retention_days)
+            print(f"day partitions: {created} created, {dropped} dropped (retention {a.retention_days or 'off'})")
         finally:
             await conn.close()
 
@@ -249,6 +346,7 @@ COMMANDS = {
     "decode": cmd_decode,
     "demo": cmd_demo,
     "db": cmd_db,
+    "config": cmd_config,
 }
 PASSTHROUGH = {"train": cmd_train, "bench": cmd_bench}
 

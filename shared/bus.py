@@ -152,8 +152,21 @@ class Bus:
             jsapi.StreamConfig(name=ADVISORY_STREAM, subjects=[EXHAUSTED_SUBJECT], max_age=age),
         ]
 
+    async def config_kv(self):
+        """The per-stream config bucket (:mod:`shared.control`), created on first use."""
+        from nats.js.errors import BucketNotFoundError
+
+        from shared.control import KV_BUCKET
+
+        try:
+            return await self.js.key_value(KV_BUCKET)
+        except BucketNotFoundError:
+            return await self.js.create_key_value(bucket=KV_BUCKET, history=16,
+                                                  description="aic per-stream compression config")
+
     async def ensure_topology(self) -> None:
-        """Create or update every stream and durable consumer; safe to call from every service."""
+        """Create or update every stream, durable consumer and KV bucket; safe to call from every service."""
+        await self.config_kv()
         for sc in self._stream_configs():
             try:
                 await self.js.stream_info(sc.name)

@@ -106,6 +106,12 @@ class MetricsConfig:
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     max_rows: int = 1000
     flush_interval_s: float = 0.25
+    retention_days: int = 30  # day partitions older than this are dropped; 0 keeps everything
+    partitions_ahead: int = 3  # day partitions created ahead of today
+
+    def __post_init__(self):
+        if self.retention_days < 0 or self.partitions_ahead < 0:
+            raise ValueError("retention_days and partitions_ahead must be >= 0")
 
     @staticmethod
     def database_url_from_env(url: str | None = None) -> str:

@@ -292,6 +292,7 @@ class BatchMetrics:
     level: int | None = None  # rate level of the codec used
     fallback_reason: str | None = None  # why native went out instead of neural: quality | size | latency | error
     baseline_bytes: int | None = None  # native payload at matched quality, on sampled batches
+    mode: str | None = None  # the stream's compression mode when the batch was coded
     extra: dict = field(default_factory=dict)
 
     def pack(self) -> bytes:
@@ -305,6 +306,8 @@ _METRIC_INTS = (
     "level", "baseline_bytes",
 )  # fmt: skip
 FALLBACK_REASONS = ("quality", "size", "latency", "error")
+#: Per-stream compression modes (see docs/architecture.md).
+MODES = ("conservative", "adaptive", "aggressive", "off")
 _METRIC_FLOATS = ("kbps", "psnr_y", "psnr_rgb", "ms_ssim", "encode_ms", "quality_ms", "latency_ms", "captured_at")
 _METRIC_STRS = ("reason", "codec", "codec_params")
 
@@ -320,6 +323,9 @@ def unpack_batch_metrics(data: bytes) -> BatchMetrics:
     kw: dict[str, Any] = {k: _int_in(obj, k, 0, 2**62, optional=True) for k in _METRIC_INTS}
     kw.update({k: _float(obj, k, optional=True) for k in _METRIC_FLOATS})
     kw.update({k: _get(obj, k, str, optional=True) for k in _METRIC_STRS})
+    kw["mode"] = _get(obj, "mode", str, optional=True)
+    if kw["mode"] not in (None, *MODES):
+        raise SchemaError("bad_field", f"mode {kw['mode']!r} not in {MODES}")
     kw["fallback_reason"] = _get(obj, "fallback_reason", str, optional=True)
     if kw["fallback_reason"] not in (None, *FALLBACK_REASONS):
         raise SchemaError("bad_field", f"fallback_reason {kw['fallback_reason']!r} not in {FALLBACK_REASONS}")

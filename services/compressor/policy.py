@@ -62,10 +62,22 @@ class Policy:
         # only costs a learned attempt.
         self._native_wins: dict[str, tuple[dict, int]] = {}
 
-    def code(self, fb: FrameBatch) -> Coded:
-        if self.neural is None:
-            payload, decoded = self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, self.level)
+    def code(self, fb: FrameBatch, decision=None) -> Coded:
+        """Code one batch.  ``decision`` (a stream's mode, target and level from its live config)
+        overrides the level and, for the PSNR-Y metric, the target; mode ``off`` codes natively."""
+        level, target = self.level, self.cfg.target
+        if decision is not None:
+            level = decision.level
+            if decision.target is not None and self.cfg.metric == "psnr_y":
+                target = decision.target
+        if self.neural is None or (decision is not None and decision.mode == "off"):
+            payload, decoded = self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps,
+                                                              None if decision is not None and decision.mode == "off"
+                                                              else level)
             return Coded(payload, decoded, self.native.name, _level(payload))
+        return self._code_learned(fb, level, target)
+
+    def _code_learned(self, fb: FrameBatch, level: int | None, target: float) -> Coded:
         sampled = bool(self.cfg.compare_every) and fb.batch_seq % self.cfg.compare_every == 0
         won = self._native_wins.get(fb.stream_id)
         if won is not None and not sampled and 0 < fb.batch_seq - won[1] < self.cfg.compare_every:
@@ -74,15 +86,17 @@ class Policy:
                          f"native was smaller at matched quality on sampled batch {won[1]}")
         t0 = time.perf_counter()
         try:
-            payload, decoded = self.neural.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, self.level)
+            payload, decoded = self.neural.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, level)
         except Exception as exc:  # a model failure must not lose the batch: native goes out
-            return self._native(fb, "error", f"{type(exc).__name__}: {exc}")
+            return self._native(fb, "error", f"{type(exc).__name__}: {exc}", target)
         ms = (time.perf_counter() - t0) * 1000
         if self.cfg.latency_budget_ms and ms > self.cfg.latency_budget_ms:
-            return self._native(fb, "latency", f"neural took {ms:.0f} ms > {self.cfg.latency_budget_ms:.0f} ms")
+            return self._native(fb, "latency", f"neural took {ms:.0f} ms > {self.cfg.latency_budget_ms:.0f} ms",
+                                target)
         q = batch_quality(self.cfg.metric, fb, decoded)
-        if q < self.cfg.target:
-            return self._native(fb, "quality", f"neural {self.cfg.metric} {q:.3f} < target {self.cfg.target}")
+        if q < target:
+            return self._native(fb, "quality", f"{self.neural.name} {self.cfg.metric} {q:.3f} < target {target}",
+                                target)
         if not sampled:
             return Coded(payload, decoded, self.neural.name, _level(payload))
         base = self._native_at_least(fb, q)
@@ -94,9 +108,9 @@ class Policy:
         self._native_wins.pop(fb.stream_id, None)
         return Coded(payload, decoded, self.neural.name, _level(payload), baseline_bytes=len(base[0]))
 
-    def _native(self, fb: FrameBatch, reason: str, detail: str) -> Coded:
+    def _native(self, fb: FrameBatch, reason: str, detail: str, target: float) -> Coded:
         """The native payload that meets the target (or the best it has), as a named fallback."""
-        payload, decoded = self._native_at_least(fb, self.cfg.target)
+        payload, decoded = self._native_at_least(fb, target)
         return Coded(payload, decoded, self.native.name, _level(payload), reason, detail)
 
     def _native_at_least(self, fb: FrameBatch, quality: float) -> tuple[bytes, np.ndarray]:

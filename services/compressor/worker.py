@@ -24,6 +24,7 @@ from prometheus_client import Counter, Histogram
 from shared import bus as busmod
 from shared.bus import Bus, ClaimError
 from shared.bus import unsubscribe as _unsubscribe
+from services.compressor.controls import StreamControls
 from services.compressor.policy import Policy
 from shared.codecs import LEARNED_CODECS, create_codec, learned_available, read_header
 from shared.config import CompressorConfig
@@ -53,19 +54,23 @@ class Outcome:
     compressed: CompressedBatch | None = None
 
 
-def process_batch(data: bytes, policy: Policy, cfg: CompressorConfig) -> Outcome:
-    """Validate, code (through the policy), and measure one batch (CPU work; runs in a thread).
+def process_batch(data: bytes, policy: Policy, cfg: CompressorConfig, controls: StreamControls | None = None) -> Outcome:
+    """Validate, code (through the policy and the stream's live config), and measure one batch
+    (CPU work; runs in a thread).
 
     Raises SchemaError for invalid input; other exceptions mean the codec failed.
     """
     fb = unpack_frame_batch(data, cfg.limits)
     t0 = time.perf_counter()
-    coded = policy.code(fb)
+    decision = controls.decide(fb.stream_id) if controls is not None else None
+    coded = policy.code(fb, decision)
     # The reconstruction is exactly what a receiver decodes (tests hold every codec to it).
     payload, decoded = coded.payload, coded.decoded
     t1 = time.perf_counter()
     q = measure_batch(fb.frames, decoded, fb.width, fb.height, cfg.quality_frames)
     t2 = time.perf_counter()
+    if controls is not None and decision is not None:
+        controls.observe(fb.stream_id, decision, q.psnr_y, learned=coded.fallback_reason is None)
     now = time.time()
     duration_s = fb.frame_count / fb.fps
     compressed = CompressedBatch(
@@ -96,6 +101,7 @@ def process_batch(data: bytes, policy: Policy, cfg: CompressorConfig) -> Outcome
         fallback_reason=coded.fallback_reason,
         reason=coded.detail,
         baseline_bytes=coded.baseline_bytes,
+        mode=decision.mode if decision is not None else None,
         frames=fb.frame_count,
         width=fb.width,
         height=fb.height,
@@ -130,6 +136,7 @@ class Compressor:
         else:
             self.policy = Policy(None, self.codec, self.cfg.policy, self.cfg.level)
         self.pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="codec")
+        self.controls = StreamControls()
         self.bus: Bus | None = None
 
     async def run(self, stop: asyncio.Event) -> int:
@@ -137,6 +144,9 @@ class Compressor:
         await self.bus.ensure_topology()
         sub = await self.bus.pull(busmod.FRAMES_STREAM, busmod.COMPRESSOR_CONSUMER)
         watcher = asyncio.create_task(self.watch_exhausted(stop))
+        control = asyncio.create_task(self.controls.watch(self.bus, stop))
+        await asyncio.wait([asyncio.ensure_future(self.controls.ready.wait()), control], timeout=5.0,
+                           return_when=asyncio.FIRST_COMPLETED)
         log.info("compressor_started", worker_id=self.cfg.worker_id, codec=self.codec.name, **self.codec.params)
         slots = asyncio.Semaphore(self.cfg.concurrency)
         tasks: set[asyncio.Task] = set()
@@ -159,7 +169,7 @@ class Compressor:
         finally:
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
-            await asyncio.gather(watcher, return_exceptions=True)
+            await asyncio.gather(watcher, control, return_exceptions=True)
             self.pool.shutdown(wait=True)
             await _unsubscribe(sub)
             await self.bus.close()
@@ -175,7 +185,7 @@ class Compressor:
             try:
                 data = await self.bus.payload(msg)
                 outcome = await asyncio.get_running_loop().run_in_executor(
-                    self.pool, process_batch, data, self.policy, self.cfg
+                    self.pool, process_batch, data, self.policy, self.cfg, self.controls
                 )
             except (SchemaError, ClaimError) as exc:
                 code = getattr(exc, "code", "claim_missing")
@@ -304,6 +314,9 @@ class Compressor:
             worker_id=self.cfg.worker_id,
             completed_at=now,
             attempts=attempts,
+            # When JetStream stored the batch: the same on every delivery, so the row's partition
+            # key (event time) is too, and a repeated report makes no second row.
+            captured_at=_stored_at(msg),
         )
         letter = msgpack.packb(
             {
@@ -323,6 +336,13 @@ class Compressor:
         await self.bus.publish(busmod.metrics_subject(self.cfg.worker_id), row.pack(), f"m:{batch_id}")
         BATCHES.labels(status).inc()
         log.warning("batch", status=status, batch_id=batch_id, reason=row.reason, attempts=attempts)
+
+
+def _stored_at(msg) -> float | None:
+    try:
+        return msg.metadata.timestamp.timestamp()
+    except Exception:  # not a JetStream message (an advisory's copy): the row falls back to completion time
+        return None
 
 
 #: ``auto`` prefers these, in order, when their weights and torch are present.

@@ -1,10 +1,12 @@
-"""Versioned schema migrations, applied in order under an advisory lock.
+"""Versioned schema migrations, applied in order under an advisory lock, and partition upkeep.
 
 Applied by the metrics service at start (and by ``aic db migrate``); each
 version runs once, in its own transaction.
 """
 
 from __future__ import annotations
+
+from datetime import date, datetime, timedelta, timezone
 
 import asyncpg
 
@@ -57,6 +59,172 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             ADD COLUMN baseline_bytes  bigint;
         """,
     ),
+    (
+        3,
+        "batch_metrics: range-partitioned by day on event time, idempotent on (batch_id, time)",
+        # PostgreSQL requires the partition key in every unique constraint, so the key is an event
+        # time that every delivery of a batch shares: the gateway's capture time (or, for a batch that
+        # could not be read, when JetStream stored it) — never the worker's completion time, which a
+        # redelivery changes.
+        """
+        CREATE TABLE batch_metrics_partitioned (
+            LIKE batch_metrics INCLUDING DEFAULTS INCLUDING CONSTRAINTS,
+            time timestamptz NOT NULL,
+            PRIMARY KEY (batch_id, time)
+        ) PARTITION BY RANGE (time);
+        CREATE FUNCTION aic_ensure_partition(day date) RETURNS boolean LANGUAGE plpgsql AS $$
+        DECLARE
+            name text := format('batch_metrics_%s', to_char(day, 'YYYYMMDD'));
+        BEGIN
+            IF to_regclass(name) IS NOT NULL THEN
+                RETURN false;
+            END IF;
+            EXECUTE format('CREATE TABLE IF NOT EXISTS %I PARTITION OF batch_metrics FOR VALUES FROM (%L) TO (%L)',
+                           name, day::timestamp AT TIME ZONE 'UTC', (day + 1)::timestamp AT TIME ZONE 'UTC');
+            RETURN true;
+        END $$;
+        CREATE FUNCTION aic_drop_partitions_before(cutoff date) RETURNS integer LANGUAGE plpgsql AS $$
+        DECLARE
+            part record;
+            dropped integer := 0;
+        BEGIN
+            FOR part IN
+                SELECT c.relname FROM pg_inherits i
+                JOIN pg_class c ON c.oid = i.inhrelid
+                JOIN pg_class p ON p.oid = i.inhparent
+                WHERE p.relname = 'batch_metrics' AND c.relname ~ '^batch_metrics_[0-9]{8}$'
+                  AND to_date(right(c.relname, 8), 'YYYYMMDD') < cutoff
+            LOOP
+                EXECUTE format('DROP TABLE %I', part.relname);
+                dropped := dropped + 1;
+            END LOOP;
+            RETURN dropped;
+        END $$;
+        UPDATE batch_metrics SET captured_at = completed_at WHERE captured_at IS NULL;
+        ALTER TABLE batch_metrics RENAME TO batch_metrics_unpartitioned;
+        ALTER TABLE batch_metrics_partitioned RENAME TO batch_metrics;
+        SELECT aic_ensure_partition(d::date)
+            FROM (SELECT DISTINCT date_trunc('day', captured_at AT TIME ZONE 'UTC') AS d
+                  FROM batch_metrics_unpartitioned) days;
+        INSERT INTO batch_metrics SELECT *, captured_at FROM batch_metrics_unpartitioned;
+        DROP TABLE batch_metrics_unpartitioned;
+        CREATE INDEX batch_metrics_stream_time ON batch_metrics (stream_id, time);
+        CREATE INDEX batch_metrics_time ON batch_metrics USING brin (time);
+        """,
+    ),
+    (
+        4,
+        "rollups: per-minute and per-hour aggregates kept from dirty buckets; mode column; views",
+        # Continuous aggregates without TimescaleDB.  The writer marks the minute of every row it
+        # inserts as dirty, in the same transaction; aic_refresh_rollups() recomputes exactly those
+        # minutes and their hours from the raw rows (percentiles cannot be merged from minutes), so a
+        # late record refreshes its old bucket and a redelivered one changes nothing.  Buckets nobody
+        # touches are final.
+        """
+        ALTER TABLE batch_metrics ADD COLUMN mode text
+            CHECK (mode IN ('conservative', 'adaptive', 'aggressive', 'off'));
+        CREATE TABLE rollup_dirty (bucket timestamptz PRIMARY KEY);
+        CREATE TABLE batch_rollup_1m (
+            bucket            timestamptz NOT NULL,
+            stream_id         text NOT NULL,
+            worker_id         text NOT NULL,
+            codec             text NOT NULL,
+            mode              text NOT NULL,
+            batches           bigint NOT NULL,
+            ok                bigint NOT NULL,
+            rejected          bigint NOT NULL,
+            failed            bigint NOT NULL,
+            frames            bigint NOT NULL,
+            raw_bytes         bigint NOT NULL,
+            compressed_bytes  bigint NOT NULL,
+            kbps_mean         double precision,
+            psnr_y_mean       double precision,
+            psnr_y_min        double precision,
+            ms_ssim_mean      double precision,
+            ms_ssim_min       double precision,
+            latency_p50_ms    double precision,
+            latency_p95_ms    double precision,
+            latency_p99_ms    double precision,
+            fallback_quality  bigint NOT NULL,
+            fallback_size     bigint NOT NULL,
+            fallback_latency  bigint NOT NULL,
+            fallback_error    bigint NOT NULL,
+            sampled           bigint NOT NULL,
+            sampled_bytes     bigint NOT NULL,
+            baseline_bytes    bigint NOT NULL,
+            refreshed_at      timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (bucket, stream_id, worker_id, codec, mode)
+        );
+        CREATE TABLE batch_rollup_1h (LIKE batch_rollup_1m INCLUDING ALL);
+        CREATE INDEX batch_rollup_1m_stream ON batch_rollup_1m (stream_id, bucket);
+        CREATE INDEX batch_rollup_1h_stream ON batch_rollup_1h (stream_id, bucket);
+        CREATE FUNCTION aic_rollup(target regclass, unit text, buckets timestamptz[]) RETURNS void
+        LANGUAGE plpgsql AS $$
+        DECLARE
+            lo timestamptz := (SELECT min(b) FROM unnest(buckets) b);
+            hi timestamptz := (SELECT max(b) FROM unnest(buckets) b) + ('1 ' || unit)::interval;
+        BEGIN
+            EXECUTE format('DELETE FROM %s WHERE bucket = ANY($1)', target) USING buckets;
+            EXECUTE format($q$
+                INSERT INTO %s
+                SELECT date_trunc(%L, time), stream_id, worker_id, coalesce(codec, ''), coalesce(mode, 'adaptive'),
+                       count(*), count(*) FILTER (WHERE status = 'ok'), count(*) FILTER (WHERE status = 'rejected'),
+                   count(*) FILTER (WHERE status = 'failed'), coalesce(sum(frames), 0), coalesce(sum(raw_bytes), 0),
+                   coalesce(sum(compressed_bytes), 0), avg(kbps), avg(psnr_y), min(psnr_y), avg(ms_ssim), min(ms_ssim),
+                   percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms),
+                   percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms),
+                   percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms),
+                   count(*) FILTER (WHERE fallback_reason = 'quality'), count(*) FILTER (WHERE fallback_reason = 'size'),
+                   count(*) FILTER (WHERE fallback_reason = 'latency'), count(*) FILTER (WHERE fallback_reason = 'error'),
+                   count(baseline_bytes), coalesce(sum(compressed_bytes) FILTER (WHERE baseline_bytes IS NOT NULL), 0),
+                   coalesce(sum(baseline_bytes), 0), now()
+                FROM batch_metrics
+                WHERE time >= $1 AND time < $2 AND date_trunc(%L, time) = ANY($3)
+                GROUP BY 1, 2, 3, 4, 5
+            $q$, target, unit, unit) USING lo, hi, buckets;
+        END $$;
+        CREATE FUNCTION aic_refresh_rollups() RETURNS integer LANGUAGE plpgsql AS $$
+        DECLARE
+            minutes timestamptz[];
+            hours timestamptz[];
+        BEGIN
+            PERFORM pg_advisory_xact_lock(1634296578);  -- one refresher at a time
+            WITH d AS (DELETE FROM rollup_dirty RETURNING bucket) SELECT array_agg(bucket) INTO minutes FROM d;
+            IF minutes IS NULL THEN
+                RETURN 0;
+            END IF;
+            SELECT array_agg(DISTINCT date_trunc('hour', m)) INTO hours FROM unnest(minutes) m;
+            PERFORM aic_rollup('batch_rollup_1m', 'minute', minutes);
+            PERFORM aic_rollup('batch_rollup_1h', 'hour', hours);
+            RETURN cardinality(minutes);
+        END $$;
+
+        -- Common questions (docs/architecture.md#views).
+        CREATE VIEW v_bandwidth_saved AS
+            SELECT stream_id, codec, sum(sampled) AS sampled_batches, sum(sampled_bytes) AS delivered_bytes,
+                   sum(baseline_bytes) AS native_bytes,
+                   1 - sum(sampled_bytes)::double precision / nullif(sum(baseline_bytes), 0) AS saved_fraction,
+                   min(bucket) AS since, max(bucket) + interval '1 hour' AS until
+            FROM batch_rollup_1h WHERE sampled > 0 GROUP BY stream_id, codec;
+        CREATE VIEW v_fallback_rate AS
+            SELECT stream_id, sum(ok) AS ok_batches,
+                   sum(fallback_quality + fallback_size + fallback_latency + fallback_error) AS fallbacks,
+                   sum(fallback_quality + fallback_size + fallback_latency + fallback_error)::double precision
+                       / nullif(sum(ok), 0) AS fallback_rate,
+                   sum(fallback_quality) AS quality, sum(fallback_size) AS size,
+                   sum(fallback_latency) AS latency, sum(fallback_error) AS error
+            FROM batch_rollup_1h GROUP BY stream_id;
+        CREATE VIEW v_quality_distribution AS
+            SELECT codec, floor(psnr_y)::integer AS psnr_y_db, count(*) AS batches
+            FROM batch_metrics WHERE status = 'ok' AND psnr_y IS NOT NULL AND time > now() - interval '1 day'
+            GROUP BY 1, 2;
+        CREATE VIEW v_slowest_streams AS
+            SELECT stream_id, sum(batches) AS batches, max(latency_p95_ms) AS worst_minute_p95_ms,
+                   max(latency_p99_ms) AS worst_minute_p99_ms
+            FROM batch_rollup_1m WHERE bucket > now() - interval '1 hour'
+            GROUP BY stream_id ORDER BY worst_minute_p95_ms DESC NULLS LAST;
+        """,
+    ),
 ]
 
 
@@ -81,3 +249,23 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
             )
             applied_now.append(version)
     return applied_now
+
+
+async def maintain_partitions(conn: asyncpg.Connection, ahead_days: int, retention_days: int,
+                              today: date | None = None) -> tuple[int, int]:
+    """Create the day partitions from today to ``ahead_days`` ahead; drop those older than
+    ``retention_days`` (0 keeps everything).  Returns (created, dropped)."""
+    today = today or datetime.now(timezone.utc).date()
+    created = 0
+    for k in range(ahead_days + 1):
+        created += bool(await conn.fetchval("SELECT aic_ensure_partition($1)", today + timedelta(days=k)))
+    dropped = 0
+    if retention_days:
+        dropped = await conn.fetchval("SELECT aic_drop_partitions_before($1)", today - timedelta(days=retention_days))
+    return created, dropped
+
+
+async def refresh_rollups(conn: asyncpg.Connection) -> int:
+    """Recompute the dirty minute and hour buckets from the raw rows; returns minutes refreshed."""
+    async with conn.transaction():
+        return await conn.fetchval("SELECT aic_refresh_rollups()")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 
 import asyncpg
 from nats.aio.msg import Msg
@@ -24,7 +24,7 @@ from shared.bus import Bus, unsubscribe as _unsubscribe
 from shared.config import MetricsConfig
 from shared.logs import get_logger
 from shared.schemas import BatchMetrics, SchemaError, unpack_batch_metrics
-from services.metrics.migrations import migrate
+from services.metrics.migrations import maintain_partitions, migrate, refresh_rollups
 
 log = get_logger("metrics")
 
@@ -36,14 +36,19 @@ COLUMNS = (
     "batch_id", "stream_id", "batch_seq", "status", "reason", "worker_id", "codec", "codec_params",
     "frames", "width", "height", "raw_bytes", "compressed_bytes", "kbps", "psnr_y", "psnr_rgb",
     "ms_ssim", "ms_ssim_frames", "encode_ms", "quality_ms", "latency_ms", "attempts",
-    "captured_at", "completed_at", "level", "fallback_reason", "baseline_bytes", "extra",
+    "captured_at", "completed_at", "level", "fallback_reason", "baseline_bytes", "mode", "extra", "time",
 )  # fmt: skip
 _TS = {"captured_at", "completed_at"}
 _INSERT_SQL = (
     f"INSERT INTO batch_metrics ({', '.join(COLUMNS)}) "
     f"SELECT {', '.join(c + '::jsonb' if c == 'extra' else c for c in COLUMNS)} FROM batch_metrics_in "
-    "ON CONFLICT (batch_id) DO NOTHING"
+    "ON CONFLICT (batch_id, time) DO NOTHING"
 )
+# The minutes these rows fall in need their rollups recomputed (services/metrics/migrations.py, v4).
+_DIRTY_SQL = ("INSERT INTO rollup_dirty SELECT DISTINCT date_trunc('minute', time) FROM batch_metrics_in "
+              "ON CONFLICT DO NOTHING")
+MAINTENANCE_EVERY_S = 3600.0
+ROLLUP_EVERY_S = 5.0
 # An outage (retry and hold the records), as opposed to a record the database refuses.  Operator
 # intervention (57P01 admin shutdown, 57P03 cannot connect now, ...) is what a restart looks like.
 _CONNECTION_ERRORS = (
@@ -55,9 +60,14 @@ _CONNECTION_ERRORS = (
 
 
 def to_record(m: BatchMetrics) -> tuple:
+    """A row for COPY.  ``time``, the partition key, is the batch's capture time (the same on every
+    delivery of the batch, so a repeat lands on the same key), or its completion time if unknown."""
     out = []
     for c in COLUMNS:
-        v = getattr(m, c)
+        if c == "time":
+            v = datetime.fromtimestamp(m.captured_at if m.captured_at is not None else m.completed_at, timezone.utc)
+        else:
+            v = getattr(m, c)
         if c in _TS and v is not None:
             v = datetime.fromtimestamp(v, timezone.utc)
         elif c == "extra":
@@ -66,12 +76,16 @@ def to_record(m: BatchMetrics) -> tuple:
     return tuple(out)
 
 
+_TIME = COLUMNS.index("time")
+
+
 class RowStore:
     """One connection, the COPY fast path, reconnects on demand."""
 
     def __init__(self, url: str):
         self.url = url
         self.conn: asyncpg.Connection | None = None
+        self.partitions: set[date] = set()  # days known to have a partition
 
     async def connect(self) -> asyncpg.Connection:
         if self.conn is None or self.conn.is_closed():
@@ -87,10 +101,30 @@ class RowStore:
     async def write(self, records: list[tuple]) -> int:
         """Insert records idempotently; returns rows actually inserted."""
         conn = await self.connect()
-        async with conn.transaction():
-            await conn.copy_records_to_table("batch_metrics_in", records=records, columns=COLUMNS)
-            status = await conn.execute(_INSERT_SQL)
-        return int(status.rsplit(" ", 1)[-1])
+        for attempt in (0, 1):
+            days = {r[_TIME].date() for r in records} - self.partitions
+            for day in sorted(days):
+                await conn.fetchval("SELECT aic_ensure_partition($1)", day)
+            self.partitions |= days
+            try:
+                async with conn.transaction():
+                    await conn.copy_records_to_table("batch_metrics_in", records=records, columns=COLUMNS)
+                    status = await conn.execute(_INSERT_SQL)
+                    await conn.execute(_DIRTY_SQL)
+                return int(status.rsplit(" ", 1)[-1])
+            except asyncpg.CheckViolationError as exc:
+                # Another process dropped a partition we remembered (retention): forget and retry once.
+                if attempt or "no partition" not in str(exc):
+                    raise
+                self.partitions.clear()
+        raise AssertionError("unreachable")
+
+    async def maintain(self, ahead_days: int, retention_days: int) -> tuple[int, int]:
+        """Partitions ahead of time, and retention (see :func:`maintain_partitions`)."""
+        created, dropped = await maintain_partitions(await self.connect(), ahead_days, retention_days)
+        if dropped:
+            self.partitions.clear()
+        return created, dropped
 
     async def close(self) -> None:
         if self.conn is not None and not self.conn.is_closed():
@@ -109,8 +143,15 @@ class MetricsWriter:
         sub = await bus.pull(busmod.METRICS_STREAM, busmod.METRICS_CONSUMER)
         await self._connect_until_ready(stop)
         log.info("metrics_started")
+        next_upkeep = next_rollup = 0.0
         try:
             while not stop.is_set():
+                if time.monotonic() >= next_upkeep:
+                    next_upkeep = time.monotonic() + MAINTENANCE_EVERY_S
+                    await self._upkeep()
+                if time.monotonic() >= next_rollup:
+                    next_rollup = time.monotonic() + ROLLUP_EVERY_S
+                    await self._refresh_rollups()
                 try:
                     msgs = await sub.fetch(self.cfg.max_rows, timeout=self.cfg.flush_interval_s)
                 except asyncio.TimeoutError:
@@ -126,6 +167,23 @@ class MetricsWriter:
             await bus.close()
             log.info("metrics_stopped", inserted=self.inserted)
         return 0
+
+    async def _refresh_rollups(self) -> None:
+        try:
+            minutes = await refresh_rollups(await self.store.connect())
+            if minutes:
+                log.info("rollups_refreshed", minutes=minutes)
+        except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:  # the dirty marks stay: next time
+            self.store.conn = None if isinstance(exc, _CONNECTION_ERRORS) else self.store.conn
+            log.warning("rollup_refresh_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _upkeep(self) -> None:
+        try:
+            created, dropped = await self.store.maintain(self.cfg.partitions_ahead, self.cfg.retention_days)
+            log.info("partitions", created=created, dropped=dropped, retention_days=self.cfg.retention_days)
+        except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:  # retried at the next upkeep
+            DB_ERRORS.inc()
+            log.warning("partition_upkeep_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _connect_until_ready(self, stop: asyncio.Event) -> None:
         delay = 0.2

@@ -1,0 +1,144 @@
+"""Per-stream control: compression modes and the config record kept in a NATS KV bucket.
+
+Operators set a stream's mode (and optional overrides) with ``aic config set``
+or the HTTP API; every compressor watches the bucket and applies a change to
+the stream's next batch, without restart.  A stream with no record runs in the
+default mode, ``adaptive``.
+
+Modes (quality target for the learned path, and the rate levels it may use):
+
+==============  =====================  ======  ===============================================
+mode            target                 levels  meaning
+==============  =====================  ======  ===============================================
+conservative    PSNR-Y 38 dB           4..7    quality first: high levels, a high bar
+adaptive        PSNR-Y 34 dB           2..6    the default balance
+aggressive      PSNR-Y 30 dB           0..4    bandwidth first: low levels, a low bar
+off             (none)                 native  opt-out: native codec only, no neural inference
+==============  =====================  ======  ===============================================
+
+Within its range the level moves one step per batch: up after a batch that
+missed the target, down after one that beat it by more than
+``LEVEL_DOWN_MARGIN_DB``; a bandwidth budget caps it from above.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+
+from shared.schemas import MODES, STREAM_ID_RE
+
+KV_BUCKET = "aic_config"
+DEFAULT_MODE = "adaptive"
+LEVEL_DOWN_MARGIN_DB = 2.0
+
+
+@dataclass(frozen=True)
+class ModePreset:
+    target: float | None  # PSNR-Y dB; None: no learned path
+    level_min: int
+    level_max: int
+
+
+MODE_PRESETS = {
+    "conservative": ModePreset(38.0, 4, 7),
+    "adaptive": ModePreset(34.0, 2, 6),
+    "aggressive": ModePreset(30.0, 0, 4),
+    "off": ModePreset(None, 0, 7),
+}
+
+
+class ConfigError(ValueError):
+    """A stream config that does not validate (the message says which field and why)."""
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """What an operator sets for one stream; unset fields take the mode's preset."""
+
+    mode: str = DEFAULT_MODE
+    target: float | None = None  # PSNR-Y dB override
+    level_min: int | None = None
+    level_max: int | None = None
+    budget_kbps: float | None = None  # static bandwidth budget; receivers' estimates also apply
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {list(MODES)}, not {self.mode!r}")
+        if self.target is not None and not 10.0 <= self.target <= 100.0:
+            raise ConfigError("target is a PSNR-Y in dB, 10..100")
+        for name in ("level_min", "level_max"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= 7:
+                raise ConfigError(f"{name} must be 0..7")
+        if self.level_min is not None and self.level_max is not None and self.level_min > self.level_max:
+            raise ConfigError("level_min must not exceed level_max")
+        if self.budget_kbps is not None and not 1.0 <= self.budget_kbps <= 1e6:
+            raise ConfigError("budget_kbps must be 1..1e6")
+
+    @property
+    def effective(self) -> ModePreset:
+        """The mode's preset with this record's overrides applied."""
+        p = MODE_PRESETS[self.mode]
+        lo = p.level_min if self.level_min is None else self.level_min
+        hi = p.level_max if self.level_max is None else self.level_max
+        return ModePreset(p.target if self.target is None else self.target, min(lo, hi), max(lo, hi))
+
+    def to_json(self) -> bytes:
+        return json.dumps({k: v for k, v in asdict(self).items() if v is not None}, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "StreamConfig":
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            raise ConfigError("stream config is not JSON") from None
+        if not isinstance(obj, dict):
+            raise ConfigError("stream config must be a JSON object")
+        return cls.from_dict(obj)
+
+    @classmethod
+    def from_dict(cls, obj: dict) -> "StreamConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(obj) - known
+        if unknown:
+            raise ConfigError(f"unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        kw = {}
+        for k, v in obj.items():
+            if v is None or k == "mode":
+                kw[k] = v
+            elif k in ("level_min", "level_max"):
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise ConfigError(f"{k} must be an integer")
+                kw[k] = v
+            else:
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise ConfigError(f"{k} must be a number")
+                kw[k] = float(v)
+        return cls(**kw)
+
+    def updated(self, assignments: list[str]) -> "StreamConfig":
+        """This config with ``key=value`` assignments applied (``key=`` unsets an override)."""
+        changes: dict = {}
+        for a in assignments:
+            key, sep, value = a.partition("=")
+            if not sep:
+                raise ConfigError(f"expected key=value, got {a!r}")
+            if key not in {f.name for f in fields(self)}:
+                raise ConfigError(f"unknown key {key!r}; known: {[f.name for f in fields(self)]}")
+            if value == "":
+                changes[key] = DEFAULT_MODE if key == "mode" else None
+            elif key == "mode":
+                changes[key] = value
+            else:
+                try:
+                    changes[key] = int(value) if key.startswith("level") else float(value)
+                except ValueError:
+                    raise ConfigError(f"{key} must be a number, not {value!r}") from None
+        return replace(self, **changes)
+
+
+def check_stream_id(stream_id: str) -> str:
+    if not STREAM_ID_RE.match(stream_id):
+        raise ConfigError("stream id must match [A-Za-z0-9_-]{1,64}")
+    return stream_id
