@@ -24,7 +24,6 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import asyncpg
 import numpy as np
 from tqdm import tqdm
 

@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--level", type=int, default=4, help="its rate level (default %(default)s)")
     p.add_argument("--target", default="psnr_y:30", help="policy quality target (default %(default)s)")
     p.add_argument("--compare-every", type=int, default=1, help="sample 1 in N batches (default %(default)s: all)")
+    p.add_argument("--fallback", default="x264", help="native codec compared against (default %(default)s)")
     p.add_argument("--frames", type=int, default=64, help="frames per clip (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     a = p.parse_args(argv)
@@ -88,15 +89,17 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(c).exists():
             raise SystemExit(f"policy_e2e: {c}: no such file")
     args = ["--codec", a.codec, "--level", str(a.level), "--target", a.target,
-            "--compare-every", str(a.compare_every), "--quality-frames", "0"]
+            "--compare-every", str(a.compare_every), "--quality-frames", "0", "--fallback", a.fallback]
     with tempfile.TemporaryDirectory(prefix="aic-policy-") as tmp, Stack(Path(tmp), compressor_args=args) as stack:
         rows = asyncio.run(run_clips(stack, a.clips, a.frames))
     result = {"codec": a.codec, "level": a.level, "target": a.target, "compare_every": a.compare_every,
+              "fallback": a.fallback,
               "clips": {Path(c).name: summarize(r) for c, r in rows.items()}}
     if a.json:
         print(json.dumps(result, indent=1))
     else:
-        print(f"codec {a.codec} level {a.level}, target {a.target}, 1 in {a.compare_every} batches sampled")
+        print(f"codec {a.codec} level {a.level}, target {a.target}, native {a.fallback}, "
+              f"1 in {a.compare_every} batches sampled")
         for name, s in result["clips"].items():
             saved = 1 - s["delivered_bytes_sampled"] / max(1, s["baseline_bytes_sampled"])
             print(f"  {name}: {s['batches']} batches, codec {s['codec_used']}, fallbacks {s['fallbacks'] or 'none'}, "

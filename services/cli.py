@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("metrics", help="run the metrics service (JetStream → PostgreSQL)")
     _bus_args(p)
     p.add_argument("--database-url", help="PostgreSQL URL (default: $AIC_DATABASE_URL)")
+    p.add_argument("--http-port", type=int, default=env_int("AIC_HTTP_PORT", 8080),
+                   help="HTTP API port (/api/v1/aic/..., /docs, /openapi.json, /healthz, /readyz, /metrics); "
+                        "0 disables it (default %(default)s; env AIC_HTTP_PORT)")
+    p.add_argument("--http-host", default=env_str("AIC_HTTP_HOST", "127.0.0.1"),
+                   help="address the API listens on (default %(default)s; env AIC_HTTP_HOST)")
     _partition_args(p)
     _metrics_port(p)
 
@@ -163,13 +168,13 @@ def cmd_compressor(a: argparse.Namespace) -> int:
 
 
 def cmd_metrics(a: argparse.Namespace) -> int:
-    from services.metrics import MetricsWriter
+    from services.metrics.service import MetricsService
     from services.runtime import run_service
 
     cfg = MetricsConfig(bus=BusConfig.from_env(a.nats_url), database_url=MetricsConfig.database_url_from_env(a.database_url),
                         retention_days=a.retention_days, partitions_ahead=a.partitions_ahead)
     _serve_metrics(a.metrics_port)
-    return run_service(MetricsWriter(cfg).run)
+    return run_service(MetricsService(cfg, a.http_host, a.http_port).run)
 
 
 def cmd_ingest(a: argparse.Namespace) -> int:
@@ -221,6 +226,8 @@ def cmd_up(a: argparse.Namespace) -> int:
     with stack:
         print(f"NATS        {stack.nats_url}", flush=True)
         print(f"PostgreSQL  {stack.database_url}", flush=True)
+        if stack.http_port:
+            print(f"API         http://127.0.0.1:{stack.http_port}/docs", flush=True)
         print(f"data        {stack.data_dir}   logs: {stack.data_dir / 'logs'}", flush=True)
         print("services    " + ", ".join(s.name for s in stack.services) + "   (Ctrl-C stops everything)", flush=True)
         while not stopping:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.config import env_str
-from shared.embedded import NatsServer, PostgresServer
+from shared.embedded import free_port, NatsServer, PostgresServer
 from shared.logs import get_logger
 
 log = get_logger("stack")
@@ -61,6 +61,7 @@ class Stack:
     nats_url: str | None = None
     database_url: str | None = None
     with_metrics: bool = True
+    http_port: int | None = None  # the metrics service's API; None: a free port
     nats: NatsServer | None = None
     postgres: PostgresServer | None = None
     services: list[ServiceProcess] = field(default_factory=list)
@@ -90,8 +91,10 @@ class Stack:
                     )
                 )
             if self.with_metrics:
+                self.http_port = self.http_port or free_port()
                 self.services.append(
-                    ServiceProcess("metrics", [sys.executable, "-m", "services.metrics"], env, logs / "metrics.log")
+                    ServiceProcess("metrics", [sys.executable, "-m", "services.metrics", "--http-port",
+                                               str(self.http_port)], env, logs / "metrics.log")
                 )
             for s in self.services:
                 s.start()

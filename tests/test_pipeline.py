@@ -225,19 +225,28 @@ async def test_postgres_down_for_20s_loses_no_rows(bus, bus_cfg, tmp_path):
 
 
 async def test_the_neural_codec_runs_in_the_pipeline_and_rows_report_its_payloads(
-    bus, bus_cfg, postgres, tiny_model
+    bus, bus_cfg, nats_server, postgres, tiny_model, tiny_models_dir
 ):
     from shared.codecs import decode_payload
     from shared.quality import measure_batch
 
     sid = unique("neural")
     source = "lavfi:testsrc2=size=128x96:rate=30"
+    # The worker runs as its own process, as in production (torch only ever in that process).
     # Target 0 and no size comparison: the (untrained, poor) tiny model's payloads go out as they are.
-    policy = PolicyConfig(target=0.0, compare_every=0)
-    async with running(compressor(bus_cfg, codec="neural", model=tiny_model, level=6, quality_frames=-1, policy=policy),
-                       metrics_writer(bus_cfg, postgres.url)):
-        await ingest(bus, source, sid, 4, 8, progress=False)
-        rows = await wait_rows(postgres.url, [sid], 2)
+    env = {**os.environ, "AIC_NATS_URL": nats_server.url, "AIC_MODELS_DIR": str(tiny_models_dir)}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "services.compressor", "--codec", "neural", "--model", tiny_model, "--level", "6",
+         "--quality-frames", "-1", "--target", "psnr_y:0", "--compare-every", "0"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with running(metrics_writer(bus_cfg, postgres.url)):
+            await ingest(bus, source, sid, 4, 8, progress=False)
+            rows = await wait_rows(postgres.url, [sid], 2)
+    finally:
+        worker.terminate()
+        worker.wait(30)
     payloads = {}
     sub = await bus.js.subscribe(busmod.compressed_subject(sid), ordered_consumer=True)
     while len(payloads) < 2:

@@ -201,25 +201,25 @@ MIGRATIONS: list[tuple[int, str, str]] = [
 
         -- Common questions (docs/architecture.md#views).
         CREATE VIEW v_bandwidth_saved AS
-            SELECT stream_id, codec, sum(sampled) AS sampled_batches, sum(sampled_bytes) AS delivered_bytes,
-                   sum(baseline_bytes) AS native_bytes,
+            SELECT stream_id, codec, sum(sampled)::bigint AS sampled_batches,
+                   sum(sampled_bytes)::bigint AS delivered_bytes, sum(baseline_bytes)::bigint AS native_bytes,
                    1 - sum(sampled_bytes)::double precision / nullif(sum(baseline_bytes), 0) AS saved_fraction,
                    min(bucket) AS since, max(bucket) + interval '1 hour' AS until
             FROM batch_rollup_1h WHERE sampled > 0 GROUP BY stream_id, codec;
         CREATE VIEW v_fallback_rate AS
-            SELECT stream_id, sum(ok) AS ok_batches,
-                   sum(fallback_quality + fallback_size + fallback_latency + fallback_error) AS fallbacks,
+            SELECT stream_id, sum(ok)::bigint AS ok_batches,
+                   sum(fallback_quality + fallback_size + fallback_latency + fallback_error)::bigint AS fallbacks,
                    sum(fallback_quality + fallback_size + fallback_latency + fallback_error)::double precision
                        / nullif(sum(ok), 0) AS fallback_rate,
-                   sum(fallback_quality) AS quality, sum(fallback_size) AS size,
-                   sum(fallback_latency) AS latency, sum(fallback_error) AS error
+                   sum(fallback_quality)::bigint AS quality, sum(fallback_size)::bigint AS size,
+                   sum(fallback_latency)::bigint AS latency, sum(fallback_error)::bigint AS error
             FROM batch_rollup_1h GROUP BY stream_id;
         CREATE VIEW v_quality_distribution AS
             SELECT codec, floor(psnr_y)::integer AS psnr_y_db, count(*) AS batches
             FROM batch_metrics WHERE status = 'ok' AND psnr_y IS NOT NULL AND time > now() - interval '1 day'
             GROUP BY 1, 2;
         CREATE VIEW v_slowest_streams AS
-            SELECT stream_id, sum(batches) AS batches, max(latency_p95_ms) AS worst_minute_p95_ms,
+            SELECT stream_id, sum(batches)::bigint AS batches, max(latency_p95_ms) AS worst_minute_p95_ms,
                    max(latency_p99_ms) AS worst_minute_p99_ms
             FROM batch_rollup_1m WHERE bucket > now() - interval '1 hour'
             GROUP BY stream_id ORDER BY worst_minute_p95_ms DESC NULLS LAST;

@@ -1,0 +1,241 @@
+"""The HTTP API of the metrics service (FastAPI; the OpenAPI document is served at /openapi.json).
+
+Reads come from PostgreSQL (rollups where they suffice), per-stream config
+from the same NATS KV bucket that ``aic config`` and the workers use.  Every
+error is JSON ``{"error": ..., "detail": ...}`` with its status: 400 for a
+config that does not validate, 404 for an unknown stream config, 422 for
+malformed parameters, 503 when the database or NATS is unreachable.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime, timedelta, timezone
+from typing import Literal
+
+import asyncpg
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+
+from services.metrics.queries import performance_summary
+from shared.control import ConfigError, StreamConfig
+from shared.schemas import MODES
+
+API = "/api/v1/aic"
+MAX_PAGE = 1000
+STREAM_ID = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class Unavailable(Exception):
+    """A backing server (PostgreSQL, NATS) is unreachable."""
+
+
+class ConfigBody(BaseModel):
+    stream_id: str = Field(pattern=STREAM_ID)
+    mode: Literal[MODES] = "adaptive"  # type: ignore[valid-type]
+    target: float | None = Field(None, ge=10, le=100, description="PSNR-Y dB for the learned path")
+    level_min: int | None = Field(None, ge=0, le=7)
+    level_max: int | None = Field(None, ge=0, le=7)
+    budget_kbps: float | None = Field(None, ge=1, le=1e6)
+
+
+class ConfigOut(BaseModel):
+    stream_id: str
+    config: dict
+    effective: dict
+
+
+class MetricsPage(BaseModel):
+    items: list[dict]
+    next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page; null on the last")
+
+
+EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(2200, 1, 1, tzinfo=timezone.utc)
+
+
+class BadRequest(Exception):
+    """A parameter that parses but makes no sense (422)."""
+
+
+def _utc(t: datetime | None, default: datetime) -> datetime:
+    """A query time as an aware UTC datetime (naive means UTC), within 1970..2200."""
+    if t is None:
+        return default
+    try:
+        t = t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+    except (OverflowError, ValueError):
+        raise BadRequest("time out of range") from None
+    if not EARLIEST <= t <= LATEST:
+        raise BadRequest("times must lie between 1970 and 2200")
+    return t
+
+
+def _read_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        t, batch_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        if not isinstance(t, str) or not isinstance(batch_id, str) or "\x00" in batch_id:
+            raise ValueError
+        return _utc(datetime.fromisoformat(t), EARLIEST), batch_id
+    except (ValueError, TypeError, BadRequest):
+        raise BadRequest("cursor is not one this API gave") from None
+
+
+def _json_row(r: asyncpg.Record) -> dict:
+    out = {}
+    for k, v in r.items():
+        out[k] = v.isoformat() if isinstance(v, datetime) else (json.loads(v) if k == "extra" and isinstance(v, str) else v)
+    return out
+
+
+def _config_out(stream_id: str, cfg: StreamConfig) -> ConfigOut:
+    eff = cfg.effective
+    return ConfigOut(stream_id=stream_id, config=json.loads(cfg.to_json()),
+                     effective={"mode": cfg.mode, "target_psnr_y": eff.target, "level_min": eff.level_min,
+                                "level_max": eff.level_max, "budget_kbps": cfg.budget_kbps})
+
+
+def create_app(pool_getter, kv_getter) -> FastAPI:
+    """The app.  ``pool_getter()`` returns an asyncpg pool, ``kv_getter()`` the config KV (both awaitable)."""
+    app = FastAPI(title="aic metrics and control API", version="1",
+                  description="Per-batch metrics, rollup summaries, bandwidth statistics and live per-stream "
+                              "compression config of an aic pipeline.")
+
+    @app.exception_handler(Unavailable)
+    async def _unavailable(_: Request, exc: Unavailable):
+        return JSONResponse({"error": "unavailable", "detail": str(exc)}, status_code=503)
+
+    @app.exception_handler(BadRequest)
+    async def _bad_request(_: Request, exc: BadRequest):
+        return JSONResponse({"error": "invalid_request", "detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(ConfigError)
+    async def _bad_config(_: Request, exc: ConfigError):
+        return JSONResponse({"error": "invalid_config", "detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError):
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]
+        return JSONResponse({"error": "invalid_request", "detail": detail}, status_code=422)
+
+    async def pool() -> asyncpg.Pool:
+        try:
+            return await pool_getter()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise Unavailable(f"database: {exc}") from None
+
+    async def fetch(sql: str, *args) -> list[asyncpg.Record]:
+        try:
+            return await (await pool()).fetch(sql, *args)
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            raise Unavailable(f"database: {exc}") from None
+
+    async def kv():
+        try:
+            return await kv_getter()
+        except Exception as exc:  # nats errors of every kind mean the same to a client
+            raise Unavailable(f"nats: {exc}") from None
+
+    @app.get("/healthz", tags=["ops"], summary="The process is alive")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"], summary="The database and NATS are reachable",
+             responses={503: {"description": "a backing server is unreachable"}})
+    async def readyz() -> dict:
+        await fetch("SELECT 1")
+        await kv()
+        return {"status": "ready"}
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get(f"{API}/config", tags=["config"], response_model=list[ConfigOut],
+             summary="Per-stream configs (all, or one stream)", responses={404: {"description": "no such stream config"}})
+    async def get_config(stream_id: str | None = Query(None, pattern=STREAM_ID)):
+        from nats.js.errors import KeyNotFoundError, NoKeysError
+
+        bucket = await kv()
+        try:
+            keys = [stream_id] if stream_id else sorted(await bucket.keys())
+        except NoKeysError:
+            keys = []
+        out = []
+        for key in keys:
+            try:
+                entry = await bucket.get(key)
+            except KeyNotFoundError:
+                if stream_id:
+                    return JSONResponse({"error": "not_found", "detail": f"no config for stream {stream_id}"}, 404)
+                continue
+            out.append(_config_out(key, StreamConfig.from_json(entry.value)))
+        return out
+
+    @app.post(f"{API}/config", tags=["config"], response_model=ConfigOut,
+              summary="Set a stream's config (applied by every worker to its next batch)",
+              responses={400: {"description": "the config does not validate"}})
+    async def post_config(body: ConfigBody):
+        fields = body.model_dump(exclude={"stream_id"})
+        cfg = StreamConfig.from_dict({k: v for k, v in fields.items() if v is not None})
+        await (await kv()).put(body.stream_id, cfg.to_json())
+        return _config_out(body.stream_id, cfg)
+
+    @app.get(f"{API}/metrics", tags=["metrics"], response_model=MetricsPage,
+             summary="Per-batch rows, newest first, filtered and paginated")
+    async def get_metrics(
+        stream_id: str | None = Query(None, pattern=STREAM_ID),
+        codec: str | None = Query(None, pattern=r"^[A-Za-z0-9_-]{1,32}$"),
+        since: datetime | None = Query(None, description="event time, inclusive (default: 1 hour ago)"),
+        until: datetime | None = Query(None, description="event time, exclusive (default: now)"),
+        limit: int = Query(100, ge=1, le=MAX_PAGE),
+        cursor: str | None = Query(None, max_length=200, description="next_cursor of the previous page"),
+    ):
+        now = datetime.now(timezone.utc)
+        lo, hi = _utc(since, now - timedelta(hours=1)), _utc(until, now)
+        after_time, after_id = hi, ""  # (time, batch_id) < (hi, '') is exactly time < hi
+        if cursor:
+            after_time, after_id = _read_cursor(cursor)
+        if lo >= hi:
+            raise BadRequest("since must be before until")
+        rows = await fetch(
+            """SELECT * FROM batch_metrics
+               WHERE time >= $1 AND time < $2 AND ($3::text IS NULL OR stream_id = $3)
+                 AND ($4::text IS NULL OR codec = $4) AND (time, batch_id) < ($5, $6)
+               ORDER BY time DESC, batch_id DESC LIMIT $7""",
+            lo, hi, stream_id, codec, after_time, after_id, limit + 1,
+        )
+        items = [_json_row(r) for r in rows[:limit]]
+        nxt = None
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            nxt = base64.urlsafe_b64encode(json.dumps([last["time"].isoformat(), last["batch_id"]]).encode()).decode()
+        return MetricsPage(items=items, next_cursor=nxt)
+
+    @app.get(f"{API}/performance/summary", tags=["metrics"],
+             summary="Per codec and mode: batches, bytes, kbps, quality, latency, fallbacks (hourly rollups)")
+    async def summary(
+        stream_id: str | None = Query(None, pattern=STREAM_ID),
+        since: datetime | None = Query(None, description="default: 24 hours ago"),
+        until: datetime | None = Query(None, description="default: now"),
+    ) -> list[dict]:
+        now = datetime.now(timezone.utc)
+        lo, hi = _utc(since, now - timedelta(hours=24)), _utc(until, now)
+        if lo >= hi:
+            raise BadRequest("since must be before until")
+        try:
+            return await performance_summary(await pool(), lo, hi, stream_id)
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            raise Unavailable(f"database: {exc}") from None
+
+    @app.get(f"{API}/stats/bandwidth", tags=["metrics"],
+             summary="Bandwidth saved against native, from measured baselines only (sampled batches)")
+    async def bandwidth(stream_id: str | None = Query(None, pattern=STREAM_ID)) -> list[dict]:
+        rows = await fetch("SELECT * FROM v_bandwidth_saved WHERE ($1::text IS NULL OR stream_id = $1) "
+                           "ORDER BY stream_id, codec", stream_id)
+        return [_json_row(r) for r in rows]
+
+    return app

@@ -1,0 +1,60 @@
+"""The metrics service process: the writer and the HTTP API side by side on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+from services.metrics.writer import MetricsWriter
+from shared.bus import Bus
+from shared.config import MetricsConfig
+from shared.logs import get_logger
+
+log = get_logger("metrics")
+
+
+class MetricsService:
+    """``run(stop)``: the writer until ``stop``, and the API on ``http_port`` (0: no API)."""
+
+    def __init__(self, cfg: MetricsConfig, http_host: str = "127.0.0.1", http_port: int = 0):
+        self.cfg, self.http_host, self.http_port = cfg, http_host, http_port
+        self.writer = MetricsWriter(cfg)
+        self._pool: asyncpg.Pool | None = None
+        self._bus: Bus | None = None
+        self.server = None  # uvicorn.Server once started
+
+    async def pool(self) -> asyncpg.Pool:
+        # Created on first use and kept; a database that is down makes requests 503 until it is back.
+        if self._pool is None:
+            self._pool = await asyncpg.create_pool(self.cfg.database_url, min_size=1, max_size=4, timeout=5)
+        return self._pool
+
+    async def kv(self):
+        if self._bus is None:
+            self._bus = await Bus.connect(self.cfg.bus, name="aic-metrics-api")
+        return await self._bus.config_kv()
+
+    async def run(self, stop: asyncio.Event) -> int:
+        api = None
+        if self.http_port:
+            import uvicorn
+
+            from services.metrics.api import create_app
+
+            config = uvicorn.Config(create_app(self.pool, self.kv), host=self.http_host, port=self.http_port,
+                                    log_level="warning", lifespan="off", access_log=False)
+            self.server = uvicorn.Server(config)
+            self.server.install_signal_handlers = lambda: None  # run_service owns the signals
+            api = asyncio.create_task(self.server.serve())
+            log.info("api_started", url=f"http://{self.http_host}:{self.http_port}", docs="/docs")
+        try:
+            return await self.writer.run(stop)
+        finally:
+            if api is not None:
+                self.server.should_exit = True
+                await asyncio.gather(api, return_exceptions=True)
+            if self._pool is not None:
+                await self._pool.close()
+            if self._bus is not None:
+                await self._bus.close()

@@ -1,0 +1,107 @@
+"""The metrics service's HTTP API: behaviour, errors as JSON, and no 500 for any input its OpenAPI spec admits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from services.metrics.migrations import refresh_rollups
+from services.metrics.writer import RowStore, to_record
+from shared.embedded import free_port
+from shared.schemas import BatchMetrics
+from tests.conftest import unique
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def api(nats_server, postgres):
+    """``aic metrics`` as a user runs it, with its API on a free port; yields the base URL."""
+    port = free_port()
+    env = {**os.environ, "AIC_NATS_URL": nats_server.url, "AIC_DATABASE_URL": postgres.url}
+    proc = subprocess.Popen([sys.executable, "-m", "services.metrics", "--http-port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "metrics service did not get ready"
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+async def seed(url: str, sid: str, n: int) -> None:
+    store = RowStore(url)
+    now = time.time()
+    try:
+        await store.write([to_record(BatchMetrics(
+            f"{sid}:{i}", sid, "ok", "w1", now - 60 + i, batch_seq=i, captured_at=now - 61 + i, codec="hybrid",
+            frames=8, compressed_bytes=1000 + i, kbps=100.0, psnr_y=38.0, latency_ms=50.0 + i, mode="adaptive",
+            baseline_bytes=2000 if i % 5 == 0 else None)) for i in range(n)])
+        await refresh_rollups(store.conn)
+    finally:
+        await store.close()
+
+
+async def test_config_round_trips_through_the_kv_the_workers_watch(api, bus):
+    sid = unique("cfg")
+    async with httpx.AsyncClient(base_url=api) as c:
+        r = await c.post("/api/v1/aic/config", json={"stream_id": sid, "mode": "aggressive", "level_max": 3})
+        assert r.status_code == 200, r.text
+        assert r.json()["effective"] == {"mode": "aggressive", "target_psnr_y": 30.0, "level_min": 0, "level_max": 3,
+                                         "budget_kbps": None}
+        got = (await c.get("/api/v1/aic/config", params={"stream_id": sid})).json()
+        assert got[0]["config"] == {"mode": "aggressive", "level_max": 3}
+        bad = await c.post("/api/v1/aic/config", json={"stream_id": sid, "level_min": 5, "level_max": 2})
+        assert bad.status_code == 400 and bad.json()["error"] == "invalid_config"
+        assert (await c.post("/api/v1/aic/config", json={"stream_id": "a b"})).status_code == 422
+        missing = await c.get("/api/v1/aic/config", params={"stream_id": unique("none")})
+        assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+    entry = await (await bus.config_kv()).get(sid)
+    assert b"aggressive" in entry.value  # the same record `aic config get` and the workers read
+
+
+async def test_metrics_are_filtered_and_paginated_without_gaps_or_repeats(api, postgres):
+    sid = unique("page")
+    await seed(postgres.url, sid, 25)
+    seen, cursor = [], None
+    async with httpx.AsyncClient(base_url=api) as c:
+        while True:
+            params = {"stream_id": sid, "limit": 10, **({"cursor": cursor} if cursor else {})}
+            page = (await c.get("/api/v1/aic/metrics", params=params)).json()
+            seen += [item["batch_seq"] for item in page["items"]]
+            cursor = page["next_cursor"]
+            if not cursor:
+                break
+        assert seen == list(range(24, -1, -1))  # newest first, each once
+        assert (await c.get("/api/v1/aic/metrics", params={"stream_id": sid, "codec": "x264"})).json()["items"] == []
+        assert (await c.get("/api/v1/aic/metrics", params={"cursor": "garbage"})).status_code == 422
+        summary = (await c.get("/api/v1/aic/performance/summary", params={"stream_id": sid})).json()
+        assert summary[0]["batches"] == 25 and summary[0]["codec"] == "hybrid"
+        bw = (await c.get("/api/v1/aic/stats/bandwidth", params={"stream_id": sid})).json()
+        assert bw[0]["sampled_batches"] == 5 and bw[0]["native_bytes"] == 10_000
+        assert bw[0]["saved_fraction"] == pytest.approx(1 - sum(1000 + i for i in range(0, 25, 5)) / 10_000)
+        assert "aic_metrics_rows_total" in (await c.get("/metrics")).text
+        assert (await c.get("/healthz")).json() == {"status": "ok"}
+
+
+def test_no_input_the_openapi_spec_admits_makes_a_server_error(api):
+    r = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "run", f"{api}/openapi.json", "--checks", "not_a_server_error",
+         "--max-examples", "40", "--seed", "1", "--no-color", "--request-timeout", "10"],
+        capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
