@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import msgpack
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from shared import bus as busmod
 from shared.bus import Bus, ClaimError
@@ -44,6 +44,12 @@ log = get_logger("compressor")
 BATCHES = Counter("aic_compressor_batches_total", "Batches handled", ["status"])
 FALLBACKS = Counter("aic_compressor_fallbacks_total", "Batches sent natively instead of neurally", ["reason"])
 BATCH_SECONDS = Histogram("aic_compressor_batch_seconds", "Wall time per batch, fetch to ack")
+ENCODE_SECONDS = Histogram("aic_compressor_encode_seconds", "Coding time per batch (policy included)", ["codec"],
+                           buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32))
+PSNR_Y = Histogram("aic_compressor_psnr_y_db", "PSNR-Y of delivered batches", ["codec"],
+                   buckets=(20, 25, 28, 30, 32, 34, 36, 38, 40, 45, 50, 100))
+PENDING = Gauge("aic_consumer_pending", "Frame batches waiting or in flight on the shared compressor consumer")
+PENDING_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,7 @@ class Compressor:
         sub = await self.bus.pull(busmod.FRAMES_STREAM, busmod.COMPRESSOR_CONSUMER)
         watcher = asyncio.create_task(self.watch_exhausted(stop))
         control = asyncio.create_task(self.controls.watch(self.bus, stop))
+        lag = asyncio.create_task(self.watch_pending(stop))
         await asyncio.wait([asyncio.ensure_future(self.controls.ready.wait()), control], timeout=5.0,
                            return_when=asyncio.FIRST_COMPLETED)
         log.info("compressor_started", worker_id=self.cfg.worker_id, codec=self.codec.name, **self.codec.params)
@@ -169,7 +176,7 @@ class Compressor:
         finally:
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
-            await asyncio.gather(watcher, control, return_exceptions=True)
+            await asyncio.gather(watcher, control, lag, return_exceptions=True)
             self.pool.shutdown(wait=True)
             await _unsubscribe(sub)
             await self.bus.close()
@@ -225,6 +232,8 @@ class Compressor:
         await msg.ack_sync(timeout=10)
         await self.bus.release(msg)
         BATCHES.labels("ok").inc()
+        ENCODE_SECONDS.labels(row.codec).observe(row.encode_ms / 1000)
+        PSNR_Y.labels(row.codec).observe(row.psnr_y)
         if row.fallback_reason:
             FALLBACKS.labels(row.fallback_reason).inc()
         log.info(
@@ -251,6 +260,19 @@ class Compressor:
         await self._report_failure(msg, msg.metadata.sequence.stream, status, reason, attempts)
         await msg.term()
         await self.bus.release(msg)
+
+    async def watch_pending(self, stop: asyncio.Event) -> None:
+        """Export the shared consumer's backlog (for the consumer-lag alert)."""
+        while not stop.is_set():
+            try:
+                info = await self.bus.js.consumer_info(busmod.FRAMES_STREAM, busmod.COMPRESSOR_CONSUMER)
+                PENDING.set(info.num_pending + info.num_ack_pending)
+            except Exception as exc:  # the alert goes stale rather than the worker failing
+                log.debug("pending_unknown", error=str(exc))
+            try:
+                await asyncio.wait_for(stop.wait(), PENDING_EVERY_S)
+            except asyncio.TimeoutError:
+                pass
 
     async def watch_exhausted(self, stop: asyncio.Event) -> None:
         """Turn JetStream's max-deliveries advisories into failed rows.
