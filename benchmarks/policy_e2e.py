@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fallback", default="x264", help="native codec compared against (default %(default)s)")
     p.add_argument("--frames", type=int, default=64, help="frames per clip (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--report", type=Path, help="also write `aic report --html` of the run here")
     a = p.parse_args(argv)
     for c in a.clips:
         if not Path(c).exists():
@@ -92,6 +93,19 @@ def main(argv: list[str] | None = None) -> int:
             "--compare-every", str(a.compare_every), "--quality-frames", "0", "--fallback", a.fallback]
     with tempfile.TemporaryDirectory(prefix="aic-policy-") as tmp, Stack(Path(tmp), compressor_args=args) as stack:
         rows = asyncio.run(run_clips(stack, a.clips, a.frames))
+        if a.report:
+            from services.metrics.migrations import refresh_rollups
+            from services.report import run as report
+
+            async def refresh():
+                conn = await asyncpg.connect(stack.database_url)
+                try:
+                    await refresh_rollups(conn)
+                finally:
+                    await conn.close()
+
+            asyncio.run(refresh())
+            report(stack.database_url, "1h", None, a.report)
     result = {"codec": a.codec, "level": a.level, "target": a.target, "compare_every": a.compare_every,
               "fallback": a.fallback,
               "clips": {Path(c).name: summarize(r) for c, r in rows.items()}}

@@ -11,6 +11,7 @@ import asyncio
 import signal
 import sys
 import time
+from pathlib import Path
 
 from shared.config import BusConfig, CompressorConfig, MetricsConfig, PolicyConfig, data_dir, env_int, env_str
 
@@ -126,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = csub.add_parser("delete", help="forget a stream's config (it runs on the workers' flags again)")
     c.add_argument("stream_id")
     _bus_args(c)
+
+    p = sub.add_parser("report", help="what the pipeline did: terminal tables, and an HTML page with plots")
+    p.add_argument("--since", default="1h", help="period to report, e.g. 30m, 1h, 2d (default %(default)s)")
+    p.add_argument("--stream", help="only this stream")
+    p.add_argument("--html", type=Path, help="also write a self-contained HTML report with plots here")
+    p.add_argument("--database-url", help="PostgreSQL URL (default: $AIC_DATABASE_URL)")
 
     p = sub.add_parser("db", help="database administration")
     dsub = p.add_subparsers(dest="db_command", required=True)
@@ -326,6 +333,16 @@ def cmd_config(a: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
+def cmd_report(a: argparse.Namespace) -> int:
+    from services.report import run
+
+    try:
+        return run(MetricsConfig.database_url_from_env(a.database_url), a.since, a.stream, a.html)
+    except ValueError as exc:
+        print(f"aic report: {exc}", file=sys.stderr)
+        return 2
+
+
 def cmd_db(a: argparse.Namespace) -> int:
     import asyncpg
 
@@ -354,6 +371,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "db": cmd_db,
     "config": cmd_config,
+    "report": cmd_report,
 }
 PASSTHROUGH = {"train": cmd_train, "bench": cmd_bench}
 

@@ -49,7 +49,7 @@ async def seed(url: str, sid: str, n: int) -> None:
     try:
         await store.write([to_record(BatchMetrics(
             f"{sid}:{i}", sid, "ok", "w1", now - 60 + i, batch_seq=i, captured_at=now - 61 + i, codec="hybrid",
-            frames=8, compressed_bytes=1000 + i, kbps=100.0, psnr_y=38.0, latency_ms=50.0 + i, mode="adaptive",
+            frames=8, width=320, height=240, compressed_bytes=1000 + i, kbps=100.0, psnr_y=38.0, latency_ms=50.0 + i, mode="adaptive",
             baseline_bytes=2000 if i % 5 == 0 else None)) for i in range(n)])
         await refresh_rollups(store.conn)
     finally:

@@ -22,7 +22,7 @@ def aic(*args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, **kw)
 
 
-@pytest.mark.parametrize("command", ["up", "ingest", "compressor", "metrics", "decode", "demo", "db", "config"])
+@pytest.mark.parametrize("command", ["up", "ingest", "compressor", "metrics", "decode", "demo", "db", "config", "report"])
 def test_every_command_explains_itself(command):
     r = aic(command, "--help", timeout=60)
     assert r.returncode == 0
