@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from shared.schemas import MODES, STREAM_ID_RE
 
 KV_BUCKET = "aic_config"
+#: Receivers and gateways publish bandwidth estimates on ``aic.control.<stream_id>`` as JSON {"kbps": N}.
+CONTROL_PREFIX = "aic.control"
 DEFAULT_MODE = "adaptive"
 LEVEL_DOWN_MARGIN_DB = 2.0
 

@@ -293,6 +293,7 @@ class BatchMetrics:
     fallback_reason: str | None = None  # why native went out instead of neural: quality | size | latency | error
     baseline_bytes: int | None = None  # native payload at matched quality, on sampled batches
     mode: str | None = None  # the stream's compression mode when the batch was coded
+    budget_kbps: float | None = None  # the stream's bandwidth budget when the batch was coded
     extra: dict = field(default_factory=dict)
 
     def pack(self) -> bytes:
@@ -308,7 +309,8 @@ _METRIC_INTS = (
 FALLBACK_REASONS = ("quality", "size", "latency", "error")
 #: Per-stream compression modes (see docs/architecture.md).
 MODES = ("conservative", "adaptive", "aggressive", "off")
-_METRIC_FLOATS = ("kbps", "psnr_y", "psnr_rgb", "ms_ssim", "encode_ms", "quality_ms", "latency_ms", "captured_at")
+_METRIC_FLOATS = ("kbps", "psnr_y", "psnr_rgb", "ms_ssim", "encode_ms", "quality_ms", "latency_ms", "captured_at",
+                  "budget_kbps")
 _METRIC_STRS = ("reason", "codec", "codec_params")
 
 

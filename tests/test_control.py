@@ -80,3 +80,20 @@ async def test_a_mode_change_applies_to_the_next_batches_without_restart(bus, bu
     assert all(by_seq[i]["codec"] == "x264" and by_seq[i]["mode"] == "off" for i in range(4, 6))
     assert all(by_seq[i]["codec"] == "hybrid" and by_seq[i]["mode"] == "aggressive" for i in range(7, 8))
     assert all(0 <= by_seq[i]["level"] <= 4 for i in range(7, 8))
+
+
+def test_the_tighter_of_the_configured_budget_and_a_fresh_estimate_applies(monkeypatch):
+    from services.compressor import controls as ctl
+
+    c = ctl.StreamControls()
+    assert c.decide("cam") is None
+    c.estimate("cam", b'{"kbps": 300}')
+    assert c.decide("cam").budget_kbps == 300 and c.decide("cam").mode is None
+    c.apply("cam", StreamConfig(budget_kbps=200).to_json())
+    assert c.decide("cam").budget_kbps == 200
+    c.estimate("cam", b'{"kbps": "lots"}')  # ignored, logged
+    c.estimate("cam", b'{"kbps": 150}')
+    assert c.decide("cam").budget_kbps == 150
+    now = ctl.time.monotonic()
+    monkeypatch.setattr(ctl.time, "monotonic", lambda: now + ctl.BUDGET_FRESH_S + 1)
+    assert c.decide("cam").budget_kbps == 200  # the estimate went stale

@@ -150,3 +150,43 @@ def test_the_hybrid_codec_goes_out_when_native_needs_more_bytes_for_its_quality(
     assert (r.codec, r.level, r.fallback_reason) == ("hybrid", 3, None)
     assert "model=tiny-restore" in r.codec_params and "base=x264-psnr" in r.codec_params
     assert r.baseline_bytes > r.compressed_bytes == len(out.compressed.payload)
+
+
+def test_a_budget_caps_every_batch_natively_at_the_best_crf_that_fits(batch):
+    from services.compressor.controls import Decision
+
+    limit_kbps = 150.0
+    limit = int(limit_kbps * 1000 / 8 * batch.frame_count / batch.fps)
+    policy = Policy(None, NativeCodec("x264"), PolicyConfig(), level=7)
+    out = process_batch(batch.pack(), policy, CFG, controls=_Fixed(Decision(None, None, None, limit_kbps)))
+    r = out.metrics
+    assert len(out.compressed.payload) <= limit and r.budget_kbps == limit_kbps and "to fit 150 kbps" in r.reason
+    crf = int(dict(kv.split("=") for kv in r.codec_params.split(","))["crf"])
+    one_less = NativeCodec("x264").encode(batch.frames, batch.width, batch.height, batch.fps, crf=crf - 1)
+    assert len(one_less) > limit  # the best quality that fits, not just any
+    starved = process_batch(batch.pack(), policy, CFG, controls=_Fixed(Decision(None, None, None, 5.0))).metrics
+    assert "crf=51" in starved.codec_params and "does not fit" in starved.reason  # said, never silent
+
+
+def test_under_a_budget_the_learned_codec_steps_down_its_levels_before_native(tiny_model, batch):
+    from services.compressor.controls import Decision
+
+    hybrid = create_codec("hybrid", model="tiny-restore", device="cpu")
+    sizes = {lv: len(hybrid.encode(batch.frames, batch.width, batch.height, batch.fps, lv)) for lv in (2, 6)}
+    budget = sizes[2] * 8 / (batch.frame_count / batch.fps) / 1000 * 1.01  # level 2 fits, level 6 does not
+    policy = Policy(hybrid, NativeCodec("x264"), PolicyConfig("psnr_y", 0.0, compare_every=0), level=6)
+    r = process_batch(batch.pack(), policy, CFG, controls=_Fixed(Decision(None, None, None, budget))).metrics
+    assert r.codec == "hybrid" and r.level <= 2 and r.fallback_reason is None and r.compressed_bytes <= sizes[2]
+
+
+class _Fixed:
+    """Controls that decide the same for every batch."""
+
+    def __init__(self, decision):
+        self.decision = decision
+
+    def decide(self, stream_id):
+        return self.decision
+
+    def observe(self, *a, **kw):
+        pass

@@ -12,27 +12,35 @@ whose defaults are the adaptive mode's target and the codec's default level).
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+import time
 from dataclasses import dataclass
 
-from shared.control import LEVEL_DOWN_MARGIN_DB, ConfigError, StreamConfig
+from shared.control import CONTROL_PREFIX, LEVEL_DOWN_MARGIN_DB, ConfigError, StreamConfig
+from shared.schemas import STREAM_ID_RE
 from shared.logs import get_logger
 
 log = get_logger("compressor")
+
+
+BUDGET_FRESH_S = 30.0  # a receiver's estimate older than this no longer applies
 
 
 @dataclass(frozen=True)
 class Decision:
     """How to code one batch of a stream."""
 
-    mode: str
-    target: float | None  # PSNR-Y dB for the learned path; None: mode off
-    level: int
+    mode: str | None  # None: the stream has no config record (the worker's flags apply)
+    target: float | None  # PSNR-Y dB for the learned path; None: mode off, or the worker's flags
+    level: int | None
+    budget_kbps: float | None = None  # the batch must fit this bitrate
 
 
 class StreamControls:
     def __init__(self):
         self.configs: dict[str, StreamConfig] = {}
+        self.estimates: dict[str, tuple[float, float]] = {}  # stream -> (kbps, monotonic time received)
         self._levels: dict[str, int] = {}
         self._lock = threading.Lock()  # decide/observe run in the codec threads, updates on the loop
         self.ready = asyncio.Event()
@@ -40,31 +48,48 @@ class StreamControls:
     def config(self, stream_id: str) -> StreamConfig:
         return self.configs.get(stream_id) or StreamConfig()
 
-    def decide(self, stream_id: str) -> Decision | None:
-        """The stream's mode, target and level for its next batch; None for a stream with no
-        record, which runs on the worker's own flags (``--target``, ``--level``)."""
+    def budget(self, stream_id: str) -> float | None:
+        """The tighter of the configured budget and a fresh receiver estimate, if any."""
         cfg = self.configs.get(stream_id)
+        limits = [cfg.budget_kbps] if cfg is not None and cfg.budget_kbps else []
+        est = self.estimates.get(stream_id)
+        if est is not None and time.monotonic() - est[1] < BUDGET_FRESH_S:
+            limits.append(est[0])
+        return min(limits) if limits else None
+
+    def decide(self, stream_id: str) -> Decision | None:
+        """The stream's mode, target, level and budget for its next batch; None for a stream with
+        neither a record nor a budget, which runs on the worker's own flags (``--target``, ``--level``)."""
+        cfg = self.configs.get(stream_id)
+        budget = self.budget(stream_id)
         if cfg is None:
-            return None
+            return None if budget is None else Decision(None, None, None, budget)
         eff = cfg.effective
         with self._lock:
             level = self._levels.get(stream_id, (eff.level_min + eff.level_max + 1) // 2)
-            level = min(max(level, eff.level_min), eff.level_max)  # the range may have changed
+            low = 0 if budget else eff.level_min  # a budget may hold the level below the mode's range
+            level = min(max(level, low), eff.level_max)  # the range may have changed
             self._levels[stream_id] = level
-        return Decision(cfg.mode, eff.target, level)
+        return Decision(cfg.mode, eff.target, level, budget)
 
-    def observe(self, stream_id: str, decision: Decision, psnr_y: float, learned: bool) -> None:
-        """Step the stream's level after a batch: up if it missed the target, down if it beat it widely."""
-        if decision.target is None:
+    def observe(self, stream_id: str, decision: Decision, psnr_y: float, learned: bool,
+                coded_level: int | None = None) -> None:
+        """Step the stream's level after a batch: to where a budget pushed it, else up if it missed
+        the target and down if it beat it widely."""
+        if decision.target is None or decision.level is None:
             return
         eff = self.config(stream_id).effective
-        step = 0
-        if not learned or psnr_y < decision.target:
-            step = 1
+        if learned and coded_level is not None and coded_level < decision.level:
+            nxt = coded_level  # the budget held this batch lower: start the next one there
+        elif not learned or psnr_y < decision.target:
+            nxt = decision.level + 1
         elif psnr_y > decision.target + LEVEL_DOWN_MARGIN_DB:
-            step = -1
+            nxt = decision.level - 1
+        else:
+            nxt = decision.level
+        low = 0 if decision.budget_kbps else eff.level_min  # a budget may go below the mode's range
         with self._lock:
-            self._levels[stream_id] = min(max(decision.level + step, eff.level_min), eff.level_max)
+            self._levels[stream_id] = min(max(nxt, low), eff.level_max)
 
     def apply(self, key: str, value: bytes | None) -> None:
         if not value:
@@ -79,8 +104,32 @@ class StreamControls:
         self.configs[key] = cfg
         log.info("stream_config", stream_id=key, config=cfg.to_json().decode())
 
+    def estimate(self, stream_id: str, data: bytes) -> None:
+        """A receiver's or gateway's bandwidth estimate: JSON ``{"kbps": 300}``."""
+        try:
+            kbps = float(json.loads(data)["kbps"])
+            if not 1.0 <= kbps <= 1e6:
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            log.warning("bandwidth_estimate_invalid", stream_id=stream_id)
+            return
+        self.estimates[stream_id] = (kbps, time.monotonic())
+
     async def watch(self, bus, stop: asyncio.Event) -> None:
-        """Follow the config bucket until ``stop``; reconnects are the client's business."""
+        """Follow the config bucket and the bandwidth estimates until ``stop``."""
+
+        async def on_estimate(msg):
+            sid = msg.subject.rsplit(".", 1)[-1]
+            if STREAM_ID_RE.match(sid):
+                self.estimate(sid, msg.data)
+
+        estimates = await bus.nc.subscribe(f"{CONTROL_PREFIX}.*", cb=on_estimate)
+        try:
+            await self._watch_kv(bus, stop)
+        finally:
+            await estimates.unsubscribe()
+
+    async def _watch_kv(self, bus, stop: asyncio.Event) -> None:
         kv = await bus.config_kv()
         watcher = await kv.watchall()
         try:

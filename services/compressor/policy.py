@@ -63,19 +63,56 @@ class Policy:
         self._native_wins: dict[str, tuple[dict, int]] = {}
 
     def code(self, fb: FrameBatch, decision=None) -> Coded:
-        """Code one batch.  ``decision`` (a stream's mode, target and level from its live config)
-        overrides the level and, for the PSNR-Y metric, the target; mode ``off`` codes natively."""
+        """Code one batch.  ``decision`` (from the stream's live config and bandwidth budget) overrides
+        the level and, for the PSNR-Y metric, the target; mode ``off`` codes natively; a budget caps
+        the payload (see :meth:`_fit_budget`)."""
         level, target = self.level, self.cfg.target
+        off = decision is not None and decision.mode == "off"
         if decision is not None:
-            level = decision.level
+            level = level if decision.level is None else decision.level
             if decision.target is not None and self.cfg.metric == "psnr_y":
                 target = decision.target
-        if self.neural is None or (decision is not None and decision.mode == "off"):
+        if self.neural is None or off:
             payload, decoded = self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps,
-                                                              None if decision is not None and decision.mode == "off"
-                                                              else level)
-            return Coded(payload, decoded, self.native.name, _level(payload))
-        return self._code_learned(fb, level, target)
+                                                              None if off else level)
+            coded = Coded(payload, decoded, self.native.name, _level(payload))
+        else:
+            coded = self._code_learned(fb, level, target)
+        if decision is not None and decision.budget_kbps:
+            coded = self._fit_budget(fb, coded, decision.budget_kbps)
+        return coded
+
+    def _fit_budget(self, fb: FrameBatch, coded: Coded, budget_kbps: float) -> Coded:
+        """The best payload within the batch's share of the budget.
+
+        The learned codec steps down its levels first; if none fits, native goes out at the lowest
+        CRF (best quality) that fits, found by binary search up to CRF 51.  Quality targets yield to
+        the budget: a stream that must fit a link gets the best picture that fits.
+        """
+        limit = int(budget_kbps * 1000 / 8 * fb.frame_count / fb.fps)
+        if len(coded.payload) <= limit:
+            return coded
+        if self.neural is not None and coded.codec == self.neural.name and coded.level is not None:
+            for lv in range(coded.level - 1, -1, -1):
+                payload, decoded = self.neural.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, lv)
+                if len(payload) <= limit:
+                    return Coded(payload, decoded, self.neural.name, lv, None, f"level {lv} to fit {budget_kbps:g} kbps")
+        if not isinstance(self.native, NativeCodec):
+            return coded
+        lo, hi, best = self.native.crf_range[0], MAX_CRF, None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            payload, decoded = self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, crf=mid)
+            if len(payload) <= limit:
+                best, hi = (payload, decoded), mid - 1
+            else:
+                lo = mid + 1
+        fits = best is not None
+        payload, decoded = best or self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, crf=MAX_CRF)
+        learned = self.neural is not None and coded.codec == self.neural.name
+        detail = (f"native CRF {read_header(payload)[0].params['crf']} to fit {budget_kbps:g} kbps"
+                  + ("" if fits else " (does not fit even at the highest CRF)"))
+        return Coded(payload, decoded, self.native.name, None, "size" if learned else coded.fallback_reason, detail)
 
     def _code_learned(self, fb: FrameBatch, level: int | None, target: float) -> Coded:
         sampled = bool(self.cfg.compare_every) and fb.batch_seq % self.cfg.compare_every == 0
@@ -145,6 +182,9 @@ class Policy:
         if best is None:  # nothing reaches it: the best the level range offers
             best = self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, crf=best_crf)
         return best
+
+
+MAX_CRF = 51  # x264/x265's coarsest; what a tight budget may need
 
 
 def _rate_options(payload: bytes) -> dict:

@@ -76,7 +76,8 @@ def process_batch(data: bytes, policy: Policy, cfg: CompressorConfig, controls: 
     q = measure_batch(fb.frames, decoded, fb.width, fb.height, cfg.quality_frames)
     t2 = time.perf_counter()
     if controls is not None and decision is not None:
-        controls.observe(fb.stream_id, decision, q.psnr_y, learned=coded.fallback_reason is None)
+        controls.observe(fb.stream_id, decision, q.psnr_y, learned=coded.fallback_reason is None,
+                         coded_level=coded.level)
     now = time.time()
     duration_s = fb.frame_count / fb.fps
     compressed = CompressedBatch(
@@ -108,6 +109,7 @@ def process_batch(data: bytes, policy: Policy, cfg: CompressorConfig, controls: 
         reason=coded.detail,
         baseline_bytes=coded.baseline_bytes,
         mode=decision.mode if decision is not None else None,
+        budget_kbps=decision.budget_kbps if decision is not None else None,
         frames=fb.frame_count,
         width=fb.width,
         height=fb.height,

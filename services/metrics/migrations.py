@@ -225,6 +225,11 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             GROUP BY stream_id ORDER BY worst_minute_p95_ms DESC NULLS LAST;
         """,
     ),
+    (
+        5,
+        "batch_metrics: the stream's bandwidth budget when the batch was coded",
+        "ALTER TABLE batch_metrics ADD COLUMN budget_kbps double precision;",
+    ),
 ]
 
 
