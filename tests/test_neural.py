@@ -182,6 +182,10 @@ def test_the_compressor_picks_the_neural_codec_when_its_weights_are_present(tiny
     (tmp_path / "with" / DEFAULT_MODEL / "weights.pt").symlink_to(tiny_models_dir / "tiny" / "weights.pt")
     monkeypatch.setenv("AIC_MODELS_DIR", str(tmp_path / "with"))
     assert resolve_codec("auto") == "neural"
+    # With the hybrid codec's weights too, auto prefers it (video: x264's motion compensation plus restoration).
+    (tmp_path / "with" / "restore-v1").mkdir()
+    (tmp_path / "with" / "restore-v1" / "weights.pt").symlink_to(tiny_models_dir / "tiny-restore" / "weights.pt")
+    assert resolve_codec("auto") == "hybrid"
     monkeypatch.setenv("AIC_MODELS_DIR", str(tmp_path / "without"))
     assert resolve_codec("auto") == "x264"
     assert resolve_codec("x265") == "x265"

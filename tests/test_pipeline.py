@@ -176,11 +176,14 @@ async def test_kill_9_of_the_compressor_mid_run_loses_and_duplicates_nothing(
     async with running(metrics_writer(bus_cfg, postgres.url)):
         first = start_worker()
         try:
-            stats = await ingest(bus, "lavfi:testsrc2=size=640x360:rate=30", sid, 8, 200, progress=False)
+            # Paced at the source rate (6.7 s), so the kill lands mid-run however fast the worker codes.
+            feed = asyncio.create_task(
+                ingest(bus, "lavfi:testsrc2=size=640x360:rate=30", sid, 8, 200, realtime=True, progress=False))
             await wait_rows(postgres.url, [sid], 5)
             first.send_signal(signal.SIGKILL)
             first.wait()
             partial = len(await wait_rows(postgres.url, [sid], 0))
+            stats = await feed
             second = start_worker()
             try:
                 rows = await wait_rows(postgres.url, [sid], stats.batches, timeout=180)

@@ -99,11 +99,12 @@ def test_demo_json_reports_every_batch(tmp_path):
     assert out["frames"] == 48 and out["compressed_bytes"] < out["raw_bytes"]
     assert 30 < out["psnr_y_mean"] < 100 and 0.9 < out["ms_ssim_mean"] <= 1
     assert 0 < out["latency_p50_ms"] <= out["latency_p99_ms"]
-    # The default: the learned codec whenever its weights ship with the checkout; x264 only as a named fallback.
-    from shared.codecs import neural_available
+    # The default: a learned codec whenever its weights ship with the checkout; x264 only as a named fallback.
+    from services.compressor.worker import resolve_codec
 
-    if neural_available():
-        assert set(out["codecs"]) <= {"neural", "x264"}
+    chosen = resolve_codec("auto")
+    if chosen != "x264":
+        assert set(out["codecs"]) <= {chosen, "x264"}
         assert ("x264" in out["codecs"]) == bool(out["fallbacks"])
     else:
         assert out["codecs"] == ["x264"] and out["fallbacks"] == {}

@@ -50,3 +50,31 @@ def test_train_checkpoints_resumes_and_exports_a_working_model(photos, tmp_path)
     x = torch.rand(1, 3, 40, 70)
     streams, recon = coder.encode(x, 3)
     assert torch.equal(coder.decode(streams, 3, 40, 70), recon)
+
+
+def test_restore_training_resumes_and_exports_a_model_the_hybrid_codec_loads(tmp_path):
+    from shared.codecs.hybrid import HybridCodec
+    from shared.neural.restore_training import RestoreConfig, export_restore, train_restore
+
+    d = tmp_path / "big"
+    d.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):  # textured enough that x264 leaves visible error (the sampler skips near-lossless clips)
+        img = np.clip(np.cumsum(rng.normal(0, 12, (320, 320, 3)), axis=0) + 128, 0, 255).astype(np.uint8)
+        with av.open(str(d / f"p{i}.png"), "w") as c:
+            st = c.add_stream("png")
+            st.width, st.height, st.pix_fmt = 320, 320, "rgb24"
+            c.mux(st.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+            c.mux(st.encode(None))
+    cfg = RestoreConfig(data=str(d), steps=2, clips=1, crop=32, channels=8, depth=3)
+    out = tmp_path / "run"
+    ckpt = train_restore(cfg, out, ckpt_every=1)
+    resumed = train_restore(RestoreConfig(**{**cfg.__dict__, "steps": 3}), out, resume=ckpt, ckpt_every=1)
+    assert torch.load(resumed)["step"] == 3
+    weights = export_restore(resumed, tmp_path / "models" / "mini-restore", val=str(d))
+    meta = json.loads((weights.parent / "model.json").read_text())
+    assert meta["sha256"] == file_sha256(weights) and len(meta["rd"]) == 8
+    assert all(r["bpp"] > r["bpp_base"] for r in meta["rd"])  # the blend bytes are counted
+    assert "| 7 | 17 |" in (weights.parent / "MODEL_CARD.md").read_text()
+    codec = HybridCodec(weights=weights, device="cpu")
+    assert codec.base.name == "x264-psnr" and codec.levels == 8

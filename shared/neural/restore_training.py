@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from shared.neural.data import list_sources
+from shared.neural.training import clock_start, start_state
 from shared.neural.restoration import RestorationNet
 from shared.neural.video_data import MotionClipSampler
 
@@ -73,19 +74,11 @@ def train_restore(cfg: RestoreConfig, out_dir: Path, resume: Path | None = None,
     out_dir.mkdir(parents=True, exist_ok=True)
     net = RestorationNet(cfg.channels, cfg.depth, cfg.levels).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    step = 0
-    if resume:
-        state = torch.load(resume, map_location=device)
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-    elif init:
-        net.load_state_dict(torch.load(init, map_location=device)["model"])
+    step = start_state(net, opt, device, resume, init)
     sampler = MotionClipSampler(list_sources(cfg.data), cfg.crop, cfg.gop, cfg.levels, seed=cfg.seed + step,
                                 base=cfg.base, scales=TRAIN_SCALES, max_psnr=TRAIN_MAX_PSNR)
     ckpt, log_path = out_dir / "checkpoint.pt", out_dir / "train_log.tsv"
-    done_s = float(log_path.read_text().splitlines()[-1].split("\t")[1]) if resume and log_path.exists() else 0.0
-    t0 = time.time() - done_s
+    t0 = clock_start(log_path, resume)
     bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True, disable=None)
     avg_base = avg_out = None
     net.train()

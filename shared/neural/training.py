@@ -65,6 +65,26 @@ def save_checkpoint(path: Path, net, opt, step: int, cfg: TrainConfig) -> None:
     os.replace(tmp, path)
 
 
+def start_state(net: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device, resume: Path | None,
+                init: Path | None) -> int:
+    """Load a checkpoint to resume (weights, optimizer, step) or initial weights; returns the step."""
+    if resume:
+        state = torch.load(resume, map_location=device)
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        return int(state["step"])
+    if init:
+        net.load_state_dict(torch.load(init, map_location=device)["model"])
+    return 0
+
+
+def clock_start(log_path: Path, resume: Path | None) -> float:
+    """The ``time.time()`` the training clock counts from: a resumed run's log continues, so the
+    log's last line is always the whole training time."""
+    done_s = float(log_path.read_text().splitlines()[-1].split("\t")[1]) if resume and log_path.exists() else 0.0
+    return time.time() - done_s
+
+
 def train(cfg: TrainConfig, out_dir: Path, resume: Path | None = None, init: Path | None = None,
           ckpt_every: int = 200) -> Path:
     """Train (or resume) and return the path of the final checkpoint."""
@@ -75,14 +95,7 @@ def train(cfg: TrainConfig, out_dir: Path, resume: Path | None = None, init: Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     net = MeanScaleHyperprior(cfg.n, cfg.m, len(cfg.lambdas)).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    step = 0
-    if resume:
-        state = torch.load(resume, map_location=device)
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-    elif init:
-        net.load_state_dict(torch.load(init, map_location=device)["model"])
+    step = start_state(net, opt, device, resume, init)
     lambdas = torch.tensor(cfg.lambdas, device=device)
     sampler = CropSampler(list_sources(cfg.data), cfg.crop, seed=cfg.seed + step)
     ckpt = out_dir / "checkpoint.pt"
@@ -90,9 +103,7 @@ def train(cfg: TrainConfig, out_dir: Path, resume: Path | None = None, init: Pat
     bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True, disable=None)
     avg_bpp = avg_psnr = None
     log_path = out_dir / "train_log.tsv"
-    # The log's clock continues across resumes, so its last line is the whole training time.
-    done_s = float(log_path.read_text().splitlines()[-1].split("\t")[1]) if resume and log_path.exists() else 0.0
-    t0 = time.time() - done_s
+    t0 = clock_start(log_path, resume)
     while step < cfg.steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
