@@ -190,6 +190,8 @@ def model_card(meta: dict) -> str:
         f"| {r['level']} | {r['crf']} | {r['bpp']:.4f} | {r['psnr_rgb_base']:.2f} | {r['psnr_rgb']:.2f} | "
         f"{r['psnr_rgb'] - r['psnr_rgb_base']:+.3f} | {r['psnr_y'] - r['psnr_y_base']:+.3f} | {r['side_bytes_pct']:.2f} % |"
         for r in meta["rd"])
+    stopped = (" (stopped early: the learning rate had not yet started its decay)"
+               if meta["steps"] < cfg["steps"] // 2 else "")
     params = (6 * 9 + 1) * cfg["channels"] + (cfg["depth"] - 2) * (cfg["channels"] * 9 + 1) * cfg["channels"] \
         + (cfg["channels"] * 9 + 1) * 6 + cfg["levels"] * cfg["channels"]
     return f"""# {meta['name']}
@@ -203,7 +205,7 @@ GOP per batch) carries the frames, and this network restores them at the receive
 - weights: `weights.pt`, sha256 `{meta['sha256']}`
 - colour: works on yuv420p directly, as the pipeline carries it; no RGB conversion
 - side information: per frame one byte, the luma and chroma weights (0..1.25 in
-  1/16 steps) of the network's correction, chosen by the encoder by least squares
+  1/12 steps) of the network's correction, chosen by the encoder by least squares
   against the source; weight 0 gives back the native decode exactly
 
 ## Training
@@ -214,7 +216,8 @@ GOP per batch) carries the frames, and this network restores them at the receive
   ({cfg['clips'] * cfg['gop']} frames) per step, loss = the mean over frames of restored over
   native MSE (yuv420p samples); clips that x264 codes above 42 dB PSNR are redrawn (flat sky and
   gradients teach nothing)
-- steps: {meta['steps']}; hardware: {meta['hardware']}; wall time: {meta['wall_time_s'] / 3600:.2f} h
+- steps: {meta['steps']} of {cfg['steps']} planned{stopped}; hardware: {meta['hardware']}; wall time:
+  {meta['wall_time_s'] / 3600:.2f} h
 - command: `aic train --arch restore --data {cfg['data']} --steps {cfg['steps']} --export models/{meta['name']} --val {meta['val']}`
 
 ## Gain on clips made from the validation photos
