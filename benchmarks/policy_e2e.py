@@ -69,7 +69,8 @@ def summarize(rows: list[dict]) -> dict:
         "delivered_bytes_sampled": sum(r["compressed_bytes"] for r in sampled),
         "baseline_bytes_sampled": sum(r["baseline_bytes"] for r in sampled),
         "over_baseline": [r["batch_seq"] for r in sampled if r["compressed_bytes"] > r["baseline_bytes"]],
-        "mean_psnr_y": sum(r["psnr_y"] for r in rows) / max(1, len(rows)),
+        "mean_psnr_y": (sum(r["psnr_y"] for r in ok) / len(ok)) if (ok := [r for r in rows if r["psnr_y"] is not None])
+        else None,
         "delivered_bytes": sum(r["compressed_bytes"] for r in rows),
     }
 
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}: {s['batches']} batches, codec {s['codec_used']}, fallbacks {s['fallbacks'] or 'none'}, "
                   f"sampled {s['sampled']}: delivered {s['delivered_bytes_sampled']} B vs native "
                   f"{s['baseline_bytes_sampled']} B ({100 * saved:+.1f} % saved), over native: "
-                  f"{s['over_baseline'] or 'none'}, mean PSNR-Y {s['mean_psnr_y']:.2f}")
+                  f"{s['over_baseline'] or 'none'}, mean PSNR-Y {s['mean_psnr_y'] or float('nan'):.2f}, "
+                  f"status {s['status']}")
     bad = any(s["over_baseline"] or s["status"].keys() - {"ok"} for s in result["clips"].values())
     return 1 if bad else 0
 

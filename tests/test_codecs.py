@@ -78,3 +78,12 @@ def test_x264_psnr_is_x264_at_the_same_speed_without_psychovisual_tuning():
     plain = read_header(create_codec("x264-psnr").encode(frames, 96, 64, 25.0, level=3))[1]
     assert bytes(psy) != bytes(plain)
     assert create_codec("x264-psnr").options["preset"] == create_codec("x264").options["preset"] == "veryfast"
+
+
+def test_measured_frame_rates_become_small_fractions_the_schema_accepts():
+    from fractions import Fraction
+
+    from services.ingest.gateway import frame_rate
+
+    assert frame_rate(Fraction(29550583, 986000)) == Fraction(30000, 1001)  # a real clip's average rate
+    assert frame_rate(Fraction(25)) == 25 and frame_rate(Fraction(60000, 1001)) == Fraction(60000, 1001)

@@ -58,8 +58,7 @@ def read_batches(
             raise SourceError(f"{source!r} has no video stream")
         vs = container.streams.video[0]
         vs.thread_type = "AUTO"
-        rate = vs.average_rate or vs.guessed_rate or Fraction(30)
-        rate = Fraction(rate).limit_denominator(1_000_000)
+        rate = frame_rate(vs.guessed_rate or vs.average_rate or Fraction(30))
         buf: list[np.ndarray] = []
         seq, n, first_pts = start_seq, 0, 0
         size: tuple[int, int] | None = None
@@ -83,6 +82,25 @@ def read_batches(
                 break
         if buf:
             yield _batch(stream_id, seq, size, rate, first_pts, buf)
+
+
+def frame_rate(rate) -> Fraction:
+    """A container's frame rate as a small exact fraction (30000/1001, 25, ...).
+
+    Average rates measured from timestamps can be fractions like 29550583/986000, whose
+    terms the batch schema refuses: a rate within 0.2 % of a standard one becomes that one,
+    any other the nearest fraction with a denominator up to 1001.
+    """
+    rate = Fraction(rate)
+    for std in STANDARD_RATES:
+        if abs(rate / std - 1) < Fraction(2, 1000):
+            return std
+    return rate.limit_denominator(1001)
+
+
+STANDARD_RATES = tuple(Fraction(n, d) for n, d in (
+    (24000, 1001), (24, 1), (25, 1), (30000, 1001), (30, 1), (48, 1), (50, 1), (60000, 1001), (60, 1),
+    (120, 1), (15, 1), (12, 1), (10, 1), (5, 1)))
 
 
 def _batch(stream_id: str, seq: int, size: tuple[int, int], rate: Fraction, first_pts: int, buf: list) -> FrameBatch:
