@@ -1,8 +1,8 @@
 """``aic report``: what the pipeline did, as tables in the terminal and an HTML page with plots.
 
-Reads the metrics database: per-minute rollups for the time series and the
-per-stream table, raw rows for the rate–distortion scatter and the latency
-distribution.  The HTML is one self-contained file (plots embedded as PNG).
+Reads the metrics database: per-minute rollups for the per-stream table and
+the fallback counts, raw rows (the newest 20,000) for the per-batch time
+series, the rate–distortion scatter and the latency distribution.  The HTML is one self-contained file (plots embedded as PNG).
 """
 
 from __future__ import annotations
@@ -28,14 +28,8 @@ STREAM_SQL = """
     FROM batch_rollup_1m WHERE bucket >= date_trunc('minute', $1::timestamptz) AND ($2::text IS NULL OR stream_id = $2)
     GROUP BY stream_id ORDER BY stream_id
 """
-SERIES_SQL = """
-    SELECT bucket, stream_id, sum(kbps_mean * ok) / nullif(sum(ok), 0) AS kbps,
-           sum(psnr_y_mean * ok) / nullif(sum(ok), 0) AS psnr_y
-    FROM batch_rollup_1m WHERE bucket >= date_trunc('minute', $1::timestamptz) AND ($2::text IS NULL OR stream_id = $2)
-    GROUP BY bucket, stream_id ORDER BY bucket
-"""
 RAW_SQL = """
-    SELECT time, stream_id, codec, compressed_bytes, frames, width, height, psnr_y, latency_ms
+    SELECT time, stream_id, codec, compressed_bytes, frames, width, height, kbps, psnr_y, latency_ms
     FROM batch_metrics WHERE time >= $1 AND status = 'ok' AND ($2::text IS NULL OR stream_id = $2)
     ORDER BY time DESC LIMIT 20000
 """
@@ -54,7 +48,6 @@ async def fetch(url: str, since: datetime, stream_id: str | None) -> dict:
     try:
         return {
             "streams": [dict(r) for r in await conn.fetch(STREAM_SQL, since, stream_id)],
-            "series": [dict(r) for r in await conn.fetch(SERIES_SQL, since, stream_id)],
             "raw": [dict(r) for r in await conn.fetch(RAW_SQL, since, stream_id)],
         }
     finally:
@@ -85,6 +78,11 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _span_h(data: dict) -> float:
+    times = [r["time"] for r in data["raw"]]
+    return (max(times) - min(times)).total_seconds() / 3600 if times else 0.0
+
+
 def plots(data: dict) -> list[tuple[str, str]]:
     """(title, base64 PNG) for each figure of the HTML report."""
     try:
@@ -95,18 +93,26 @@ def plots(data: dict) -> list[tuple[str, str]]:
     except ImportError:
         raise SystemExit("aic report: --html needs matplotlib (pip install 'aic[bench]')") from None
     out = []
+    # Per batch from the raw rows (a short period has a single minute bucket per stream).
     by_stream: dict[str, list[dict]] = {}
-    for r in data["series"]:
-        by_stream.setdefault(r["stream_id"], []).append(r)
+    for r in sorted(data["raw"], key=lambda r: r["time"]):
+        if r["compressed_bytes"] and r["frames"]:
+            by_stream.setdefault(r["stream_id"], []).append(r)
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
     for sid, rows in by_stream.items():
-        a1.plot([r["bucket"] for r in rows], [r["kbps"] for r in rows], marker=".", label=sid)
-        a2.plot([r["bucket"] for r in rows], [r["psnr_y"] for r in rows], marker=".", label=sid)
-    a1.set_ylabel("kbps (mean per minute)")
-    a2.set_ylabel("PSNR-Y dB (mean per minute)")
+        times = [r["time"] for r in rows]
+        a1.plot(times, [r["kbps"] for r in rows], marker=".", label=sid)
+        a2.plot(times, [r["psnr_y"] for r in rows], marker=".", label=sid)
+    a1.set_ylabel("kbps (per batch)")
+    a2.set_ylabel("PSNR-Y dB (per batch)")
+    a2.set_xlabel("capture time (UTC)")
+    from matplotlib.dates import DateFormatter
+
+    a2.xaxis.set_major_formatter(DateFormatter("%H:%M:%S" if len(data["raw"]) and _span_h(data) < 24 else "%m-%d %H:%M"))
     a1.legend(fontsize=7, ncol=3)
     for a in (a1, a2):
         a.grid(alpha=0.3)
+    fig.autofmt_xdate()
     out.append(("Bitrate and quality over time, per stream", _png(fig)))
     plt.close(fig)
 
@@ -140,6 +146,9 @@ def plots(data: dict) -> list[tuple[str, str]]:
     counts = [sum(s[f"fb_{k}"] for s in data["streams"]) for k in reasons]
     ax.bar(reasons, counts, color=["tab:orange", "tab:green", "tab:red", "tab:gray"])
     ax.set_ylabel("batches sent natively")
+    if not any(counts):
+        ax.set_ylim(0, 1)
+        ax.text(0.5, 0.5, "no fallbacks in this period", ha="center", transform=ax.transAxes)
     out.append(("Fallback reasons", _png(fig)))
     plt.close(fig)
     return out
