@@ -87,3 +87,14 @@ def test_measured_frame_rates_become_small_fractions_the_schema_accepts():
 
     assert frame_rate(Fraction(29550583, 986000)) == Fraction(30000, 1001)  # a real clip's average rate
     assert frame_rate(Fraction(25)) == 25 and frame_rate(Fraction(60000, 1001)) == Fraction(60000, 1001)
+
+
+def test_encoding_leaves_the_callers_scheduling_policy_alone():
+    # SVT-AV1 switches the thread that opens it to SCHED_FIFO 99 when it may (root); children the
+    # thread spawns later would inherit real-time priority (a spinning nats-server hung CI).
+    import os
+
+    before = os.sched_getscheduler(0), os.sched_getparam(0)
+    for name in ("av1", "x264"):
+        create_codec(name).encode(clip(n=2), 96, 64, 25.0)
+        assert (os.sched_getscheduler(0), os.sched_getparam(0)) == before

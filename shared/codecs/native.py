@@ -6,6 +6,7 @@ with a key frame and decodes alone: a stateless worker needs no history.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from fractions import Fraction
 
@@ -65,6 +66,10 @@ class NativeCodec(Codec):
     def encode(self, frames: np.ndarray, width: int, height: int, fps: float, level: int | None = None,
                *, crf: int | None = None) -> bytes:
         """As :meth:`Codec.encode`; ``crf`` (keyword) overrides the level's CRF."""
+        with normal_scheduling():
+            return self._encode(frames, width, height, fps, level, crf)
+
+    def _encode(self, frames, width, height, fps, level, crf) -> bytes:
         n = frames.shape[0]
         if crf is None:
             crf = self.crf if level is None else LEVEL_CRF[self.name][self.check_level(level)]
@@ -112,6 +117,28 @@ class NativeCodec(Codec):
         if n != header.frame_count:
             raise CodecError(f"bitstream held {n} frames, header promised {header.frame_count}")
         return out
+
+
+@contextlib.contextmanager
+def normal_scheduling():
+    """Give the calling thread back its scheduling policy after an encoder changed it.
+
+    SVT-AV1, when it can (as root), switches the thread that opens an encoder to SCHED_FIFO
+    priority 99 and leaves it there.  Every process that thread forks afterwards inherits
+    real-time priority: an embedded nats-server spinning at FIFO 99 on a 2-core machine starved
+    everything else and hung the test suite.  The encoder's own threads still run real-time
+    while it encodes; the caller does not stay so.
+    """
+    try:
+        before = os.sched_getscheduler(0), os.sched_getparam(0)
+    except (AttributeError, OSError):  # not Linux
+        yield
+        return
+    try:
+        yield
+    finally:
+        if (os.sched_getscheduler(0), os.sched_getparam(0)) != before:
+            os.sched_setscheduler(0, before[0], before[1])
 
 
 def _with_size(pkt: bytes) -> bytes:
