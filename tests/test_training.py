@@ -13,19 +13,23 @@ from shared.neural.export import export_model  # noqa: E402
 from shared.neural.training import TrainConfig, train  # noqa: E402
 
 
-@pytest.fixture
-def photos(tmp_path):
-    d = tmp_path / "photos"
+def write_photos(d, n: int, h: int, w: int, sigma: float, axis: int, seed: int):
+    """``n`` PNGs of random-walk texture (h x w) in folder ``d``."""
     d.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        img = np.clip(np.cumsum(rng.normal(0, 8, (128, 160, 3)), axis=1) + 128, 0, 255).astype(np.uint8)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        img = np.clip(np.cumsum(rng.normal(0, sigma, (h, w, 3)), axis=axis) + 128, 0, 255).astype(np.uint8)
         with av.open(str(d / f"p{i}.png"), "w") as c:
             st = c.add_stream("png")
-            st.width, st.height, st.pix_fmt = 160, 128, "rgb24"
+            st.width, st.height, st.pix_fmt = w, h, "rgb24"
             c.mux(st.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
             c.mux(st.encode(None))
     return d
+
+
+@pytest.fixture
+def photos(tmp_path):
+    return write_photos(tmp_path / "photos", 2, 128, 160, 8, axis=1, seed=0)
 
 
 def test_train_checkpoints_resumes_and_exports_a_working_model(photos, tmp_path):
@@ -56,16 +60,8 @@ def test_restore_training_resumes_and_exports_a_model_the_hybrid_codec_loads(tmp
     from shared.codecs.hybrid import HybridCodec
     from shared.neural.restore_training import RestoreConfig, export_restore, train_restore
 
-    d = tmp_path / "big"
-    d.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(2):  # textured enough that x264 leaves visible error (the sampler skips near-lossless clips)
-        img = np.clip(np.cumsum(rng.normal(0, 12, (320, 320, 3)), axis=0) + 128, 0, 255).astype(np.uint8)
-        with av.open(str(d / f"p{i}.png"), "w") as c:
-            st = c.add_stream("png")
-            st.width, st.height, st.pix_fmt = 320, 320, "rgb24"
-            c.mux(st.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-            c.mux(st.encode(None))
+    # Textured enough that x264 leaves visible error (the sampler skips near-lossless clips).
+    d = write_photos(tmp_path / "big", 2, 320, 320, 12, axis=0, seed=1)
     cfg = RestoreConfig(data=str(d), steps=2, clips=1, crop=32, channels=8, depth=3)
     out = tmp_path / "run"
     ckpt = train_restore(cfg, out, ckpt_every=1)
