@@ -100,13 +100,12 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             END LOOP;
             RETURN dropped;
         END $$;
-        UPDATE batch_metrics SET captured_at = completed_at WHERE captured_at IS NULL;
         ALTER TABLE batch_metrics RENAME TO batch_metrics_unpartitioned;
         ALTER TABLE batch_metrics_partitioned RENAME TO batch_metrics;
         SELECT aic_ensure_partition(d::date)
-            FROM (SELECT DISTINCT date_trunc('day', captured_at AT TIME ZONE 'UTC') AS d
+            FROM (SELECT DISTINCT date_trunc('day', coalesce(captured_at, completed_at) AT TIME ZONE 'UTC') AS d
                   FROM batch_metrics_unpartitioned) days;
-        INSERT INTO batch_metrics SELECT *, captured_at FROM batch_metrics_unpartitioned;
+        INSERT INTO batch_metrics SELECT *, coalesce(captured_at, completed_at) FROM batch_metrics_unpartitioned;
         DROP TABLE batch_metrics_unpartitioned;
         CREATE INDEX batch_metrics_stream_time ON batch_metrics (stream_id, time);
         CREATE INDEX batch_metrics_time ON batch_metrics USING brin (time);

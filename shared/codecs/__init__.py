@@ -62,12 +62,9 @@ def bitstream_decoder(name: str):
     raise ValueError(f"payload names unknown codec {name!r}")
 
 
-DEFAULT_MODELS = {"neural": "hyperprior-v1", "hybrid": "restore-v1"}
-
-
 def learned_available(name: str) -> bool:
     """True when torch and constriction import and the codec's default weights are present."""
-    from shared.modelstore import model_path
+    from shared.modelstore import DEFAULT_MODELS, model_path
 
     if not model_path(DEFAULT_MODELS[name]).exists():
         return False

@@ -25,13 +25,13 @@ import torch
 
 from shared.codecs.base import Codec, CodecError, PayloadHeader, pack_payload, read_header
 from shared.codecs.native import LEVEL_CRF, NativeCodec
-from shared.modelstore import model_path
+from shared.modelstore import DEFAULT_MODELS, model_path
 from shared.neural.coder import file_sha256
 from shared.neural.restoration import (
     ALPHA_MAX, RestorationNet, Restorer, apply_correction, blend_weights, from_planes, to_planes,
 )
 
-DEFAULT_MODEL = "restore-v1"
+DEFAULT_MODEL = DEFAULT_MODELS["hybrid"]
 
 
 class LoadedRestorer:

@@ -19,10 +19,10 @@ import torch
 
 from shared.codecs.base import Codec, CodecError, PayloadHeader, pack_payload
 from shared.neural.coder import BitstreamError, ImageCoder
-from shared.modelstore import model_path, models_dir  # noqa: F401  (models_dir: re-exported)
+from shared.modelstore import DEFAULT_MODELS, model_path
 from shared.pixfmt import frame_size, from_video_frame, to_rgb
 
-DEFAULT_MODEL = "hyperprior-v1"
+DEFAULT_MODEL = DEFAULT_MODELS["neural"]
 DEFAULT_LEVEL = 4
 # Decoding work grows with the area a header claims, not with the bytes it sends: a forged
 # header must not make a receiver decode gigapixels.  4K (and DCI 4K) fit.

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from shared.pixfmt import frame_size
 
 #: Blend weights are coded in 1/ALPHA_STEPS steps, 0 .. ALPHA_MAX (per frame, luma and chroma apart):
 #: four bits each, one byte per frame.  Up to 1.25: the encoder may push a timid correction further.
@@ -115,7 +114,3 @@ class Restorer:
             out[i] = self.net(planes[i : i + 1].to(self.device), lv)[0].float().cpu()
         return out
 
-
-def check_geometry(frames: np.ndarray, width: int, height: int) -> None:
-    if frames.ndim != 2 or frames.shape[1] != frame_size(width, height):
-        raise ValueError(f"frames {frames.shape} are not packed yuv420p {width}x{height}")

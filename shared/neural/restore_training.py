@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from shared.neural.data import list_sources
-from shared.neural.training import clock_start, start_state
+from shared.neural.training import clock_start, prepare, start_state
 from shared.neural.restoration import RestorationNet
 from shared.neural.video_data import MotionClipSampler
 
@@ -67,11 +67,7 @@ def psnr_of(mse: float) -> float:
 def train_restore(cfg: RestoreConfig, out_dir: Path, resume: Path | None = None, init: Path | None = None,
                   ckpt_every: int = 200) -> Path:
     """Train (or resume) and return the final checkpoint's path."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    device = prepare(cfg, out_dir)
     net = RestorationNet(cfg.channels, cfg.depth, cfg.levels).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     step = start_state(net, opt, device, resume, init)
@@ -149,6 +145,7 @@ EVAL_CROP, EVAL_CLIPS_PER_FILE, EVAL_SEED = 256, 2, 1234
 
 def evaluate_on_clips(weights: Path, val: str) -> list[dict]:
     """Per level: bpp and PSNR (RGB, Y) of the base codec alone and of the hybrid, on fixed pans over ``val``."""
+    from shared.codecs import read_header
     from shared.codecs.hybrid import HybridCodec
     from shared.pixfmt import split_planes, to_rgb
     from shared.quality import psnr
@@ -164,8 +161,8 @@ def evaluate_on_clips(weights: Path, val: str) -> list[dict]:
         for frames in clips:
             base_payload, base_dec = codec.base.encode_reconstruct(frames, w, h, 25.0, level)
             payload, dec = codec.encode_reconstruct(frames, w, h, 25.0, level)
-            base_bits += 8 * len(_bitstream(base_payload))
-            bits += 8 * len(_bitstream(payload))
+            base_bits += 8 * len(read_header(base_payload)[1])
+            bits += 8 * len(read_header(payload)[1])
             for src, b, d in zip(frames, base_dec, dec):
                 q["rgb_base"].append(psnr(to_rgb(src, w, h), to_rgb(b, w, h)))
                 q["rgb"].append(psnr(to_rgb(src, w, h), to_rgb(d, w, h)))
@@ -176,12 +173,6 @@ def evaluate_on_clips(weights: Path, val: str) -> list[dict]:
                      "side_bytes_pct": 100 * (bits - base_bits) / bits,
                      **{f"psnr_{k}": float(np.mean(v)) for k, v in q.items()}})
     return rows
-
-
-def _bitstream(payload: bytes) -> memoryview:
-    from shared.codecs import read_header
-
-    return read_header(payload)[1]
 
 
 def model_card(meta: dict) -> str:

@@ -65,6 +65,15 @@ def save_checkpoint(path: Path, net, opt, step: int, cfg: TrainConfig) -> None:
     os.replace(tmp, path)
 
 
+def prepare(cfg, out_dir: Path) -> torch.device:
+    """Threads, seed and output folder for a training run; returns its device."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return torch.device(cfg.device)
+
+
 def start_state(net: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device, resume: Path | None,
                 init: Path | None) -> int:
     """Load a checkpoint to resume (weights, optimizer, step) or initial weights; returns the step."""
@@ -88,11 +97,7 @@ def clock_start(log_path: Path, resume: Path | None) -> float:
 def train(cfg: TrainConfig, out_dir: Path, resume: Path | None = None, init: Path | None = None,
           ckpt_every: int = 200) -> Path:
     """Train (or resume) and return the path of the final checkpoint."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    device = prepare(cfg, out_dir)
     net = MeanScaleHyperprior(cfg.n, cfg.m, len(cfg.lambdas)).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     step = start_state(net, opt, device, resume, init)
