@@ -78,9 +78,14 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _span_h(data: dict) -> float:
-    times = [r["time"] for r in data["raw"]]
-    return (max(times) - min(times)).total_seconds() / 3600 if times else 0.0
+def time_axis(ax) -> None:
+    """Date ticks whose labels suit the span, from days down to fractions of a second (a fixed
+    "%H:%M:%S" repeated one label on every tick of a run a few seconds long)."""
+    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
+
+    locator = AutoDateLocator()
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
 
 
 def plots(data: dict) -> list[tuple[str, str]]:
@@ -106,13 +111,10 @@ def plots(data: dict) -> list[tuple[str, str]]:
     a1.set_ylabel("kbps (per batch)")
     a2.set_ylabel("PSNR-Y dB (per batch)")
     a2.set_xlabel("capture time (UTC)")
-    from matplotlib.dates import DateFormatter
-
-    a2.xaxis.set_major_formatter(DateFormatter("%H:%M:%S" if len(data["raw"]) and _span_h(data) < 24 else "%m-%d %H:%M"))
+    time_axis(a2)
     a1.legend(fontsize=7, ncol=3)
     for a in (a1, a2):
         a.grid(alpha=0.3)
-    fig.autofmt_xdate()
     out.append(("Bitrate and quality over time, per stream", _png(fig)))
     plt.close(fig)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import datetime, timedelta, timezone
 import subprocess
 import sys
 
@@ -31,3 +32,21 @@ def test_since_is_parsed_or_refused_clearly():
     assert parse_since("90m").total_seconds() == 5400
     with pytest.raises(ValueError, match="expected a number"):
         parse_since("yesterday")
+
+
+@pytest.mark.parametrize("span_s", [0.8, 5, 600])
+def test_time_axis_labels_are_distinct_for_short_and_long_runs(span_s):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from services.report import time_axis
+
+    t0 = datetime(2026, 11, 21, 14, 0, tzinfo=timezone.utc)
+    fig, ax = plt.subplots()
+    ax.plot([t0 + timedelta(seconds=span_s * i / 10) for i in range(11)], range(11))
+    time_axis(ax)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    plt.close(fig)
+    assert len(labels) >= 3 and len(set(labels)) == len(labels), labels
