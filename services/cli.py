@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, help="stop after this many frames (needed for endless lavfi sources)")
     p.add_argument("--start-seq", type=int, default=0, help="first batch sequence number (default 0)")
     p.add_argument("--realtime", action="store_true", help="pace publishing at the source frame rate")
+    _metrics_port(p)
 
     p = sub.add_parser("decode", help="receiver: decode a stream's compressed batches to a video file")
     p.add_argument("--stream-id", required=True)
@@ -188,6 +189,8 @@ def cmd_ingest(a: argparse.Namespace) -> int:
     from services.ingest import ingest
     from services.runtime import run_service
     from shared.bus import Bus
+
+    _serve_metrics(a.metrics_port)
 
     async def main(stop: asyncio.Event) -> int:
         bus = await Bus.connect(BusConfig.from_env(a.nats_url), name=f"aic-ingest-{a.stream_id}")

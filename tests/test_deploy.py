@@ -19,6 +19,7 @@ def exported_metric_names() -> set[str]:
     from prometheus_client import REGISTRY
 
     import services.compressor.worker  # noqa: F401  (registers the compressor's metrics)
+    import services.ingest.gateway  # noqa: F401
     import services.metrics.writer  # noqa: F401
 
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
@@ -63,3 +64,32 @@ def test_compose_runs_prometheus_and_grafana_with_the_shipped_files():
     prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
     assert {"compressor:9101", "metrics:9102", "ingest:9103"} == targets
+
+
+def container_commands() -> list[list[str]]:
+    """The aic command lines the containers run: compose overrides and the Dockerfile's defaults."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    commands = [s["command"] for n, s in compose["services"].items()
+                if n in ("ingest", "metrics", "compressor") and "command" in s]
+    dockerfile = (ROOT / "deploy/Dockerfile").read_text()
+    return commands + [json.loads(m) for m in re.findall(r"^CMD (\[.*\])$", dockerfile, re.M)]
+
+
+def test_every_container_command_is_one_the_cli_accepts():
+    """A flag the CLI does not know would crash-loop its container (ingest once had --metrics-port
+    in docker-compose.yml and not in its parser)."""
+    from services.cli import build_parser
+
+    commands = [c for c in container_commands() if "--help" not in c]
+    assert len(commands) >= 3
+    for argv in commands:
+        build_parser().parse_args(argv)  # SystemExit, a failure, on an unknown flag
+
+
+def test_prometheus_scrapes_each_service_on_the_port_its_container_serves():
+    from services.cli import build_parser
+
+    served = {build_parser().parse_args(c).metrics_port for c in container_commands() if "--help" not in c}
+    prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    scraped = {int(t.split(":")[1]) for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    assert scraped <= served
