@@ -10,7 +10,15 @@ AIC_COMPRESSED     aic.compressed.<s>     limits      receivers (ordered, epheme
 AIC_METRICS        aic.metrics.<worker>   limits      ``metrics`` (durable pull)
 AIC_DEADLETTER     aic.deadletter.<s>     limits      operators
 AIC_BLOBS          aic.blobs.<kind>.<s>   limits      direct get by sequence (claim check)
+AIC_CONTROL        aic.control.<s>        last, 30 s  workers read the last per subject at start
+AIC_ADVISORIES     max-deliveries events  limits      ``exhausted`` (failed batches)
 =================  =====================  ==========  ==========================================
+
+Receivers publish bandwidth estimates on ``aic.control.<stream>`` with plain
+NATS; workers subscribe to them, and AIC_CONTROL (in memory, one message per
+subject, 30 s) keeps the latest so a worker that starts mid-stream has the
+budget before its first batch.  Per-stream config lives in the KV bucket
+``aic_config``.
 
 Messages larger than the server's ``max_payload`` travel by claim check: the
 bytes are cut into chunks published on AIC_BLOBS, and the message itself is
@@ -32,6 +40,7 @@ from nats.js import api as jsapi
 from nats.js.errors import NotFoundError
 
 from shared.config import BusConfig
+from shared.control import CONTROL_PREFIX, ESTIMATE_FRESH_S
 
 FRAMES_STREAM = "AIC_FRAMES"
 COMPRESSED_STREAM = "AIC_COMPRESSED"
@@ -43,6 +52,9 @@ METRICS_CONSUMER = "metrics"
 # JetStream announces a batch that used up max_deliver without an ack (its worker crashed or hung
 # on every attempt) with an advisory; a stream keeps those so a worker turns each into a failed row.
 ADVISORY_STREAM = "AIC_ADVISORIES"
+# The latest bandwidth estimate per stream, so that a worker that starts or scales out mid-stream
+# knows the budget before its first batch instead of after the receiver's next publish.
+CONTROL_STREAM = "AIC_CONTROL"
 EXHAUSTED_SUBJECT = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{FRAMES_STREAM}.{COMPRESSOR_CONSUMER}"
 EXHAUSTED_CONSUMER = "exhausted"
 CLAIM_HEADER = "Aic-Claim"
@@ -150,6 +162,10 @@ class Bus:
                 name=BLOBS_STREAM, subjects=["aic.blobs.>"], max_age=age, duplicate_window=dup, allow_direct=True
             ),
             jsapi.StreamConfig(name=ADVISORY_STREAM, subjects=[EXHAUSTED_SUBJECT], max_age=age),
+            jsapi.StreamConfig(
+                name=CONTROL_STREAM, subjects=[f"{CONTROL_PREFIX}.>"], max_msgs_per_subject=1,
+                max_age=ESTIMATE_FRESH_S, storage=jsapi.StorageType.MEMORY, allow_direct=True,
+            ),
         ]
 
     async def config_kv(self):

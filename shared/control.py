@@ -31,6 +31,8 @@ from shared.schemas import MODES, STREAM_ID_RE
 KV_BUCKET = "aic_config"
 #: Receivers and gateways publish bandwidth estimates on ``aic.control.<stream_id>`` as JSON {"kbps": N}.
 CONTROL_PREFIX = "aic.control"
+#: A receiver's estimate older than this no longer applies (and the bus keeps none older).
+ESTIMATE_FRESH_S = 30.0
 DEFAULT_MODE = "adaptive"
 LEVEL_DOWN_MARGIN_DB = 2.0
 

@@ -97,3 +97,36 @@ def test_the_tighter_of_the_configured_budget_and_a_fresh_estimate_applies(monke
     now = ctl.time.monotonic()
     monkeypatch.setattr(ctl.time, "monotonic", lambda: now + ctl.BUDGET_FRESH_S + 1)
     assert c.decide("cam").budget_kbps == 200  # the estimate went stale
+
+
+async def test_a_worker_started_after_the_receiver_spoke_knows_the_budget_before_its_first_batch(bus):
+    """Estimates are plain NATS publishes; the bus keeps the latest per stream (AIC_CONTROL), so a
+    worker that starts or scales out mid-stream does not code its first batches without a budget."""
+    import asyncio
+
+    from services.compressor.controls import StreamControls
+
+    sid, other = unique("rx"), unique("rx")
+    await bus.nc.publish(f"aic.control.{sid}", b'{"kbps": 250}')
+    await bus.nc.publish(f"aic.control.{sid}", b'{"kbps": 300}')  # only the latest counts
+    await bus.nc.publish(f"aic.control.{other}", b'{"kbps": "lots"}')  # invalid: ignored
+    await bus.nc.flush()
+    controls, stop = StreamControls(), asyncio.Event()
+    task = asyncio.create_task(controls.watch(bus, stop))
+    try:
+        await asyncio.wait_for(controls.ready.wait(), 10)
+        assert controls.decide(sid).budget_kbps == 300
+        assert controls.decide(other) is None
+    finally:
+        stop.set()
+        await task
+
+
+def test_an_estimate_is_as_old_as_its_publication():
+    from services.compressor import controls as ctl
+
+    c = ctl.StreamControls()
+    c.estimate("cam", b'{"kbps": 300}', age_s=ctl.BUDGET_FRESH_S - 5)
+    assert c.decide("cam").budget_kbps == 300
+    c.estimate("cam", b'{"kbps": 300}', age_s=ctl.BUDGET_FRESH_S + 1)
+    assert c.decide("cam") is None

@@ -17,14 +17,15 @@ import threading
 import time
 from dataclasses import dataclass
 
-from shared.control import CONTROL_PREFIX, LEVEL_DOWN_MARGIN_DB, ConfigError, StreamConfig
-from shared.schemas import STREAM_ID_RE
+from shared.control import CONTROL_PREFIX, ESTIMATE_FRESH_S, LEVEL_DOWN_MARGIN_DB, ConfigError, StreamConfig
+from shared import bus as busmod
 from shared.logs import get_logger
+from shared.schemas import STREAM_ID_RE
 
 log = get_logger("compressor")
 
 
-BUDGET_FRESH_S = 30.0  # a receiver's estimate older than this no longer applies
+BUDGET_FRESH_S = ESTIMATE_FRESH_S  # a receiver's estimate older than this no longer applies
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,9 @@ class StreamControls:
         self.configs[key] = cfg
         log.info("stream_config", stream_id=key, config=cfg.to_json().decode())
 
-    def estimate(self, stream_id: str, data: bytes) -> None:
-        """A receiver's or gateway's bandwidth estimate: JSON ``{"kbps": 300}``."""
+    def estimate(self, stream_id: str, data: bytes, age_s: float = 0.0) -> None:
+        """A receiver's or gateway's bandwidth estimate: JSON ``{"kbps": 300}``, published
+        ``age_s`` seconds ago."""
         try:
             kbps = float(json.loads(data)["kbps"])
             if not 1.0 <= kbps <= 1e6:
@@ -113,7 +115,7 @@ class StreamControls:
         except (ValueError, KeyError, TypeError):
             log.warning("bandwidth_estimate_invalid", stream_id=stream_id)
             return
-        self.estimates[stream_id] = (kbps, time.monotonic())
+        self.estimates[stream_id] = (kbps, time.monotonic() - max(0.0, age_s))
 
     async def watch(self, bus, stop: asyncio.Event) -> None:
         """Follow the config bucket and the bandwidth estimates until ``stop``."""
@@ -125,9 +127,28 @@ class StreamControls:
 
         estimates = await bus.nc.subscribe(f"{CONTROL_PREFIX}.*", cb=on_estimate)
         try:
+            await self._load_retained_estimates(bus)
             await self._watch_kv(bus, stop)
         finally:
             await estimates.unsubscribe()
+
+    async def _load_retained_estimates(self, bus) -> None:
+        """The latest estimate of every stream that has one in the last 30 s (the bus keeps them),
+        read after subscribing so that nothing published in between is missed."""
+        try:
+            info = await bus.js.stream_info(busmod.CONTROL_STREAM, subjects_filter=f"{CONTROL_PREFIX}.*")
+            subjects = list((info.state.subjects or {}).keys())
+            for subject in subjects:
+                sid = subject.rsplit(".", 1)[-1]
+                if not STREAM_ID_RE.match(sid) or sid in self.estimates:  # a live one already arrived
+                    continue
+                msg = await bus.js.get_last_msg(busmod.CONTROL_STREAM, subject, direct=True)
+                age = time.time() - msg.time.timestamp() if msg.time else 0.0
+                self.estimate(sid, msg.data, age_s=age)
+        except Exception as exc:  # soft state: live estimates still arrive
+            log.warning("retained_estimates_unavailable", error=f"{type(exc).__name__}: {exc}")
+            return
+        log.info("retained_estimates", streams=len(subjects))
 
     async def _watch_kv(self, bus, stop: asyncio.Event) -> None:
         kv = await bus.config_kv()
