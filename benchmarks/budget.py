@@ -1,6 +1,6 @@
 """Bandwidth adherence and live mode changes, end to end.
 
-    python -m benchmarks.budget [CLIP ...] [--budget 300] [--frames 240] [--codec auto] [--json]
+    python -m benchmarks.budget [CLIP ...] [--budget 300] [--frames 240] [--codec auto] [--json] [--report F.html]
 
 Starts the stack on embedded servers, sets each clip's stream to ``adaptive``,
 and plays a receiver that publishes ``{"kbps": BUDGET}`` on
@@ -127,12 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=240, help="frames per clip (default %(default)s)")
     p.add_argument("--codec", default="auto", help="compressor codec (default %(default)s)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--report", type=Path, help="also write `aic report --html` of the run here")
     a = p.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory(prefix="aic-budget-") as tmp, \
             Stack(Path(tmp), compressor_args=["--codec", a.codec, "--quality-frames", "0"]) as stack:
         for clip in a.clips:
             results.append(asyncio.run(run_clip(stack, clip, a.budget, a.frames)))
+        if a.report:
+            from services.report import run as report
+
+            report(stack.database_url, "1h", None, a.report, refresh=True)
     ok = all(r["worst_window_ratio"] <= 1.10 and r["batches_with_old_mode_after_change"] <= 2 for r in results)
     if a.json:
         print(json.dumps({"ok": ok, "results": results}, indent=1))

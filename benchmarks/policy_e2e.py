@@ -95,18 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="aic-policy-") as tmp, Stack(Path(tmp), compressor_args=args) as stack:
         rows = asyncio.run(run_clips(stack, a.clips, a.frames))
         if a.report:
-            from services.metrics.migrations import refresh_rollups
             from services.report import run as report
 
-            async def refresh():
-                conn = await asyncpg.connect(stack.database_url)
-                try:
-                    await refresh_rollups(conn)
-                finally:
-                    await conn.close()
-
-            asyncio.run(refresh())
-            report(stack.database_url, "1h", None, a.report)
+            report(stack.database_url, "1h", None, a.report, refresh=True)
     result = {"codec": a.codec, "level": a.level, "target": a.target, "compare_every": a.compare_every,
               "fallback": a.fallback,
               "clips": {Path(c).name: summarize(r) for c, r in rows.items()}}

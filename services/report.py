@@ -173,7 +173,22 @@ overflow-x:auto}} img{{max-width:100%;border:1px solid #ddd}}</style></head><bod
 """
 
 
-def run(url: str, since: str, stream_id: str | None, html_out: Path | None) -> int:
+async def _refresh(url: str) -> None:
+    from services.metrics.migrations import refresh_rollups
+
+    conn = await asyncpg.connect(url)
+    try:
+        await refresh_rollups(conn)
+    finally:
+        await conn.close()
+
+
+def run(url: str, since: str, stream_id: str | None, html_out: Path | None, refresh: bool = False) -> int:
+    """Print the per-stream table and write the HTML report; ``refresh`` first brings the rollups
+    up to date (benchmarks that report right after their last row, without waiting for the
+    metrics service's next refresh)."""
+    if refresh:
+        asyncio.run(_refresh(url))
     until = datetime.now(timezone.utc)
     start = until - parse_since(since)
     data = asyncio.run(fetch(url, start, stream_id))

@@ -55,6 +55,16 @@ def test_train_checkpoints_resumes_and_exports_a_working_model(photos, tmp_path)
     streams, recon = coder.encode(x, 3)
     assert torch.equal(coder.decode(streams, 3, 40, 70), recon)
 
+    # Fine-tuning from the exported weights: the card says what it started from, and the totals.
+    tuned = train(TrainConfig(**{**cfg.__dict__, "steps": 2, "init": str(weights)}), tmp_path / "tune",
+                  init=weights, ckpt_every=2)
+    export_model(tuned, tmp_path / "models" / "mini-2")
+    meta2 = json.loads((tmp_path / "models" / "mini-2" / "model.json").read_text())
+    assert meta2["init"]["sha256"] == meta["sha256"] and meta2["init"]["steps"] == 5
+    assert meta2["total_steps"] == 7
+    card2 = (tmp_path / "models" / "mini-2" / "MODEL_CARD.md").read_text()
+    assert f"--init {weights}" in card2 and "7 steps" in card2
+
 
 def test_restore_training_resumes_and_exports_a_model_the_hybrid_codec_loads(tmp_path):
     from shared.codecs.hybrid import HybridCodec

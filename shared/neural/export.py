@@ -82,8 +82,25 @@ def evaluate(coder: ImageCoder, images: list[np.ndarray]) -> list[dict]:
     return rows
 
 
-def export_model(ckpt: Path, out_dir: Path, val: str | None = None) -> Path:
-    """Export weights, evaluate on ``val`` and write MODEL_CARD.md and model.json."""
+def init_lineage(init: Path) -> dict:
+    """What a run started from (``aic train --init``): the weights' path and sha256, and the steps and
+    wall time of their own training when their model.json says (chained, so totals add up)."""
+    import hashlib
+
+    info = {"path": str(init), "sha256": hashlib.sha256(Path(init).read_bytes()).hexdigest(),
+            "steps": None, "wall_time_s": None}
+    meta_path = Path(init).parent / "model.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        info["name"] = meta.get("name")
+        info["steps"] = meta.get("total_steps", meta.get("steps"))
+        info["wall_time_s"] = meta.get("total_wall_time_s", meta.get("wall_time_s"))
+    return info
+
+
+def export_model(ckpt: Path, out_dir: Path, val: str | None = None, init: Path | None = None) -> Path:
+    """Export weights, evaluate on ``val`` and write MODEL_CARD.md and model.json; ``init`` is the
+    weights the run started from (``aic train --init``), recorded in the card."""
     path = export_weights(ckpt, out_dir)
     state = torch.load(ckpt, map_location="cpu")
     cfg = state["config"]
@@ -97,6 +114,12 @@ def export_model(ckpt: Path, out_dir: Path, val: str | None = None) -> Path:
             "wall_time_s": wall, "hardware": _hardware(cfg), "exported": dt.date.today().isoformat(),
             "train_files": _count(cfg["data"]), "val_files": _count(val) if val else 0,
             "val": val, "rd": rows}
+    init = init or cfg.get("init")
+    if init is not None:
+        meta["init"] = init_lineage(Path(init))
+        if meta["init"]["steps"] is not None and meta["init"]["wall_time_s"] is not None:
+            meta["total_steps"] = meta["steps"] + meta["init"]["steps"]
+            meta["total_wall_time_s"] = meta["wall_time_s"] + meta["init"]["wall_time_s"]
     (out_dir / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     (out_dir / "MODEL_CARD.md").write_text(model_card(meta))
     return path
@@ -135,6 +158,24 @@ def _hardware(cfg: dict) -> str:
     return f"{cpu}, {threads} threads"
 
 
+def _lineage(meta: dict) -> str:
+    init = meta.get("init")
+    if not init:
+        return ""
+    text = f"\n- started from `{init['path']}` (sha256 `{init['sha256'][:16]}…`"
+    if init.get("steps") is not None:
+        text += f", {init['steps']} steps and {init['wall_time_s'] / 3600:.2f} h of training before"
+    text += ")"
+    if "total_steps" in meta:
+        text += f"; {meta['total_steps']} steps and {meta['total_wall_time_s'] / 3600:.2f} h in all"
+    return text
+
+
+def _init_flags(meta: dict, cfg: dict) -> str:
+    init = meta.get("init")
+    return f" --init {init['path']} --lr {cfg['lr']}" if init else ""
+
+
 def model_card(meta: dict) -> str:
     cfg = meta["config"]
     table = "\n".join(
@@ -162,8 +203,8 @@ variable-rate model with {len(cfg['lambdas'])} levels (per-level channel gains).
 - recipe: Adam, lr {cfg['lr']} (cosine decay over the last 30 %), batch {cfg['batch_size']},
   loss λ·255²·MSE + bpp with λ drawn per sample from {list(cfg['lambdas'])}, mixed quantization
   (noise for the rate, straight-through rounding for the synthesis)
-- steps: {meta['steps']}; hardware: {meta['hardware']}; wall time: {meta['wall_time_s'] / 3600:.2f} h
-- command: `aic train --data {cfg['data']} --steps {cfg['steps']} --export models/{meta['name']} --val {meta['val']}`
+- steps: {meta['steps']}; hardware: {meta['hardware']}; wall time: {meta['wall_time_s'] / 3600:.2f} h{_lineage(meta)}
+- command: `aic train --data {cfg['data']} --steps {cfg['steps']}{_init_flags(meta, cfg)} --export models/{meta['name']} --val {meta['val']}`
 
 ## Rate–distortion on the validation photos
 `{meta['val']}` ({meta['val_files']} photos, none used in training), each scaled to {VAL_MAX_SIDE}

@@ -39,6 +39,7 @@ class TrainConfig:
     device: str = "cpu"
     threads: int = 0
     seed: int = 0
+    init: str | None = None  # the weights the run started from (--init), kept for the model card
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         if level is not None and not 0 <= level < len(DEFAULT_LAMBDAS):
             raise SystemExit(f"aic train: --level must be 'all' or 0..{len(DEFAULT_LAMBDAS) - 1}")
         cfg = TrainConfig(data=args.data, steps=args.steps, level=level, batch_size=args.batch_size, crop=args.crop,
-                          lr=args.lr, device=args.device, threads=args.threads)
+                          lr=args.lr, device=args.device, threads=args.threads,
+                          init=str(args.init) if args.init else None)
     ckpt = train(cfg, args.out, resume=args.resume, init=args.init, ckpt_every=args.ckpt_every)
     if args.export:
         from shared.neural.export import export_model
