@@ -112,6 +112,7 @@ class Bus:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream(timeout=30)
         self.cfg = cfg
+        self._verified: dict[str, None] = {}  # claims payload() checked, oldest first (release deletes only these)
 
     @classmethod
     async def connect(cls, cfg: BusConfig, name: str, **kwargs) -> "Bus":
@@ -237,42 +238,64 @@ class Bus:
         view = memoryview(data)
         futs = [
             await self.js.publish_async(
-                blob_subject, bytes(view[i : i + chunk]), headers={MSG_ID_HEADER: f"{msg_id}#{i // chunk}"}
+                blob_subject, bytes(view[i : i + chunk]), headers={MSG_ID_HEADER: _chunk_id(subject, msg_id, i // chunk)}
             )
             for i in range(0, len(data), chunk)
         ]
-        acks = await asyncio.gather(*futs)
+        # nats-py's async publish futures have no deadline of their own: a reply lost in a reconnect
+        # would hold this batch (and the worker's slot) forever.
+        acks = await asyncio.wait_for(asyncio.gather(*futs), timeout=self.js._timeout)
         headers[CLAIM_HEADER] = Claim(len(data), tuple(a.seq for a in acks)).encode()
         return await self.js.publish(subject, b"", headers=headers)
 
-    async def payload(self, msg: Msg) -> bytes:
-        """The bytes a message carries, fetching claim-checked chunks."""
+    async def payload(self, msg: Msg, max_size: int | None = None) -> bytes:
+        """The bytes a message carries, fetching claim-checked chunks.  Each chunk must be this
+        message's own (its id names the message's subject and id), and the claimed size at most
+        ``max_size``: a forged or stale claim raises :class:`ClaimError` before anything large is read."""
         claim = (msg.headers or {}).get(CLAIM_HEADER)
         if claim is None:
             return msg.data
         c = Claim.decode(claim)
+        if max_size is not None and c.size > max_size:
+            raise ClaimError(f"claim-checked message of {c.size} bytes is over the {max_size}-byte limit")
+        msg_id = (msg.headers or {}).get(MSG_ID_HEADER, "")
         parts = []
-        for seq in c.seqs:
+        for i, seq in enumerate(c.seqs):
             try:
                 part = await self.js.get_msg(BLOBS_STREAM, seq, direct=True)
             except NotFoundError:
                 raise ClaimError(f"claim-checked chunk {seq} is gone (expired or deleted)") from None
+            if (part.headers or {}).get(MSG_ID_HEADER) != _chunk_id(msg.subject, msg_id, i):
+                raise ClaimError(f"claim-checked chunk {seq} belongs to another message")
             parts.append(part.data or b"")
         data = b"".join(parts)
         if len(data) != c.size:
             raise ClaimError(f"claim-checked message has {len(data)} bytes, header says {c.size}")
+        self._verified[claim] = None
+        while len(self._verified) > 1024:
+            self._verified.pop(next(iter(self._verified)))
         return data
 
     async def release(self, msg: Msg) -> None:
-        """Delete a processed message's claim-checked chunks (they also expire with the stream's max_age)."""
+        """Delete a processed message's claim-checked chunks (they also expire with the stream's
+        max_age).  Only chunks that :meth:`payload` verified as the message's own: a forged claim
+        must not delete other messages' chunks."""
         claim = (msg.headers or {}).get(CLAIM_HEADER)
-        if claim is None:
+        if claim is None or claim not in self._verified:
             return
+        del self._verified[claim]
         for seq in Claim.decode(claim).seqs:
             try:
                 await self.js.delete_msg(BLOBS_STREAM, seq)
             except Exception:
                 pass  # already gone: deletion is an optimisation, expiry is the guarantee
+
+
+def _chunk_id(subject: str, msg_id: str, index: int) -> str:
+    """A chunk's message id.  It names the message's subject, not just its id: a frame batch and its
+    compressed batch share ``stream:seq``, and JetStream would take the second's chunks for
+    duplicates of the first's."""
+    return f"{subject}/{msg_id}#{index}"
 
 
 async def unsubscribe(sub) -> None:

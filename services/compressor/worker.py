@@ -192,7 +192,8 @@ class Compressor:
         beat = asyncio.create_task(self._heartbeat(msg))
         try:
             try:
-                data = await self.bus.payload(msg)
+                # The envelope around the frames is small; a claim beyond this is refused unread.
+                data = await self.bus.payload(msg, max_size=self.cfg.limits.max_batch_bytes + (1 << 20))
                 outcome = await asyncio.get_running_loop().run_in_executor(
                     self.pool, process_batch, data, self.policy, self.cfg, self.controls
                 )
@@ -221,8 +222,8 @@ class Compressor:
             await asyncio.sleep(max(1.0, self.cfg.bus.ack_wait_s / 3))
             try:
                 await msg.in_progress()
-            except Exception:
-                return
+            except Exception as exc:  # a reconnect: keep beating, or the batch is redelivered mid-work
+                log.warning("heartbeat_failed", subject=msg.subject, error=f"{type(exc).__name__}: {exc}")
 
     async def _deliver(self, msg: Msg, outcome: Outcome, attempts: int) -> None:
         cb = outcome.compressed
@@ -323,7 +324,11 @@ class Compressor:
 
     async def _report_failure(self, msg, stream_seq: int, status: str, reason: str, attempts: int) -> None:
         """Publish the dead letter and the metrics row of a batch that ends without a payload."""
-        sid, seq = peek_ids(msg.data) if not (msg.headers or {}).get(busmod.CLAIM_HEADER) else (None, None)
+        if (msg.headers or {}).get(busmod.CLAIM_HEADER):
+            # The frames are elsewhere, but the message id is the gateway's "stream:seq".
+            sid, seq = _ids_from_msg_id((msg.headers or {}).get(busmod.MSG_ID_HEADER, ""))
+        else:
+            sid, seq = peek_ids(msg.data)
         if sid is None:
             token = msg.subject.rsplit(".", 1)[-1]
             sid = token if STREAM_ID_RE.match(token) else "_invalid"
@@ -363,10 +368,21 @@ class Compressor:
 
 
 def _stored_at(msg) -> float | None:
+    """When JetStream stored the message: a consumed message's metadata, or a fetched one's time."""
+    stored = getattr(msg, "time", None)  # RawStreamMsg (the exhausted-batch path reads it by sequence)
+    if stored is not None:
+        return stored.timestamp()
     try:
         return msg.metadata.timestamp.timestamp()
-    except Exception:  # not a JetStream message (an advisory's copy): the row falls back to completion time
+    except Exception:  # neither: the row falls back to completion time
         return None
+
+
+def _ids_from_msg_id(msg_id: str) -> tuple[str | None, int | None]:
+    sid, _, seq = msg_id.rpartition(":")
+    if STREAM_ID_RE.match(sid) and seq.isdigit():
+        return sid, int(seq)
+    return None, None
 
 
 #: ``auto`` prefers these, in order, when their weights and torch are present.

@@ -1,0 +1,76 @@
+"""The claim check: messages larger than the server's max_payload travel as chunks on AIC_BLOBS."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from services.ingest import ingest
+from shared import bus as busmod
+from shared.bus import Bus, ClaimError
+from shared.codecs import decode_payload
+from shared.schemas import unpack_compressed_batch
+from tests.conftest import compressor, metrics_writer, running, unique, wait_rows
+
+
+@pytest.fixture
+def small_messages(monkeypatch):
+    """Every message over 4 KiB goes by claim check (in this process)."""
+    monkeypatch.setattr(Bus, "max_inline", property(lambda self: 4096))
+
+
+async def last(bus: Bus, stream: str, subject: str):
+    return await bus.js.get_last_msg(stream, subject)
+
+
+async def test_two_claim_checked_messages_with_one_id_keep_their_own_chunks(bus, small_messages):
+    """A frame batch and its compressed batch share the id "stream:seq"; their chunks must not be
+    taken for duplicates of each other."""
+    sid = unique("cc")
+    frames, coded = os.urandom(20_000), os.urandom(9_000)
+    await bus.publish(busmod.frames_subject(sid), frames, f"{sid}:0", kind="frames")
+    await bus.publish(busmod.compressed_subject(sid), coded, f"{sid}:0", kind="compressed")
+    assert await bus.payload(await last(bus, busmod.FRAMES_STREAM, busmod.frames_subject(sid))) == frames
+    assert await bus.payload(await last(bus, busmod.COMPRESSED_STREAM, busmod.compressed_subject(sid))) == coded
+
+
+async def test_a_forged_claim_is_refused_and_releasing_it_deletes_nothing(bus, small_messages):
+    sid = unique("cc")
+    frames = os.urandom(20_000)
+    await bus.publish(busmod.frames_subject(sid), frames, f"{sid}:0", kind="frames")
+    real = await last(bus, busmod.FRAMES_STREAM, busmod.frames_subject(sid))
+    claim = real.headers[busmod.CLAIM_HEADER]
+    # Another stream's message that points at the first one's chunks.
+    other = unique("cc")
+    await bus.js.publish(busmod.frames_subject(other), b"",
+                         headers={busmod.MSG_ID_HEADER: f"{other}:0", busmod.CLAIM_HEADER: claim})
+    forged = await last(bus, busmod.FRAMES_STREAM, busmod.frames_subject(other))
+    with pytest.raises(ClaimError, match="another message"):
+        await bus.payload(forged)
+    await bus.release(forged)
+    assert await bus.payload(real) == frames  # still there
+
+
+async def test_a_claim_over_the_size_limit_is_refused_unread(bus, small_messages):
+    sid = unique("cc")
+    await bus.publish(busmod.frames_subject(sid), os.urandom(20_000), f"{sid}:0", kind="frames")
+    msg = await last(bus, busmod.FRAMES_STREAM, busmod.frames_subject(sid))
+    with pytest.raises(ClaimError, match="over the 10000-byte limit"):
+        await bus.payload(msg, max_size=10_000)
+
+
+async def test_a_batch_whose_frames_and_payload_both_travel_by_claim_check_decodes(
+    bus, bus_cfg, postgres, small_messages
+):
+    sid = unique("cc")
+    async with running(compressor(bus_cfg, concurrency=1), metrics_writer(bus_cfg, postgres.url)):
+        await ingest(bus, "lavfi:testsrc2=size=320x240:rate=30", sid, 8, 8, progress=False)
+        rows = await wait_rows(postgres.url, [sid], 1)
+    assert rows[0]["status"] == "ok", rows[0]["reason"]
+    assert rows[0]["compressed_bytes"] > 4096  # the payload went by claim check too
+    msg = await last(bus, busmod.COMPRESSED_STREAM, busmod.compressed_subject(sid))
+    assert msg.headers.get(busmod.CLAIM_HEADER)
+    cb = unpack_compressed_batch(await bus.payload(msg))
+    header, frames = decode_payload(cb.payload)
+    assert frames.shape[0] == 8 and (header.width, header.height) == (320, 240)
