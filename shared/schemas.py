@@ -8,6 +8,7 @@ malformed message reach a codec or the database.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,10 @@ class Limits:
     max_height: int = 4320
     max_frames: int = 256
     max_batch_bytes: int = 512 * 1024 * 1024
+
+
+#: 9999-12-31: later "times" are milliseconds or garbage, and Python's datetime cannot hold them.
+MAX_TIMESTAMP = 253_402_300_799.0
 
 
 # --------------------------------------------------------------------------- helpers
@@ -89,6 +94,13 @@ def _float(obj: dict, key: str, *, optional: bool = False, lo: float = -math.inf
     if val is not None and val < lo:
         raise SchemaError("bad_field", f"field {key!r}={val} below {lo}")
     return None if val is None else float(val)
+
+
+def _unix_time(obj: dict, key: str, *, optional: bool = False) -> float | None:
+    t = _float(obj, key, optional=optional)
+    if t is not None and not 0.0 <= t <= MAX_TIMESTAMP:
+        raise SchemaError("bad_field", f"field {key!r}={t} is not a Unix time in seconds (0..{MAX_TIMESTAMP:.0f})")
+    return t
 
 
 def _stream_id(obj: dict) -> str:
@@ -187,7 +199,7 @@ def unpack_frame_batch(data: bytes, limits: Limits = Limits()) -> FrameBatch:
     if not 0.01 <= fps_num / fps_den <= 1000:
         raise SchemaError("bad_field", f"frame rate {fps_num}/{fps_den} outside [0.01, 1000]")
     first_pts = _int_in(obj, "first_pts", -(2**62), 2**62)
-    captured_at = _float(obj, "captured_at", lo=0.0)
+    captured_at = _unix_time(obj, "captured_at")
     count = _int_in(obj, "frame_count", 1, limits.max_frames)
     frames = _get(obj, "frames", list)
     if len(frames) != count:
@@ -250,7 +262,7 @@ def unpack_compressed_batch(data: bytes) -> CompressedBatch:
         fps_num=_int_in(obj, "fps_num", 1, 1_000_000),
         fps_den=_int_in(obj, "fps_den", 1, 1_000_000),
         first_pts=_int_in(obj, "first_pts", -(2**62), 2**62),
-        captured_at=_float(obj, "captured_at", lo=0.0),
+        captured_at=_unix_time(obj, "captured_at"),
         encoded_at=_float(obj, "encoded_at", lo=0.0),
         worker_id=_get(obj, "worker_id", str),
         payload=_get(obj, "payload", bytes),
@@ -309,6 +321,7 @@ _METRIC_INTS = (
 FALLBACK_REASONS = ("quality", "size", "latency", "error")
 #: Per-stream compression modes (see docs/architecture.md).
 MODES = ("conservative", "adaptive", "aggressive", "off")
+_METRIC_BIGINTS = ("batch_seq", "raw_bytes", "compressed_bytes", "baseline_bytes")
 _METRIC_FLOATS = ("kbps", "psnr_y", "psnr_rgb", "ms_ssim", "encode_ms", "quality_ms", "latency_ms", "captured_at",
                   "budget_kbps")
 _METRIC_STRS = ("reason", "codec", "codec_params")
@@ -322,8 +335,11 @@ def unpack_batch_metrics(data: bytes) -> BatchMetrics:
     batch_id = _get(obj, "batch_id", str)
     if not 1 <= len(batch_id) <= 160:
         raise SchemaError("bad_field", "batch_id must be 1..160 characters")
-    kw: dict[str, Any] = {k: _int_in(obj, k, 0, 2**62, optional=True) for k in _METRIC_INTS}
+    # Bounded by the columns they land in (integer vs bigint), so that no valid record can fail the insert.
+    kw: dict[str, Any] = {k: _int_in(obj, k, 0, 2**62 if k in _METRIC_BIGINTS else 2**31 - 1, optional=True)
+                          for k in _METRIC_INTS}
     kw.update({k: _float(obj, k, optional=True) for k in _METRIC_FLOATS})
+    kw["captured_at"] = _unix_time(obj, "captured_at", optional=True)
     kw.update({k: _get(obj, k, str, optional=True) for k in _METRIC_STRS})
     kw["mode"] = _get(obj, "mode", str, optional=True)
     if kw["mode"] not in (None, *MODES):
@@ -332,12 +348,16 @@ def unpack_batch_metrics(data: bytes) -> BatchMetrics:
     if kw["fallback_reason"] not in (None, *FALLBACK_REASONS):
         raise SchemaError("bad_field", f"fallback_reason {kw['fallback_reason']!r} not in {FALLBACK_REASONS}")
     extra = _get(obj, "extra", dict, optional=True) or {}
+    try:
+        json.dumps(extra)
+    except (TypeError, ValueError):
+        raise SchemaError("bad_field", "field 'extra' must hold JSON values only") from None
     return BatchMetrics(
         batch_id=batch_id,
         stream_id=_stream_id(obj),
         status=status,
         worker_id=_get(obj, "worker_id", str),
-        completed_at=_float(obj, "completed_at", lo=0.0),
+        completed_at=_unix_time(obj, "completed_at"),
         extra=extra,
         **kw,
     )

@@ -87,3 +87,18 @@ def test_metrics_status_must_be_known():
     m = BatchMetrics("s:4", "s", "weird", "w", 2.0)
     with pytest.raises(SchemaError):
         unpack_batch_metrics(m.pack())
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"captured_at": 1.7e12}, "captured_at"),  # milliseconds, not seconds
+    ({"completed_at": 1e20}, "completed_at"),
+    ({"frames": 2**40}, "frames"),  # an integer column
+    ({"extra": {"blob": b"\x00\x01"}}, "extra"),  # not JSON
+])  # fmt: skip
+def test_metrics_values_no_row_could_hold_are_refused(change, field):
+    """Every record that passes validation must fit its row, or one record would stop the writer."""
+    m = BatchMetrics("s:4", "s", "ok", "w", 2.0)
+    obj = msgpack.unpackb(m.pack())
+    obj.update(change)
+    with pytest.raises(SchemaError, match=field):
+        unpack_batch_metrics(msgpack.packb(obj, use_bin_type=True))

@@ -175,3 +175,32 @@ async def test_a_database_restart_during_the_one_by_one_fallback_loses_no_record
     assert set(writer.store.rows) == {"s:0", "s:2", "s:3"}
     assert [m.termed for m in msgs] == [False, True, False, False]
     assert [m.acked for m in msgs] == [True, False, True, True]
+
+
+async def test_records_no_row_could_hold_are_dropped_and_the_writer_keeps_writing(bus, bus_cfg, postgres):
+    sid = unique("bad")
+    good = BatchMetrics(f"{sid}:1", sid, "ok", "w1", time.time(), batch_seq=1)
+    async with running(metrics_writer(bus_cfg, postgres.url)) as tasks:
+        for i, bad in enumerate([
+            BatchMetrics(f"{sid}:0", sid, "ok", "w1", time.time(), captured_at=time.time() * 1000),
+            BatchMetrics(f"{sid}:0", sid, "ok", "w1", time.time(), reason="nul \x00 in text"),
+        ]):  # fmt: skip
+            await bus.publish(busmod.metrics_subject("w1"), bad.pack(), f"bad{sid}{i}")
+        await bus.publish(busmod.metrics_subject("w1"), good.pack(), f"good{sid}")
+        rows = await wait_rows(postgres.url, [sid], 1)
+        assert not any(t.done() for t in tasks)
+    assert [r["batch_id"] for r in rows] == [f"{sid}:1"]
+
+
+def test_only_data_and_constraint_errors_blame_the_record():
+    from asyncpg import exceptions as e
+
+    from services.metrics.writer import is_outage
+
+    for exc in (e.DiskFullError("x"), e.ReadOnlySQLTransactionError("x"), e.DeadlockDetectedError("x"),
+                e.TooManyConnectionsError("x"), e.SerializationError("x"), e.UndefinedTableError("x"),
+                e.AdminShutdownError("x"), ConnectionResetError()):  # fmt: skip
+        assert is_outage(exc), exc
+    for exc in (e.CharacterNotInRepertoireError("x"), e.UniqueViolationError("x"), e.CheckViolationError("x"),
+                e.NumericValueOutOfRangeError("x")):  # fmt: skip
+        assert not is_outage(exc), exc

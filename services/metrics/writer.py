@@ -57,6 +57,20 @@ _CONNECTION_ERRORS = (
     asyncpg.InterfaceError,
     asyncpg.exceptions.OperatorInterventionError,
 )
+# SQLSTATE classes that blame the record itself: 22 data exception, 23 integrity constraint.  Anything
+# else (disk full, out of memory, too many connections, read-only after a failover, deadlock,
+# serialization failure, lock timeout, a missing relation) is the database's state: hold and retry,
+# never drop.
+_RECORD_ERROR_CLASSES = ("22", "23")
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether a write failure should hold the records and retry (True) or isolate a bad record."""
+    if isinstance(exc, _CONNECTION_ERRORS):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(getattr(exc, "sqlstate", "") or "")[:2] not in _RECORD_ERROR_CLASSES
+    return False
 
 
 def to_record(m: BatchMetrics) -> tuple:
@@ -201,9 +215,10 @@ class MetricsWriter:
         for m in msgs:
             try:
                 good.append((m, to_record(unpack_batch_metrics(m.data))))
-            except SchemaError as exc:
+            except Exception as exc:  # SchemaError, or a value no row can hold: never a crash loop
                 INVALID.inc()
-                log.warning("invalid_record", subject=m.subject, reason=exc.reason)
+                log.warning("invalid_record", subject=m.subject,
+                            reason=getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}")
                 await m.term()
         if not good:
             return
@@ -217,19 +232,23 @@ class MetricsWriter:
                 else:
                     inserted = await self.store.write([r for _, r in good])
                 break
-            except _CONNECTION_ERRORS as exc:
+            except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+                if not is_outage(exc):
+                    # A record the database refuses (not an outage): isolate it, keep the rest.
+                    # The one-by-one pass stays inside this loop, so an outage during it is retried too.
+                    DB_ERRORS.inc()
+                    log.error("db_write_failed", error=f"{type(exc).__name__}: {exc}", rows=len(good))
+                    isolate = True
+                    continue
                 DB_ERRORS.inc()
                 log.warning("db_unavailable", error=f"{type(exc).__name__}: {exc}", held=len(good), retry_s=delay)
-                self.store.conn = None
+                if isinstance(exc, _CONNECTION_ERRORS):
+                    self.store.conn = None
+                if stop.is_set():  # shutting down: unacked, so JetStream redelivers them to the next writer
+                    return
                 await asyncio.gather(*(m.in_progress() for m, _ in good), return_exceptions=True)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-            except asyncpg.PostgresError as exc:
-                # A record the database refuses (not an outage): isolate it, keep the rest.
-                # The one-by-one pass stays inside this loop, so an outage during it is retried too.
-                DB_ERRORS.inc()
-                log.error("db_write_failed", error=f"{type(exc).__name__}: {exc}", rows=len(good))
-                isolate = True
         for m, _ in good:
             await m.ack()
         self.inserted += inserted
@@ -241,9 +260,9 @@ class MetricsWriter:
         for m, rec in list(good):
             try:
                 inserted += await self.store.write([rec])
-            except _CONNECTION_ERRORS:
-                raise  # an outage, not this record's fault: the caller waits and retries
-            except asyncpg.PostgresError as exc:
+            except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+                if is_outage(exc):
+                    raise  # not this record's fault: the caller waits and retries
                 log.error("record_refused", batch_id=rec[0], error=f"{type(exc).__name__}: {exc}")
                 await m.term()
                 good.remove((m, rec))
