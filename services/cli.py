@@ -16,8 +16,9 @@ from pathlib import Path
 from shared.config import BusConfig, CompressorConfig, MetricsConfig, PolicyConfig, data_dir, env_int, env_str
 
 DEFAULT_DEMO_SOURCE = "lavfi:testsrc2=size=640x360:rate=30"
-CODEC_HELP = ("auto | hybrid | neural | x264 | x265 | vp9 | av1 (default auto: hybrid — x264 with learned "
-              "restoration — when its weights are in models/ and torch is installed, else neural, else x264)")
+CODEC_HELP = ("auto | hybrid | neural | x264 | x264-psnr | x265 | vp9 | av1 (default auto: hybrid — x264 with "
+              "learned restoration — when its weights are in models/ and torch is installed, else neural, else "
+              "x264); env AIC_CODEC")
 
 
 def _bus_args(p: argparse.ArgumentParser) -> None:
@@ -42,11 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="run the whole stack on this machine (embedded NATS + PostgreSQL)")
     p.add_argument("--data-dir", help="where embedded servers keep data (default: $AIC_DATA_DIR or ./.aic)")
     p.add_argument("--compressors", type=int, default=1, help="compressor processes to start (default 1)")
-    p.add_argument("--codec", default="auto", help=CODEC_HELP)
+    p.add_argument("--codec", default=env_str("AIC_CODEC", "auto"), help=CODEC_HELP)
 
     p = sub.add_parser("compressor", help="run a compressor worker on the shared consumer")
     _bus_args(p)
-    p.add_argument("--codec", default=env_str("AIC_CODEC", "auto"), help=CODEC_HELP + "; env AIC_CODEC")
+    p.add_argument("--codec", default=env_str("AIC_CODEC", "auto"), help=CODEC_HELP)
     p.add_argument("--level", type=int, help="rate level 0..7, fewest bits first (default: the codec's own; "
                    "for native codecs each level is a CRF)")
     p.add_argument("--model", help="learned model under models/ (default: hybrid restore-v1, neural hyperprior-v1)")
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=64, help="frames per stream (default 64)")
     p.add_argument("--batch-frames", type=int, default=8, help="frames per batch (default 8)")
     p.add_argument("--compressors", type=int, default=1, help="compressor processes (default 1)")
-    p.add_argument("--codec", default="auto", help=CODEC_HELP)
+    p.add_argument("--codec", default=env_str("AIC_CODEC", "auto"), help=CODEC_HELP)
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for every row (default 600)")
     p.add_argument("--data-dir", help="embedded servers' data (default: a fresh temporary folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")

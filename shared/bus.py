@@ -30,6 +30,7 @@ against 5-46 MB/s for the nats-py object store (docs/benchmarks.md).
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import nats
@@ -41,6 +42,9 @@ from nats.js.errors import NotFoundError
 
 from shared.config import BusConfig
 from shared.control import CONTROL_PREFIX, ESTIMATE_FRESH_S
+from shared.logs import get_logger
+
+log = get_logger("bus")
 
 FRAMES_STREAM = "AIC_FRAMES"
 COMPRESSED_STREAM = "AIC_COMPRESSED"
@@ -84,6 +88,10 @@ def _token(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in s) or "_"
 
 
+class BusUnavailable(ConnectionError):
+    """No NATS server answered."""
+
+
 class ClaimError(RuntimeError):
     """A claim-checked message whose chunks are missing or inconsistent."""
 
@@ -115,17 +123,39 @@ class Bus:
         self._verified: dict[str, None] = {}  # claims payload() checked, oldest first (release deletes only these)
 
     @classmethod
-    async def connect(cls, cfg: BusConfig, name: str, **kwargs) -> "Bus":
-        nc = await nats.connect(
-            cfg.nats_url,
-            name=name,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            connect_timeout=5,
-            drain_timeout=5,
-            **kwargs,
-        )
+    async def connect(cls, cfg: BusConfig, name: str, wait_s: float = 10.0, **kwargs) -> "Bus":
+        """Connect, waiting at most ``wait_s`` for the first connection (nats-py alone would retry
+        forever); once connected, reconnects are unlimited.  Raises :class:`BusUnavailable`."""
+        kwargs.setdefault("error_cb", _error_logger())
+        try:
+            nc = await asyncio.wait_for(nats.connect(
+                cfg.nats_url,
+                name=name,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                connect_timeout=min(5.0, wait_s),
+                drain_timeout=5,
+                **kwargs,
+            ), wait_s)  # fmt: skip
+        except (asyncio.TimeoutError, OSError, nats.errors.Error) as exc:
+            raise BusUnavailable(f"no NATS server answered at {cfg.nats_url} within {wait_s:g} s "
+                                 f"({type(exc).__name__})") from None
         return cls(nc, cfg)
+
+    @classmethod
+    async def connect_until(cls, cfg: BusConfig, name: str, stop: asyncio.Event) -> "Bus | None":
+        """For services: wait for the server as long as it takes (it may start after us), logging
+        each failed try, unless ``stop`` is set first (then None)."""
+        while not stop.is_set():
+            try:
+                return await cls.connect(cfg, name, wait_s=5.0)
+            except BusUnavailable as exc:
+                log.warning("nats_unavailable", error=str(exc))
+                try:
+                    await asyncio.wait_for(stop.wait(), 1.0)
+                except asyncio.TimeoutError:
+                    pass
+        return None
 
     @property
     def max_inline(self) -> int:
@@ -289,6 +319,20 @@ class Bus:
                 await self.js.delete_msg(BLOBS_STREAM, seq)
             except Exception:
                 pass  # already gone: deletion is an optimisation, expiry is the guarantee
+
+
+def _error_logger():
+    """nats-py prints a traceback for every failed (re)connect try; one line per kind of error
+    every 10 s says the same."""
+    last: dict[str, float] = {}
+
+    async def on_error(exc: Exception) -> None:
+        key, now = f"{type(exc).__name__}: {exc}", time.monotonic()
+        if now - last.get(key, -1e9) >= 10.0:
+            last[key] = now
+            log.warning("nats_error", error=key)
+
+    return on_error
 
 
 def _chunk_id(subject: str, msg_id: str, index: int) -> str:

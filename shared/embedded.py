@@ -95,6 +95,7 @@ class NatsServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C goes to the supervisor, which stops NATS last, after the drains
         )
 
         def ready() -> bool:

@@ -60,8 +60,14 @@ def _ssim_maps(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(np.mean(lum * cs)), float(np.mean(cs))
 
 
-def ms_ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """MS-SSIM of two single-channel uint8 images (5 scales; needs at least 176 px a side)."""
+MS_SSIM_MIN_SIDE = 11  # one 11-tap Gaussian window; smaller frames have no MS-SSIM
+
+
+def ms_ssim(a: np.ndarray, b: np.ndarray) -> float | None:
+    """MS-SSIM of two single-channel uint8 images (5 scales from 176 px a side, fewer below; None
+    under 11 px, where not even one window fits)."""
+    if min(a.shape) < MS_SSIM_MIN_SIDE:
+        return None
     x, y = a.astype(np.float32), b.astype(np.float32)
     if min(x.shape) < 11 * 16:
         # Too small for five scales: fall back to as many as fit (documented deviation).
@@ -112,5 +118,7 @@ def measure_batch(src: np.ndarray, dec: np.ndarray, width: int, height: int, sam
     if not idx:
         return BatchQuality(float(np.mean(py)), None, None, 0)
     prgb = [psnr(to_rgb(src[i], width, height), to_rgb(dec[i], width, height)) for i in idx]
+    if min(width, height) < MS_SSIM_MIN_SIDE:
+        return BatchQuality(float(np.mean(py)), float(np.mean(prgb)), None, 0)
     ms = [ms_ssim(split_planes(src[i], width, height)[0], split_planes(dec[i], width, height)[0]) for i in idx]
     return BatchQuality(float(np.mean(py)), float(np.mean(prgb)), float(np.mean(ms)), len(idx))

@@ -130,3 +130,32 @@ def test_an_estimate_is_as_old_as_its_publication():
     assert c.decide("cam").budget_kbps == 300
     c.estimate("cam", b'{"kbps": 300}', age_s=ctl.BUDGET_FRESH_S + 1)
     assert c.decide("cam") is None
+
+
+async def test_the_config_watch_starts_again_after_a_failure(bus, monkeypatch):
+    import asyncio
+
+    from services.compressor.controls import StreamControls
+
+    real, calls = bus.config_kv, []
+
+    async def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise TimeoutError("bucket unreachable")
+        return await real()
+
+    sid = unique("w")
+    await (await real()).put(sid, StreamConfig(mode="aggressive").to_json())
+    monkeypatch.setattr(bus, "config_kv", flaky)
+    controls, stop = StreamControls(), asyncio.Event()
+    task = asyncio.create_task(controls.watch(bus, stop))
+    try:
+        for _ in range(100):
+            if sid in controls.configs:
+                break
+            await asyncio.sleep(0.1)
+        assert controls.decide(sid).mode == "aggressive" and len(calls) >= 2
+    finally:
+        stop.set()
+        await task

@@ -62,8 +62,16 @@ def test_compose_runs_prometheus_and_grafana_with_the_shipped_files():
         for volume in services[name]["volumes"]:
             assert (ROOT / volume.split(":")[0]).exists(), volume
     prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
-    targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
-    assert {"compressor:9101", "metrics:9102", "ingest:9103"} == targets
+    assert {"compressor:9101", "metrics:9102", "ingest:9103"} == scrape_targets(prom)
+
+
+def scrape_targets(prom: dict) -> set[str]:
+    """host:port of every scrape target, static or found by DNS (one per compressor replica)."""
+    out = set()
+    for job in prom["scrape_configs"]:
+        out |= {t for sc in job.get("static_configs", []) for t in sc["targets"]}
+        out |= {f"{n}:{sd['port']}" for sd in job.get("dns_sd_configs", []) for n in sd["names"]}
+    return out
 
 
 def container_commands() -> list[list[str]]:
@@ -91,5 +99,5 @@ def test_prometheus_scrapes_each_service_on_the_port_its_container_serves():
 
     served = {build_parser().parse_args(c).metrics_port for c in container_commands() if "--help" not in c}
     prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
-    scraped = {int(t.split(":")[1]) for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    scraped = {int(t.split(":")[1]) for t in scrape_targets(prom)}
     assert scraped <= served

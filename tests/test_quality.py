@@ -57,3 +57,14 @@ def test_quality_sample_zero_measures_psnr_y_only():
     src = np.random.default_rng(4).integers(0, 256, (2, frame_size(w, h)), dtype=np.uint8)
     q = measure_batch(src, src, w, h, sample=0)
     assert (q.psnr_y, q.psnr_rgb, q.ms_ssim, q.ms_ssim_frames) == (PSNR_CAP, None, None, 0)
+
+
+def test_frames_too_small_for_one_ssim_window_have_psnr_but_no_ms_ssim():
+    """The schema takes frames from 2x2; MS-SSIM needs 11 px a side (one window)."""
+    rng = np.random.default_rng(5)
+    for w, h in ((8, 8), (300, 10), (10, 300)):
+        src = rng.integers(0, 256, (2, frame_size(w, h)), dtype=np.uint8)
+        q = measure_batch(src, src ^ 1, w, h, sample=-1)
+        assert q.ms_ssim is None and q.ms_ssim_frames == 0
+        assert math.isfinite(q.psnr_y) and math.isfinite(q.psnr_rgb)
+    assert ms_ssim(np.zeros((12, 40), np.uint8), np.zeros((12, 40), np.uint8)) == 1.0  # one scale fits

@@ -204,3 +204,11 @@ def test_only_data_and_constraint_errors_blame_the_record():
     for exc in (e.CharacterNotInRepertoireError("x"), e.UniqueViolationError("x"), e.CheckViolationError("x"),
                 e.NumericValueOutOfRangeError("x")):  # fmt: skip
         assert not is_outage(exc), exc
+
+
+def test_a_dead_nats_server_is_a_clear_error_not_a_hang():
+    from shared.embedded import free_port
+
+    r = aic("config", "get", "cam", "--nats-url", f"nats://127.0.0.1:{free_port()}", timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "no NATS server answered" in r.stderr and "Traceback" not in r.stderr

@@ -118,8 +118,23 @@ class StreamControls:
         self.estimates[stream_id] = (kbps, time.monotonic() - max(0.0, age_s))
 
     async def watch(self, bus, stop: asyncio.Event) -> None:
-        """Follow the config bucket and the bandwidth estimates until ``stop``."""
+        """Follow the config bucket and the bandwidth estimates until ``stop``; a failure (the bucket
+        unreachable, a watcher that breaks) is logged and the watch starts again, so a worker never
+        runs on without live config unnoticed."""
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                await self._watch(bus, stop)
+                return
+            except Exception as exc:
+                log.warning("stream_config_watch_failed", error=f"{type(exc).__name__}: {exc}", retry_s=delay)
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+                delay = min(delay * 2, 10.0)
 
+    async def _watch(self, bus, stop: asyncio.Event) -> None:
         async def on_estimate(msg):
             sid = msg.subject.rsplit(".", 1)[-1]
             if STREAM_ID_RE.match(sid):

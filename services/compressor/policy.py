@@ -16,6 +16,8 @@ levels, so the size comparison is not flattered by coarse steps.
 
 from __future__ import annotations
 
+import math
+
 import time
 from dataclasses import dataclass
 
@@ -48,7 +50,9 @@ def batch_quality(metric: str, fb: FrameBatch, decoded: np.ndarray) -> float:
     i = sample_indices(len(fb.frames), 1)[0]
     if metric == "psnr_rgb":
         return psnr(to_rgb(fb.frames[i], w, h), to_rgb(decoded[i], w, h))
-    return ms_ssim(split_planes(fb.frames[i], w, h)[0], split_planes(decoded[i], w, h)[0])
+    value = ms_ssim(split_planes(fb.frames[i], w, h)[0], split_planes(decoded[i], w, h)[0])
+    # Under 11 px a side there is no MS-SSIM: a target nobody can measure is not met (native goes out).
+    return -math.inf if value is None else value
 
 
 class Policy:

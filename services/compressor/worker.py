@@ -148,7 +148,9 @@ class Compressor:
         self.bus: Bus | None = None
 
     async def run(self, stop: asyncio.Event) -> int:
-        self.bus = await Bus.connect(self.cfg.bus, name=f"aic-compressor-{self.cfg.worker_id}")
+        self.bus = await Bus.connect_until(self.cfg.bus, f"aic-compressor-{self.cfg.worker_id}", stop)
+        if self.bus is None:
+            return 0
         await self.bus.ensure_topology()
         sub = await self.bus.pull(busmod.FRAMES_STREAM, busmod.COMPRESSOR_CONSUMER)
         watcher = asyncio.create_task(self.watch_exhausted(stop))

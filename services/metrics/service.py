@@ -22,17 +22,22 @@ class MetricsService:
         self.writer = MetricsWriter(cfg)
         self._pool: asyncpg.Pool | None = None
         self._bus: Bus | None = None
+        self._pool_lock, self._kv_lock = asyncio.Lock(), asyncio.Lock()  # one pool, one connection
         self.server = None  # uvicorn.Server once started
 
     async def pool(self) -> asyncpg.Pool:
         # Created on first use and kept; a database that is down makes requests 503 until it is back.
-        if self._pool is None:
-            self._pool = await asyncpg.create_pool(self.cfg.database_url, min_size=1, max_size=4, timeout=5)
+        async with self._pool_lock:
+            if self._pool is None:
+                self._pool = await asyncpg.create_pool(self.cfg.database_url, min_size=1, max_size=4, timeout=5)
         return self._pool
 
     async def kv(self):
-        if self._bus is None:
-            self._bus = await Bus.connect(self.cfg.bus, name="aic-metrics-api")
+        # One connection for all requests; while NATS is away each request waits a few seconds at
+        # most and answers 503.
+        async with self._kv_lock:
+            if self._bus is None:
+                self._bus = await Bus.connect(self.cfg.bus, name="aic-metrics-api", wait_s=3.0)
         return await self._bus.config_kv()
 
     async def run(self, stop: asyncio.Event) -> int:

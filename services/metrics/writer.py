@@ -152,7 +152,9 @@ class MetricsWriter:
         self.inserted = 0
 
     async def run(self, stop: asyncio.Event) -> int:
-        bus = await Bus.connect(self.cfg.bus, name="aic-metrics")
+        bus = await Bus.connect_until(self.cfg.bus, "aic-metrics", stop)
+        if bus is None:
+            return 0
         await bus.ensure_topology()
         sub = await bus.pull(busmod.METRICS_STREAM, busmod.METRICS_CONSUMER)
         await self._connect_until_ready(stop)
