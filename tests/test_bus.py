@@ -74,3 +74,27 @@ async def test_a_batch_whose_frames_and_payload_both_travel_by_claim_check_decod
     cb = unpack_compressed_batch(await bus.payload(msg))
     header, frames = decode_payload(cb.payload)
     assert frames.shape[0] == 8 and (header.width, header.height) == (320, 240)
+
+
+async def test_the_receiver_gives_up_on_a_missing_batch_and_refuses_a_lying_one(bus, tmp_path):
+    """A batch that never comes (rejected upstream) must not hold every later batch in memory; a
+    batch whose payload disagrees with its own description is an error, not a crash."""
+    import numpy as np
+
+    from services.receiver import decode as receiver
+    from shared.codecs import NativeCodec
+    from shared.pixfmt import frame_size
+    from shared.schemas import CompressedBatch
+
+    sid, w, h = unique("rx"), 64, 48
+    payload = NativeCodec("x264").encode(np.full((2, frame_size(w, h)), 128, np.uint8), w, h, 30.0)
+    n = receiver.REORDER_WINDOW + 4
+    for seq in [0, *range(2, n)]:  # batch 1 never arrives
+        cb = CompressedBatch(sid, seq, "x264", w, h, 2, 30, 1, 2 * seq, 1.0, 2.0, "w", payload)
+        await bus.publish(busmod.compressed_subject(sid), cb.pack(), f"{sid}:{seq}")
+    liar = CompressedBatch(sid, n, "x264", w * 2, h, 2, 30, 1, 2 * n, 1.0, 2.0, "w", payload)
+    await bus.publish(busmod.compressed_subject(sid), liar.pack(), f"{sid}:{n}")
+    stats = await receiver.decode_stream(bus, sid, tmp_path / "out.y4m", idle_timeout=2.0)
+    assert stats.gaps == [1] and stats.errors == 1
+    assert stats.held_max <= receiver.REORDER_WINDOW + 1
+    assert stats.batches == n - 1 and stats.frames == 2 * (n - 1)

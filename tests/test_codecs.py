@@ -98,3 +98,12 @@ def test_encoding_leaves_the_callers_scheduling_policy_alone():
     for name in ("av1", "x264"):
         create_codec(name).encode(clip(n=2), 96, 64, 25.0)
         assert (os.sched_getscheduler(0), os.sched_getparam(0)) == before
+
+
+@pytest.mark.parametrize("codec", ["x264", "hybrid", "neural"])
+def test_a_header_that_promises_gigabytes_is_refused_before_decoding(codec):
+    from shared.codecs.base import PayloadHeader, pack_payload
+
+    forged = pack_payload(PayloadHeader(codec, 1, 16384, 16384, 4096), b"\x00" * 64)
+    with pytest.raises(CodecError, match="over the"):
+        decode_payload(forged)

@@ -17,7 +17,7 @@ import numpy as np
 from nats.js import api as jsapi
 
 from shared import bus as busmod
-from shared.bus import Bus
+from shared.bus import Bus, ClaimError
 from shared.codecs import CodecError, decode_payload
 from shared.logs import get_logger
 from shared.pixfmt import to_video_frame
@@ -25,6 +25,9 @@ from shared.schemas import SchemaError, unpack_compressed_batch
 
 log = get_logger("receiver")
 
+#: Batches held back waiting for a missing one before it is given up as a gap (bounds memory: at
+#: 720p a batch of 8 decoded frames is 11 MB).
+REORDER_WINDOW = 16
 _OUTPUTS = {".y4m": ("rawvideo", {}), ".mkv": ("ffv1", {}), ".mp4": ("libx264", {"crf": "16", "preset": "fast"})}
 
 
@@ -68,6 +71,7 @@ class DecodeStats:
     compressed_bytes: int = 0
     errors: int = 0
     gaps: list[int] = field(default_factory=list)
+    held_max: int = 0  # most batches held back at once waiting for a missing one (memory)
 
 
 async def decode_stream(
@@ -105,16 +109,27 @@ async def decode_stream(
                 raise
             try:
                 cb = unpack_compressed_batch(await bus.payload(msg))
-                _, frames = await loop.run_in_executor(None, decode_payload, cb.payload)
-            except (SchemaError, CodecError) as exc:
+                header, frames = await loop.run_in_executor(None, decode_payload, cb.payload)
+                if (header.width, header.height, header.frame_count) != (cb.width, cb.height, cb.frame_count):
+                    raise CodecError(f"payload is {header.width}x{header.height}x{header.frame_count}, "
+                                     f"the batch says {cb.width}x{cb.height}x{cb.frame_count}")
+            except (SchemaError, CodecError, ClaimError) as exc:
                 stats.errors += 1
                 log.error("undecodable_batch", subject=msg.subject, error=str(exc))
                 continue
             if cb.batch_seq in pending or cb.batch_seq < next_seq:
                 continue  # duplicate delivery
             pending[cb.batch_seq] = (cb, frames)
+            stats.held_max = max(stats.held_max, len(pending))
             stats.batches += 1
             stats.compressed_bytes += len(cb.payload)
+            if len(pending) > REORDER_WINDOW and next_seq not in pending:
+                # The missing batch is not coming (rejected, failed, or lost upstream): skip it
+                # rather than hold every later batch's frames in memory.
+                skip_to = min(pending)
+                stats.gaps.extend(range(next_seq, skip_to))
+                log.warning("batches_missing", stream_id=stream_id, first=next_seq, last=skip_to - 1)
+                next_seq = skip_to
             while next_seq in pending:
                 c, f = pending.pop(next_seq)
                 writer.write(f, c.width, c.height, Fraction(c.fps_num, c.fps_den))

@@ -19,6 +19,7 @@ import numpy as np
 
 from shared.pixfmt import SUPPORTED as PIX_FMTS
 from shared.pixfmt import frame_size
+from shared.schemas import Limits
 
 MAGIC = b"AIC"
 CONTAINER_VERSION = 1
@@ -85,6 +86,11 @@ def read_header(payload: bytes) -> tuple[PayloadHeader, memoryview]:
         raise CodecError(f"payload header names unsupported pixel format {header.pix_fmt!r}")
     if not (2 <= header.width <= 16384 and 2 <= header.height <= 16384 and 1 <= header.frame_count <= 4096):
         raise CodecError(f"payload header has implausible geometry {header.width}x{header.height}x{header.frame_count}")
+    # What a decoder would allocate: no more than the largest batch a worker accepts, so a forged
+    # header cannot ask any codec for gigabytes.
+    decoded = frame_size(header.width, header.height, header.pix_fmt) * header.frame_count
+    if decoded > Limits.max_batch_bytes:
+        raise CodecError(f"payload header promises {decoded} bytes of frames, over the {Limits.max_batch_bytes} limit")
     return header, memoryview(payload)[_PREFIX.size + hlen :]
 
 
