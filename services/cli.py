@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--quality-frames", type=int, default=env_int("AIC_QUALITY_FRAMES", 1),
         help="frames per batch measured for PSNR-RGB and MS-SSIM (-1 all, 0 off; PSNR-Y always covers all; default 1)",
     )  # fmt: skip
+    p.add_argument("--batch-timeout-s", type=float, default=float(env_str("AIC_BATCH_TIMEOUT_S", "600")),
+                   help="coding one batch longer than this counts as a failed attempt: retried, then a "
+                        "'failed' row (default %(default)s; env AIC_BATCH_TIMEOUT_S)")
     p.add_argument("--worker-id", help="name in metrics rows and subjects (default host-pid)")
     _metrics_port(p)
 
@@ -170,7 +173,7 @@ def cmd_compressor(a: argparse.Namespace) -> int:
     kw["fallback"] = a.fallback
     cfg = CompressorConfig(
         bus=BusConfig.from_env(a.nats_url), codec=a.codec, level=a.level, model=a.model, crf=a.crf, preset=a.preset,
-        concurrency=a.concurrency, quality_frames=a.quality_frames, **kw,
+        concurrency=a.concurrency, quality_frames=a.quality_frames, batch_timeout_s=a.batch_timeout_s, **kw,
     )  # fmt: skip
     _serve_metrics(a.metrics_port)
     return run_service(Compressor(cfg).run)

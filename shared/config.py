@@ -92,10 +92,13 @@ class CompressorConfig:
     concurrency: int = 2
     quality_frames: int = 1  # frames per batch for PSNR-RGB and MS-SSIM; -1 = all, 0 = off
     limits: Limits = field(default_factory=Limits)
+    batch_timeout_s: float = 600.0  # coding a batch longer than this counts as a failed attempt
 
     def __post_init__(self):
         if self.concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if not self.batch_timeout_s > 0:
+            raise ValueError("batch_timeout_s must be > 0")
         if self.quality_frames < -1:
             raise ValueError("quality_frames must be -1 (all), 0 (off) or a positive count")
 

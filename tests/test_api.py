@@ -74,6 +74,16 @@ async def test_config_round_trips_through_the_kv_the_workers_watch(api, bus):
     assert b"aggressive" in entry.value  # the same record `aic config get` and the workers read
 
 
+async def test_a_corrupt_stored_config_is_the_servers_fault_not_the_clients(api, bus):
+    sid = unique("bad")
+    await (await bus.config_kv()).put(sid, b'{"mode": "turbo"}')  # written around the API's validation
+    async with httpx.AsyncClient(base_url=api) as c:
+        one = await c.get("/api/v1/aic/config", params={"stream_id": sid})
+        assert one.status_code == 500 and one.json()["error"] == "stored_config_invalid"
+        listed = await c.get("/api/v1/aic/config")
+        assert listed.status_code == 200 and sid not in [x["stream_id"] for x in listed.json()]
+
+
 async def test_metrics_are_filtered_and_paginated_without_gaps_or_repeats(api, postgres):
     sid = unique("page")
     await seed(postgres.url, sid, 25)

@@ -107,3 +107,16 @@ def test_a_header_that_promises_gigabytes_is_refused_before_decoding(codec):
     forged = pack_payload(PayloadHeader(codec, 1, 16384, 16384, 4096), b"\x00" * 64)
     with pytest.raises(CodecError, match="over the"):
         decode_payload(forged)
+
+
+@pytest.mark.parametrize("name, coarsest", [("x264", 51), ("x265", 51), ("vp9", 63), ("av1", 63)])
+def test_each_native_codec_codes_at_its_own_coarsest_crf(name, coarsest):
+    """A tight budget may need the encoder's coarsest setting, which differs by encoder."""
+    from shared.codecs import NativeCodec
+
+    codec = NativeCodec(name)
+    frames = np.random.default_rng(0).integers(0, 256, (2, frame_size(64, 48)), dtype=np.uint8)
+    assert codec.max_crf == coarsest
+    coarse = codec.encode(frames, 64, 48, 30.0, crf=coarsest)
+    assert len(coarse) < len(codec.encode(frames, 64, 48, 30.0, crf=codec.crf_range[1]))
+    assert decode_payload(coarse)[1].shape == frames.shape

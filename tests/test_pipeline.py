@@ -123,6 +123,26 @@ async def test_a_batch_that_fails_max_deliver_times_gets_a_failed_row(bus, bus_c
     assert rows[0]["attempts"] == bus_cfg.max_deliver
 
 
+class HangingCodec(NativeCodec):
+    def encode(self, *a, **kw):
+        import time
+
+        time.sleep(3.0)  # longer than the batch timeout: a hung model
+        raise RuntimeError("woke up too late")
+
+
+async def test_a_batch_whose_codec_hangs_is_retried_then_failed_not_held_forever(bus, bus_cfg, postgres):
+    sid = unique("hang")
+    worker = compressor(bus_cfg, batch_timeout_s=0.5, concurrency=3)
+    worker.policy = Policy(None, HangingCodec("x264"), PolicyConfig())
+    fb = next(read_batches(SOURCE, sid, 4, 4))
+    async with running(worker, metrics_writer(bus_cfg, postgres.url)):
+        await bus.publish(busmod.frames_subject(sid), fb.pack(), fb.msg_id)
+        rows = await wait_rows(postgres.url, [sid], 1, timeout=60)
+    assert rows[0]["status"] == "failed" and "batch timeout" in rows[0]["reason"]
+    assert rows[0]["attempts"] == bus_cfg.max_deliver
+
+
 async def test_a_batch_whose_worker_dies_on_every_attempt_gets_a_failed_row(nats_server, postgres):
     from shared.bus import Bus
     from shared.config import BusConfig

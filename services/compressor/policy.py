@@ -103,7 +103,7 @@ class Policy:
                     return Coded(payload, decoded, self.neural.name, lv, None, f"level {lv} to fit {budget_kbps:g} kbps")
         if not isinstance(self.native, NativeCodec):
             return coded
-        lo, hi, best = self.native.crf_range[0], MAX_CRF, None
+        lo, hi, best = self.native.crf_range[0], self.native.max_crf, None
         while lo <= hi:
             mid = (lo + hi) // 2
             payload, decoded = self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, crf=mid)
@@ -112,7 +112,7 @@ class Policy:
             else:
                 lo = mid + 1
         fits = best is not None
-        payload, decoded = best or self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, crf=MAX_CRF)
+        payload, decoded = best or self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, crf=self.native.max_crf)
         learned = self.neural is not None and coded.codec == self.neural.name
         detail = (f"native CRF {read_header(payload)[0].params['crf']} to fit {budget_kbps:g} kbps"
                   + ("" if fits else " (does not fit even at the highest CRF)"))
@@ -188,7 +188,6 @@ class Policy:
         return best
 
 
-MAX_CRF = 51  # x264/x265's coarsest; what a tight budget may need
 
 
 def _rate_options(payload: bytes) -> dict:

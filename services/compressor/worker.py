@@ -196,18 +196,23 @@ class Compressor:
             try:
                 # The envelope around the frames is small; a claim beyond this is refused unread.
                 data = await self.bus.payload(msg, max_size=self.cfg.limits.max_batch_bytes + (1 << 20))
-                outcome = await asyncio.get_running_loop().run_in_executor(
+                # The deadline frees the batch (retried, then failed) though not the thread, which a
+                # hung codec keeps: the heartbeat would otherwise hold such a batch forever.
+                outcome = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
                     self.pool, process_batch, data, self.policy, self.cfg, self.controls
-                )
+                ), self.cfg.batch_timeout_s)  # fmt: skip
             except (SchemaError, ClaimError) as exc:
                 code = getattr(exc, "code", "claim_missing")
                 await self._give_up(msg, "rejected", f"{code}: {getattr(exc, 'reason', str(exc))}", attempts)
                 return
             except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, asyncio.TimeoutError):
+                    error = f"coding took longer than the {self.cfg.batch_timeout_s:g} s batch timeout"
                 if attempts >= self.cfg.bus.max_deliver:
-                    await self._give_up(msg, "failed", f"{type(exc).__name__}: {exc}", attempts)
+                    await self._give_up(msg, "failed", error, attempts)
                 else:
-                    log.warning("batch_retry", subject=msg.subject, attempts=attempts, error=f"{type(exc).__name__}: {exc}")
+                    log.warning("batch_retry", subject=msg.subject, attempts=attempts, error=error)
                     await msg.nak(delay=1.0)
                 return
             await self._deliver(msg, outcome, attempts)

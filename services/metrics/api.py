@@ -23,7 +23,10 @@ from pydantic import BaseModel, Field
 
 from services.metrics.queries import performance_summary
 from shared.control import ConfigError, StreamConfig
+from shared.logs import get_logger
 from shared.schemas import MODES
+
+log = get_logger("metrics-api")
 
 API = "/api/v1/aic"
 MAX_PAGE = 1000
@@ -172,7 +175,12 @@ def create_app(pool_getter, kv_getter) -> FastAPI:
                 if stream_id:
                     return JSONResponse({"error": "not_found", "detail": f"no config for stream {stream_id}"}, 404)
                 continue
-            out.append(_config_out(key, StreamConfig.from_json(entry.value)))
+            try:
+                out.append(_config_out(key, StreamConfig.from_json(entry.value)))
+            except ConfigError as exc:  # written around the API and `aic config`: the server's data, not the request
+                log.warning("stored_config_invalid", stream_id=key, error=str(exc))
+                if stream_id:
+                    return JSONResponse({"error": "stored_config_invalid", "detail": str(exc)}, 500)
         return out
 
     @app.post(f"{API}/config", tags=["config"], response_model=ConfigOut,

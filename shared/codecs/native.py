@@ -39,6 +39,9 @@ LEVEL_CRF = {
     "av1": (60, 54, 48, 42, 36, 30, 24, 18),
 }
 
+#: Coarsest CRF per encoder (libx264/libx265: 51; libvpx-vp9 and SVT-AV1: 63).
+MAX_CRF = {"x264": 51, "x264-psnr": 51, "x265": 51, "vp9": 63, "av1": 63}
+
 
 class NativeCodec(Codec):
     version = 1
@@ -57,6 +60,11 @@ class NativeCodec(Codec):
     @property
     def params(self) -> dict:
         return {"crf": self.crf, **{k: v for k, v in self.options.items() if k in ("preset", "cpu-used")}}
+
+    @property
+    def max_crf(self) -> int:
+        """The coarsest CRF the encoder takes: what a tight budget may need."""
+        return MAX_CRF[self.name]
 
     @property
     def crf_range(self) -> tuple[int, int]:
