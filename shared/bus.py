@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import nats
 from nats.aio.client import Client as NATS
@@ -174,6 +174,9 @@ class Bus:
     def _stream_configs(self) -> list[jsapi.StreamConfig]:
         age = self.cfg.retention_s
         dup = self.cfg.dedup_window_s
+        return [replace(sc, num_replicas=self.cfg.replicas) for sc in self._stream_shapes(age, dup)]
+
+    def _stream_shapes(self, age: float, dup: float) -> list[jsapi.StreamConfig]:
         return [
             jsapi.StreamConfig(
                 name=FRAMES_STREAM,
@@ -208,7 +211,7 @@ class Bus:
         try:
             return await self.js.key_value(KV_BUCKET)
         except BucketNotFoundError:
-            return await self.js.create_key_value(bucket=KV_BUCKET, history=16,
+            return await self.js.create_key_value(bucket=KV_BUCKET, history=16, replicas=self.cfg.replicas,
                                                   description="aic per-stream compression config")
 
     async def ensure_topology(self) -> None:

@@ -38,6 +38,11 @@ class BusConfig:
     max_deliver: int = 4
     retention_s: float = 24 * 3600.0
     dedup_window_s: float = 120.0
+    replicas: int = 1  # copies of every stream, consumer and bucket: 3 on a NATS cluster survives a node loss
+
+    def __post_init__(self):
+        if not 1 <= self.replicas <= 5:
+            raise ValueError("replicas must be 1..5 (JetStream's range)")
 
     @classmethod
     def from_env(cls, nats_url: str | None = None) -> "BusConfig":
@@ -45,6 +50,7 @@ class BusConfig:
             nats_url=nats_url or env_str("AIC_NATS_URL", cls.nats_url),
             ack_wait_s=float(env_int("AIC_ACK_WAIT_S", int(cls.ack_wait_s))),
             max_deliver=env_int("AIC_MAX_DELIVER", cls.max_deliver),
+            replicas=env_int("AIC_NATS_REPLICAS", cls.replicas),
         )
 
 

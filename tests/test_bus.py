@@ -98,3 +98,16 @@ async def test_the_receiver_gives_up_on_a_missing_batch_and_refuses_a_lying_one(
     assert stats.gaps == [1] and stats.errors == 1
     assert stats.held_max <= receiver.REORDER_WINDOW + 1
     assert stats.batches == n - 1 and stats.frames == 2 * (n - 1)
+
+
+def test_every_stream_gets_the_configured_replicas():
+    from shared.config import BusConfig
+
+    class _NC:  # no connection needed to lay out the topology
+        def jetstream(self, timeout):
+            return None
+
+    configs = Bus(_NC(), BusConfig(replicas=3))._stream_configs()
+    assert len(configs) >= 7 and {sc.num_replicas for sc in configs} == {3}
+    with pytest.raises(ValueError, match="replicas"):
+        BusConfig(replicas=0)
