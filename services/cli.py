@@ -90,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     _bus_args(p)
     p.add_argument("--batch-frames", type=int, default=8, help="frames per batch = GOP length (default 8)")
     p.add_argument("--frames", type=int, help="stop after this many frames (needed for endless lavfi sources)")
-    p.add_argument("--start-seq", type=int, default=0, help="first batch sequence number (default 0)")
+    p.add_argument("--start-seq", type=int, default=0,
+                   help="first batch sequence number (default 0); a gateway that restarts a stream within "
+                        "the bus's 2-minute duplicate window must continue its numbering, or its batches "
+                        "are dropped as repeats (the command warns)")
     p.add_argument("--realtime", action="store_true", help="pace publishing at the source frame rate")
     _metrics_port(p)
 
@@ -204,6 +207,10 @@ def cmd_ingest(a: argparse.Namespace) -> int:
                 bus, a.source, a.stream_id, a.batch_frames, a.frames, a.realtime, stop=stop, start_seq=a.start_seq
             )
             print(f"{s.stream_id}: {s.batches} batches, {s.frames} frames, {s.raw_bytes / 1e6:.1f} MB in {s.seconds:.1f}s")
+            if s.duplicates:  # never silent: these batches were not coded
+                print(f"aic ingest: warning: JetStream dropped {s.duplicates} of {s.batches} batches as repeats of "
+                      f"ids {s.stream_id}:N published in the last {BusConfig.dedup_window_s:g} s (another ingest "
+                      f"of this stream id, or a restart); --start-seq continues the numbering", file=sys.stderr)
         finally:
             await bus.close()
         return 0

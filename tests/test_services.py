@@ -212,3 +212,14 @@ def test_a_dead_nats_server_is_a_clear_error_not_a_hang():
     r = aic("config", "get", "cam", "--nats-url", f"nats://127.0.0.1:{free_port()}", timeout=60)
     assert r.returncode == 2, r.stderr
     assert "no NATS server answered" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ingesting_a_stream_id_again_warns_that_its_batches_were_dropped_as_repeats(nats_server):
+    sid = unique("again")
+    args = ("ingest", "lavfi:testsrc2=size=64x48:rate=30", "--stream-id", sid, "--frames", "16",
+            "--nats-url", nats_server.url)
+    first = aic(*args, timeout=120)
+    assert first.returncode == 0 and "warning" not in first.stderr, first.stderr
+    again = aic(*args, timeout=120)
+    assert again.returncode == 0 and "dropped 2 of 2 batches as repeats" in again.stderr
+    assert aic(*args, "--start-seq", "2", timeout=120).stderr.count("warning") == 0
