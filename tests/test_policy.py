@@ -190,3 +190,31 @@ class _Fixed:
 
     def observe(self, *a, **kw):
         pass
+
+
+class SlowStandIn(StandIn):
+    """A model that takes 0.3 s a batch and, like the real ones, codes one batch at a time."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+
+        self.lock = threading.Lock()
+
+    def encode_reconstruct(self, *a, **kw):
+        import time
+
+        with self.lock:
+            time.sleep(0.3)
+            return super().encode_reconstruct(*a, **kw)
+
+
+def test_waiting_behind_another_batch_is_not_counted_as_coding_time(batch):
+    """Two batches at once on one model: the second waits 0.3 s, then codes in 0.3 s, within a
+    0.5 s latency budget; neither may fall back for latency."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    policy = Policy(SlowStandIn(), NativeCodec("x264"), PolicyConfig("psnr_y", 20.0, 0, latency_budget_ms=500))
+    with ThreadPoolExecutor(2) as pool:
+        coded = list(pool.map(lambda fb: policy.code(fb), [batch, replace(batch, batch_seq=batch.batch_seq + 1)]))
+    assert [c.fallback_reason for c in coded] == [None, None]

@@ -17,6 +17,7 @@ levels, so the size comparison is not flattered by coarse steps.
 from __future__ import annotations
 
 import math
+import threading
 
 import time
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ class Policy:
         # out natively at that rate without running the model.  Losing it (restart, another worker)
         # only costs a learned attempt.
         self._native_wins: dict[str, tuple[dict, int]] = {}
+        self._learned_lock = threading.Lock()
 
     def code(self, fb: FrameBatch, decision=None) -> Coded:
         """Code one batch.  ``decision`` (from the stream's live config and bandwidth budget) overrides
@@ -125,12 +127,18 @@ class Policy:
             payload, decoded = self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, **won[0])
             return Coded(payload, decoded, self.native.name, _level(payload), "size",
                          f"native was smaller at matched quality on sampled batch {won[1]}")
-        t0 = time.perf_counter()
-        try:
-            payload, decoded = self.neural.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, level)
-        except Exception as exc:  # a model failure must not lose the batch: native goes out
-            return self._native(fb, "error", f"{type(exc).__name__}: {exc}", target)
-        ms = (time.perf_counter() - t0) * 1000
+        # A model codes one batch at a time; the clock starts once this batch has it, so waiting
+        # behind another batch of the worker never counts as this batch's coding time.
+        with self._learned_lock:
+            t0 = time.perf_counter()
+            try:
+                payload, decoded = self.neural.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, level)
+            except Exception as exc:  # a model failure must not lose the batch: native goes out
+                payload = decoded = None
+                error = f"{type(exc).__name__}: {exc}"
+            ms = (time.perf_counter() - t0) * 1000
+        if payload is None:
+            return self._native(fb, "error", error, target)
         if self.cfg.latency_budget_ms and ms > self.cfg.latency_budget_ms:
             return self._native(fb, "latency", f"neural took {ms:.0f} ms > {self.cfg.latency_budget_ms:.0f} ms",
                                 target)
