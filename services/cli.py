@@ -90,10 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     _bus_args(p)
     p.add_argument("--batch-frames", type=int, default=8, help="frames per batch = GOP length (default 8)")
     p.add_argument("--frames", type=int, help="stop after this many frames (needed for endless lavfi sources)")
-    p.add_argument("--start-seq", type=int, default=0,
-                   help="first batch sequence number (default 0); a gateway that restarts a stream within "
-                        "the bus's 2-minute duplicate window must continue its numbering, or its batches "
-                        "are dropped as repeats (the command warns)")
+    p.add_argument("--start-seq", type=int, default=None,
+                   help="first batch sequence number (default: continue where this stream's last ingest "
+                        "stopped, 0 for a new stream; the bus keeps the number). Reusing numbers within the "
+                        "bus's 2-minute duplicate window gets batches dropped as repeats (the command warns)")
     p.add_argument("--realtime", action="store_true", help="pace publishing at the source frame rate")
     _metrics_port(p)
 
@@ -210,7 +210,7 @@ def cmd_ingest(a: argparse.Namespace) -> int:
             if s.duplicates:  # never silent: these batches were not coded
                 print(f"aic ingest: warning: JetStream dropped {s.duplicates} of {s.batches} batches as repeats of "
                       f"ids {s.stream_id}:N published in the last {BusConfig.dedup_window_s:g} s (another ingest "
-                      f"of this stream id, or a restart); --start-seq continues the numbering", file=sys.stderr)
+                      f"of this stream id with --start-seq)", file=sys.stderr)
         finally:
             await bus.close()
         return 0

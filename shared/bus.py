@@ -59,6 +59,7 @@ ADVISORY_STREAM = "AIC_ADVISORIES"
 # The latest bandwidth estimate per stream, so that a worker that starts or scales out mid-stream
 # knows the budget before its first batch instead of after the receiver's next publish.
 CONTROL_STREAM = "AIC_CONTROL"
+INGEST_BUCKET = "aic_ingest"
 EXHAUSTED_SUBJECT = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{FRAMES_STREAM}.{COMPRESSOR_CONSUMER}"
 EXHAUSTED_CONSUMER = "exhausted"
 CLAIM_HEADER = "Aic-Claim"
@@ -213,6 +214,17 @@ class Bus:
         except BucketNotFoundError:
             return await self.js.create_key_value(bucket=KV_BUCKET, history=16, replicas=self.cfg.replicas,
                                                   description="aic per-stream compression config")
+
+    async def ingest_kv(self):
+        """Each stream's next batch number, kept by the gateway (``aic ingest``) so that a restarted
+        ingest continues the numbering instead of publishing ids the bus drops as repeats."""
+        from nats.js.errors import BucketNotFoundError
+
+        try:
+            return await self.js.key_value(INGEST_BUCKET)
+        except BucketNotFoundError:
+            return await self.js.create_key_value(bucket=INGEST_BUCKET, history=1, replicas=self.cfg.replicas,
+                                                  description="aic ingest: next batch number per stream")
 
     async def ensure_topology(self) -> None:
         """Create or update every stream, durable consumer and KV bucket; safe to call from every service."""

@@ -214,12 +214,23 @@ def test_a_dead_nats_server_is_a_clear_error_not_a_hang():
     assert "no NATS server answered" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_ingesting_a_stream_id_again_warns_that_its_batches_were_dropped_as_repeats(nats_server):
+def test_ingesting_a_stream_again_continues_its_numbering_and_reused_numbers_are_reported(nats_server):
     sid = unique("again")
     args = ("ingest", "lavfi:testsrc2=size=64x48:rate=30", "--stream-id", sid, "--frames", "16",
             "--nats-url", nats_server.url)
     first = aic(*args, timeout=120)
     assert first.returncode == 0 and "warning" not in first.stderr, first.stderr
-    again = aic(*args, timeout=120)
-    assert again.returncode == 0 and "dropped 2 of 2 batches as repeats" in again.stderr
-    assert aic(*args, "--start-seq", "2", timeout=120).stderr.count("warning") == 0
+    again = aic(*args, timeout=120)  # a restarted gateway: batches 2 and 3, nothing dropped
+    assert again.returncode == 0 and "warning" not in again.stderr, again.stderr
+    reused = aic(*args, "--start-seq", "0", timeout=120)
+    assert reused.returncode == 0 and "dropped 2 of 2 batches as repeats" in reused.stderr
+
+
+async def test_a_restarted_ingest_publishes_the_next_batch_numbers(bus):
+    from services.ingest import ingest
+
+    sid = unique("cont")
+    first = await ingest(bus, "lavfi:testsrc2=size=64x48:rate=30", sid, 8, 16, progress=False)
+    second = await ingest(bus, "lavfi:testsrc2=size=64x48:rate=30", sid, 8, 16, progress=False)
+    assert first.batch_ids == [f"{sid}:0", f"{sid}:1"] and second.batch_ids == [f"{sid}:2", f"{sid}:3"]
+    assert second.duplicates == 0

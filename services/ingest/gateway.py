@@ -163,6 +163,20 @@ async def _threaded(gen: Iterator[FrameBatch], depth: int = 3) -> AsyncIterator[
         room.release()
 
 
+async def _next_seq(cursor, stream_id: str) -> int:
+    from nats.js.errors import KeyNotFoundError
+
+    try:
+        entry = await cursor.get(stream_id)
+    except KeyNotFoundError:
+        return 0
+    try:
+        return max(0, int(entry.value or b"0"))
+    except ValueError:
+        log.warning("ingest_cursor_invalid", stream_id=stream_id)
+        return 0
+
+
 @dataclass
 class IngestStats:
     stream_id: str
@@ -184,10 +198,14 @@ async def ingest(
     in_flight: int = 4,
     progress: bool | None = None,
     stop: asyncio.Event | None = None,
-    start_seq: int = 0,
+    start_seq: int | None = None,
 ) -> IngestStats:
-    """Publish a source's batches on ``aic.frames.<stream_id>``; returns what was published."""
+    """Publish a source's batches on ``aic.frames.<stream_id>``; returns what was published.
+    ``start_seq`` None continues the stream's numbering where its last ingest stopped (0 at first)."""
     stats = IngestStats(stream_id)
+    cursor = await bus.ingest_kv()
+    if start_seq is None:
+        start_seq = await _next_seq(cursor, stream_id)
     subject = busmod.frames_subject(stream_id)
     slots = asyncio.Semaphore(in_flight)
     pending: set[asyncio.Task] = set()
@@ -222,6 +240,9 @@ async def ingest(
                 due = t0 + (fb.first_pts + fb.frame_count) / fb.fps
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
             await slots.acquire()
+            # Reserved before publishing, in order: a restart never reuses a number (a crash may
+            # leave one unused, a gap receivers skip).
+            await cursor.put(stream_id, str(fb.batch_seq + 1).encode())
             task = asyncio.create_task(publish(fb))
             pending.add(task)
             task.add_done_callback(pending.discard)
