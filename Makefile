@@ -31,4 +31,4 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/pipeline.py
 
 clean:
-	rm -rf $(VENV) .aic .pytest_cache
+	rm -rf $(VENV) .aic .pytest_cache .hypothesis .schemathesis *.egg-info

@@ -80,6 +80,18 @@ def load_source(path: str, max_frames: int, max_side: int) -> Source:
     return Source(p.name, np.stack(frames), w, h, fps, is_image)
 
 
+def unique_names(paths: list[str]) -> list[str]:
+    """File names, with as many parent folders as it takes to tell apart sources that share one."""
+    parts = [Path(p).parts for p in paths]
+    names = []
+    for i, pp in enumerate(parts):
+        depth = 1
+        while depth < len(pp) and sum(q[-depth:] == pp[-depth:] for q in parts) > 1:
+            depth += 1
+        names.append("/".join(pp[-depth:]))
+    return names
+
+
 def image_codec_roundtrip(kind: str, q: int, frames: np.ndarray, w: int, h: int) -> tuple[int, np.ndarray, float, float]:
     """Code each frame alone as JPEG or WebP: (bytes, decoded frames, encode s, decode s)."""
     enc_name, dec_name, pix = ("mjpeg", "mjpeg", "yuvj420p") if kind == "jpeg" else ("libwebp", "webp", "yuv420p")
@@ -152,7 +164,8 @@ def measure(src: Source, codec: str, level: int, nbytes: int, dec: np.ndarray, t
 def bd_rate(anchor: list[Point], test: list[Point], metric: str) -> float | None:
     """Bjøntegaard delta rate of ``test`` against ``anchor`` in % (negative: fewer bits), or None."""
     def curve(points):
-        pts = sorted((_quality(p, metric), math.log(p.bpp)) for p in points if p.bpp > 0)
+        pts = sorted((_quality(p, metric), math.log(p.bpp)) for p in points
+                     if p.bpp > 0 and not math.isnan(_quality(p, metric)))
         q = np.array([a for a, _ in pts])
         r = np.array([b for _, b in pts])
         keep = np.concatenate([[True], np.diff(q) > 1e-6])  # a fit needs distinct qualities
@@ -172,14 +185,16 @@ def bd_rate(anchor: list[Point], test: list[Point], metric: str) -> float | None
 
 
 def _quality(p: Point, metric: str) -> float:
-    if metric == "ms_ssim":  # in dB, as is usual for fitting
-        return -10 * math.log10(max(1e-10, 1 - p.ms_ssim))
+    if metric == "ms_ssim":  # in dB, as is usual for fitting; none under 11 px (nan: no BD-rate)
+        return math.nan if p.ms_ssim is None else -10 * math.log10(max(1e-10, 1 - p.ms_ssim))
     return getattr(p, metric)
 
 
 def run(sources: list[str], codecs: list[str], frames: int, max_side: int, gop: int,
         models: dict[str, str] | None = None) -> dict:
     loaded = [load_source(s, frames, max_side) for s in sources]
+    for src, name in zip(loaded, unique_names(sources)):
+        src.name = name  # results are grouped by name: two photos called 2560x1600.jpg must stay apart
     jobs = []
     for src in loaded:
         for name in codecs:
@@ -217,6 +232,9 @@ def bd_against(points: list[Point], anchor: str) -> dict[str, dict[str, dict[str
         codecs = dict.fromkeys(c for row in out.values() for c in row)
         out["mean"] = {c: {m: _mean([row[c][m] for row in out.values() if c in row]) for m in ("psnr_rgb", "ms_ssim")}
                        for c in codecs}
+        # A mean only covers the sources where the curves overlap (n/a elsewhere): say how many.
+        out["mean_sources"] = {c: {m: sum(row[c][m] is not None for k, row in out.items() if k != "mean" and c in row)
+                                   for m in ("psnr_rgb", "ms_ssim")} for c in codecs}
     return out
 
 
@@ -234,15 +252,24 @@ def print_tables(result: dict, out=sys.stdout) -> None:
         for p in pts:
             if p.source == s:
                 print(f"  {p.codec:7} {p.level:>3} {p.bpp:8.4f} {p.kbps:9.1f} {p.psnr_y:7.2f} {p.psnr_rgb:8.2f} "
-                      f"{p.ms_ssim:8.5f} {p.encode_fps:8.1f} {p.decode_fps:8.1f}", file=out)
+                      f"{_fmt_ssim(p.ms_ssim)} {p.encode_fps:8.1f} {p.decode_fps:8.1f}", file=out)
     for anchor in ANCHORS:
         bd = result.get(f"bd_rate_vs_{anchor}")
         if not bd:
             continue
         print(f"\nBD-rate vs {anchor} (%, negative = fewer bits for the same quality), PSNR-RGB / MS-SSIM", file=out)
+        counts = bd.get("mean_sources", {})
         for s, row in bd.items():
-            cells = "  ".join(f"{c}: {_fmt(v['psnr_rgb'])} / {_fmt(v['ms_ssim'])}" for c, v in row.items())
+            if s == "mean_sources":
+                continue
+            cells = "  ".join(f"{c}: {_fmt(v['psnr_rgb'])} / {_fmt(v['ms_ssim'])}"
+                              + (f" (of {counts[c]['psnr_rgb']} / {counts[c]['ms_ssim']} sources)" if s == "mean" and c in counts else "")
+                              for c, v in row.items())
             print(f"  {s}: {cells}", file=out)
+
+
+def _fmt_ssim(v: float | None) -> str:
+    return f"{'n/a':>8}" if v is None else f"{v:8.5f}"
 
 
 def _fmt(v: float | None) -> str:

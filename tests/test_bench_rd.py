@@ -69,3 +69,26 @@ def test_bench_rd_says_what_is_wrong():
     r = subprocess.run([sys.executable, "-m", "services.cli", "bench", "rd", "nope.mp4"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode != 0 and "no such file" in r.stderr
+
+
+def test_sources_that_share_a_file_name_are_kept_apart():
+    """Two validation photos are both called 2560x1600.jpg; merged, their points made one curve."""
+    from benchmarks.rd import unique_names
+
+    assert unique_names(["/a/DarkestHour/2560x1600.jpg", "/a/summer/2560x1600.jpg", "/b/clip.mp4"]) == [
+        "DarkestHour/2560x1600.jpg", "summer/2560x1600.jpg", "clip.mp4"]
+    assert unique_names(["x/y/z.png", "w/y/z.png"]) == ["x/y/z.png", "w/y/z.png"]
+
+
+def test_mean_bd_rates_say_how_many_sources_they_cover():
+    from benchmarks.rd import bd_against
+
+    pts = [point("x264", b, q) for b, q in ((1, 30), (2, 33), (4, 36), (8, 39))]
+    pts += [point("jpeg", 2 * b, q) for b, q in ((1, 30), (2, 33), (4, 36), (8, 39))]
+    other = [Point("t", p.codec, p.level, p.frames, p.bpp, p.kbps, p.psnr_y, p.psnr_rgb, p.ms_ssim, 1.0, 1.0)
+             for p in pts[:4]]
+    other += [Point("t", "jpeg", 0, 1, 1.0, 0.0, 80.0 + i, 80.0 + i, 0.99, 1.0, 1.0) for i in range(4)]  # no overlap
+    bd = bd_against(pts + other, "x264")
+    assert bd["t"]["jpeg"]["psnr_rgb"] is None
+    assert bd["mean"]["jpeg"]["psnr_rgb"] == pytest.approx(100.0)
+    assert bd["mean_sources"]["jpeg"]["psnr_rgb"] == 1

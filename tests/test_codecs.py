@@ -104,7 +104,7 @@ def test_encoding_leaves_the_callers_scheduling_policy_alone():
 def test_a_header_that_promises_gigabytes_is_refused_before_decoding(codec):
     from shared.codecs.base import PayloadHeader, pack_payload
 
-    forged = pack_payload(PayloadHeader(codec, 1, 16384, 16384, 4096), b"\x00" * 64)
+    forged = pack_payload(PayloadHeader(codec, 1, 7680, 4320, 256), b"\x00" * 64)
     with pytest.raises(CodecError, match="over the"):
         decode_payload(forged)
 
@@ -120,3 +120,22 @@ def test_each_native_codec_codes_at_its_own_coarsest_crf(name, coarsest):
     coarse = codec.encode(frames, 64, 48, 30.0, crf=coarsest)
     assert len(coarse) < len(codec.encode(frames, 64, 48, 30.0, crf=codec.crf_range[1]))
     assert decode_payload(coarse)[1].shape == frames.shape
+
+
+def test_a_forged_neural_header_is_a_codec_error(tiny_model):
+    from shared.codecs.base import PayloadHeader, pack_payload
+
+    for params in ({"model": "", "sha256": "0" * 16, "level": 0, "sizes": [4]},
+                   {"model": tiny_model, "sha256": "", "level": 0, "sizes": [4]}):  # fmt: skip
+        with pytest.raises(CodecError):
+            decode_payload(pack_payload(PayloadHeader("neural", 1, 64, 48, 1, params=params), b"\x01\x02\x03\x04"))
+
+
+def test_the_neural_codec_refuses_to_encode_what_no_receiver_would_decode(tiny_model):
+    from shared.codecs.neural import MAX_DECODE_PIXELS
+
+    codec = create_codec("neural", model=tiny_model, device="cpu")
+    w, h = 5120, 2880
+    assert w * h > MAX_DECODE_PIXELS
+    with pytest.raises(CodecError, match="limit"):
+        codec.encode(np.zeros((1, frame_size(w, h)), np.uint8), w, h, 30.0)

@@ -84,7 +84,8 @@ def read_header(payload: bytes) -> tuple[PayloadHeader, memoryview]:
         raise CodecError(f"payload header is malformed ({type(exc).__name__})") from None
     if header.pix_fmt not in PIX_FMTS:
         raise CodecError(f"payload header names unsupported pixel format {header.pix_fmt!r}")
-    if not (2 <= header.width <= 16384 and 2 <= header.height <= 16384 and 1 <= header.frame_count <= 4096):
+    if not (2 <= header.width <= Limits.max_width and 2 <= header.height <= Limits.max_height
+            and 1 <= header.frame_count <= Limits.max_frames):
         raise CodecError(f"payload header has implausible geometry {header.width}x{header.height}x{header.frame_count}")
     # What a decoder would allocate: no more than the largest batch a worker accepts, so a forged
     # header cannot ask any codec for gigabytes.

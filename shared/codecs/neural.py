@@ -78,6 +78,9 @@ class NeuralCodec(Codec):
 
     def _encode(self, frames, width, height, level, reconstruct):
         level = self.level if level is None else self.check_level(level)
+        if width * height > MAX_DECODE_PIXELS:
+            # No receiver would decode it: refuse here, so the policy sends the batch natively.
+            raise CodecError(f"{width}x{height} is above the neural decoder's limit of {MAX_DECODE_PIXELS} pixels")
         rgb = np.stack([to_rgb(f, width, height) for f in frames])
         x = torch.from_numpy(rgb).permute(0, 3, 1, 2).float().div_(255.0)
         with self.coder.lock:
@@ -104,9 +107,14 @@ def decode_neural(header: PayloadHeader, bitstream: memoryview, device: str | No
         raise CodecError(f"neural payload claims {header.width}x{header.height}, above the decoder's limit")
     if len(sizes) != header.frame_count or any(s <= 0 for s in sizes) or sum(sizes) != len(bitstream):
         raise CodecError("neural payload's frame sizes do not add up to its bitstream (truncated?)")
-    if "/" in model or model.startswith("."):
+    if not model or "/" in model or model.startswith("."):
         raise CodecError(f"neural payload names an invalid model {model!r}")
-    coder = load_coder(model, device or default_device())
+    if len(sha) != 16 or any(c not in "0123456789abcdef" for c in sha):
+        raise CodecError("neural payload's model hash is not 16 hex digits")
+    try:
+        coder = load_coder(model, device or default_device())
+    except ValueError as exc:  # a name the model store refuses
+        raise CodecError(f"neural payload names an invalid model {model!r}: {exc}") from None
     if not coder.sha256.startswith(sha):
         raise CodecError(f"payload was coded with {model} sha256 {sha}…, this receiver has {coder.sha256[:16]}…")
     streams, pos = [], 0

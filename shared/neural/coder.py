@@ -30,6 +30,14 @@ class BitstreamError(ValueError):
     """A latent bitstream that does not decode."""
 
 
+def full_precision(device: torch.device) -> None:
+    """CUDA convolutions in full fp32: with TF32 (PyTorch's default for cuDNN) a GPU encoder's own
+    reconstruction, which the compressor measures, drifts further from what a CPU receiver decodes."""
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -49,6 +57,7 @@ class ImageCoder:
         self.lambdas = [float(v) for v in cfg["lambdas"]]
         self.levels = len(self.lambdas)
         self.device = torch.device(device)
+        full_precision(self.device)
         # One batch at a time per model: the compressor's pool has several threads, and running
         # torch's intra-op pool from two of them at once buys nothing on CPU.
         self.lock = threading.Lock()

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from shared.neural.coder import full_precision
+
 
 #: Blend weights are coded in 1/ALPHA_STEPS steps, 0 .. ALPHA_MAX (per frame, luma and chroma apart):
 #: four bits each, one byte per frame.  Up to 1.25: the encoder may push a timid correction further.
@@ -103,6 +105,7 @@ class Restorer:
     def __init__(self, net: RestorationNet, device: str = "cpu"):
         self.net = net.eval().to(device)
         self.device = torch.device(device)
+        full_precision(self.device)
 
     @torch.no_grad()
     def correction(self, planes: torch.Tensor, level: int, only: list[int] | None = None) -> torch.Tensor:

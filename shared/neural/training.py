@@ -152,7 +152,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help=f"crops per step (hyperprior, default {TrainConfig.batch_size}) or clips per step (restore, default 2)")
     p.add_argument("--crop", type=int,
                    help=f"crop side in pixels: multiple of 64 for hyperprior (default {TrainConfig.crop}), even for restore (default 128)")
-    p.add_argument("--lr", type=float, help=f"learning rate (default {TrainConfig.lr}; restore 1e-3)")
+    p.add_argument("--lr", type=float, help=f"learning rate (default {TrainConfig.lr}; restore {RestoreConfig.lr})")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=Path("data/train"), help="checkpoint folder (default %(default)s)")
