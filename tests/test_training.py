@@ -84,3 +84,9 @@ def test_restore_training_resumes_and_exports_a_model_the_hybrid_codec_loads(tmp
     assert "| 7 | 17 |" in (weights.parent / "MODEL_CARD.md").read_text()
     codec = HybridCodec(weights=weights, device="cpu")
     assert codec.base.name == "x264-psnr" and codec.levels == 8
+    # Fine-tuned from those weights: the card says so.
+    tuned = train_restore(RestoreConfig(**{**cfg.__dict__, "steps": 1, "init": str(weights)}), tmp_path / "tune",
+                          init=weights, ckpt_every=1)
+    export_restore(tuned, tmp_path / "models" / "mini-restore-2", val=str(d))
+    card = (tmp_path / "models" / "mini-restore-2" / "MODEL_CARD.md").read_text()
+    assert f"--init {weights}" in card and "4 steps" in card

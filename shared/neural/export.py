@@ -98,6 +98,14 @@ def init_lineage(init: Path) -> dict:
     return info
 
 
+def add_lineage(meta: dict, init: Path) -> None:
+    """Record in a model's metadata the weights it started from, and the totals across both runs."""
+    meta["init"] = init_lineage(init)
+    if meta["init"]["steps"] is not None and meta["init"]["wall_time_s"] is not None:
+        meta["total_steps"] = meta["steps"] + meta["init"]["steps"]
+        meta["total_wall_time_s"] = meta["wall_time_s"] + meta["init"]["wall_time_s"]
+
+
 def export_model(ckpt: Path, out_dir: Path, val: str | None = None, init: Path | None = None) -> Path:
     """Export weights, evaluate on ``val`` and write MODEL_CARD.md and model.json; ``init`` is the
     weights the run started from (``aic train --init``), recorded in the card."""
@@ -116,10 +124,7 @@ def export_model(ckpt: Path, out_dir: Path, val: str | None = None, init: Path |
             "val": val, "rd": rows}
     init = init or cfg.get("init")
     if init is not None:
-        meta["init"] = init_lineage(Path(init))
-        if meta["init"]["steps"] is not None and meta["init"]["wall_time_s"] is not None:
-            meta["total_steps"] = meta["steps"] + meta["init"]["steps"]
-            meta["total_wall_time_s"] = meta["wall_time_s"] + meta["init"]["wall_time_s"]
+        add_lineage(meta, Path(init))
     (out_dir / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     (out_dir / "MODEL_CARD.md").write_text(model_card(meta))
     return path

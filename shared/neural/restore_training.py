@@ -49,6 +49,7 @@ class RestoreConfig:
     device: str = "cpu"
     threads: int = 0
     seed: int = 0
+    init: str | None = None  # the weights the run started from (--init), kept for the model card
 
 
 def lr_at(cfg: RestoreConfig, step: int) -> float:
@@ -124,7 +125,7 @@ def save_weights(net: RestorationNet, out_dir: Path, base: str = "x264-psnr") ->
 def export_restore(ckpt: Path, out_dir: Path, val: str | None = None) -> Path:
     """Write inference weights, and with ``val`` measure the model and write its card."""
     from shared.neural.coder import file_sha256
-    from shared.neural.export import _hardware, training_wall_time
+    from shared.neural.export import _hardware, add_lineage, training_wall_time
 
     state = torch.load(ckpt, map_location="cpu")
     cfg = state["config"]
@@ -135,6 +136,8 @@ def export_restore(ckpt: Path, out_dir: Path, val: str | None = None) -> Path:
     meta = {"name": out_dir.name, "arch": "restore", "sha256": file_sha256(path), "steps": state["step"],
             "config": cfg, "wall_time_s": training_wall_time(Path(ckpt).parent / "train_log.tsv"),
             "hardware": _hardware(cfg), "exported": dt.date.today().isoformat(), "val": val, "rd": rows}
+    if cfg.get("init"):
+        add_lineage(meta, Path(cfg["init"]))
     (out_dir / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     (out_dir / "MODEL_CARD.md").write_text(model_card(meta))
     return path
@@ -176,6 +179,8 @@ def evaluate_on_clips(weights: Path, val: str) -> list[dict]:
 
 
 def model_card(meta: dict) -> str:
+    from shared.neural.export import _init_flags, _lineage
+
     cfg = meta["config"]
     table = "\n".join(
         f"| {r['level']} | {r['crf']} | {r['bpp']:.4f} | {r['psnr_rgb_base']:.2f} | {r['psnr_rgb']:.2f} | "
@@ -208,8 +213,8 @@ GOP per batch) carries the frames, and this network restores them at the receive
   native MSE (yuv420p samples); clips that x264 codes above 42 dB PSNR are redrawn (flat sky and
   gradients teach nothing)
 - steps: {meta['steps']} of {cfg['steps']} planned{stopped}; hardware: {meta['hardware']}; wall time:
-  {meta['wall_time_s'] / 3600:.2f} h
-- command: `aic train --arch restore --data {cfg['data']} --steps {cfg['steps']} --export models/{meta['name']} --val {meta['val']}`
+  {meta['wall_time_s'] / 3600:.2f} h{_lineage(meta)}
+- command: `aic train --arch restore --data {cfg['data']} --steps {cfg['steps']}{_init_flags(meta, cfg)} --export models/{meta['name']} --val {meta['val']}`
 
 ## Gain on clips made from the validation photos
 `{meta['val']}`: the same synthetic pans (fixed seed), none of these photos seen in

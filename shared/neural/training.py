@@ -208,7 +208,8 @@ def _main_restore(args: argparse.Namespace) -> int:
         if crop % 2 or crop < 32:
             raise SystemExit("aic train: --crop must be even and at least 32 for --arch restore")
         cfg = RestoreConfig(data=args.data, steps=args.steps or RestoreConfig.steps, clips=args.batch_size or RestoreConfig.clips, crop=crop,
-                            lr=args.lr or RestoreConfig.lr, device=args.device, threads=args.threads)
+                            lr=args.lr or RestoreConfig.lr, device=args.device, threads=args.threads,
+                            init=str(args.init) if args.init else None)
     ckpt = train_restore(cfg, args.out, resume=args.resume, init=args.init, ckpt_every=args.ckpt_every)
     if args.export:
         export_restore(ckpt, args.export, val=args.val)
