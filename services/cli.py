@@ -272,8 +272,11 @@ def cmd_train(a: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_bench(a: argparse.Namespace, rest: list[str]) -> int:
     if a.bench != "rd":
-        print("usage: aic bench rd SOURCES... [--json] [--plot out.png]   (aic bench rd --help)", file=sys.stderr)
-        return 2
+        asked = a.bench is None and bool({"-h", "--help"} & set(rest))
+        print("usage: aic bench rd SOURCES... [--json] [--plot out.png]   (aic bench rd --help)\n\n"
+              "benchmarks: rd = rate-distortion of every codec on images and clips, side by side",
+              file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     from benchmarks.rd import main as rd_main
 
     return rd_main(rest)

@@ -22,7 +22,8 @@ def aic(*args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, **kw)
 
 
-@pytest.mark.parametrize("command", ["up", "ingest", "compressor", "metrics", "decode", "demo", "db", "config", "report"])
+@pytest.mark.parametrize("command", ["up", "ingest", "compressor", "metrics", "decode", "demo", "db", "config", "report",
+                                     "train", "bench"])
 def test_every_command_explains_itself(command):
     r = aic(command, "--help", timeout=60)
     assert r.returncode == 0

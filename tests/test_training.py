@@ -77,6 +77,10 @@ def test_restore_training_resumes_and_exports_a_model_the_hybrid_codec_loads(tmp
     ckpt = train_restore(cfg, out, ckpt_every=1)
     resumed = train_restore(RestoreConfig(**{**cfg.__dict__, "steps": 3}), out, resume=ckpt, ckpt_every=1)
     assert torch.load(resumed)["step"] == 3
+    from shared.neural.training import main as aic_train
+
+    # `aic train --resume` knows a restore checkpoint without being told --arch restore.
+    assert aic_train(["--resume", str(resumed), "--steps", "3", "--out", str(out)]) == 0
     weights = export_restore(resumed, tmp_path / "models" / "mini-restore", val=str(d))
     meta = json.loads((weights.parent / "model.json").read_text())
     assert meta["sha256"] == file_sha256(weights) and len(meta["rd"]) == 8

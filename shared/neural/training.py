@@ -152,6 +152,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help=f"crops per step (hyperprior, default {TrainConfig.batch_size}) or clips per step (restore, default 2)")
     p.add_argument("--crop", type=int,
                    help=f"crop side in pixels: multiple of 64 for hyperprior (default {TrainConfig.crop}), even for restore (default 128)")
+    from shared.neural.restore_training import RestoreConfig  # here: that module builds on this one
+
     p.add_argument("--lr", type=float, help=f"learning rate (default {TrainConfig.lr}; restore {RestoreConfig.lr})")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -166,6 +168,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.resume and not Path(args.resume).is_file():
+        raise SystemExit(f"aic train: --resume {args.resume}: no such checkpoint")
+    if args.resume and "channels" in torch.load(args.resume, map_location="cpu")["config"]:
+        args.arch = "restore"  # the checkpoint knows what it trains; --arch need not be repeated
     if args.arch == "restore":
         return _main_restore(args)
     args.steps = args.steps or (None if args.resume else TrainConfig.steps)
