@@ -17,8 +17,9 @@ AIC_ADVISORIES     max-deliveries events  limits      ``exhausted`` (failed batc
 Receivers publish bandwidth estimates on ``aic.control.<stream>`` with plain
 NATS; workers subscribe to them, and AIC_CONTROL (in memory, one message per
 subject, 30 s) keeps the latest so a worker that starts mid-stream has the
-budget before its first batch.  Per-stream config lives in the KV bucket
-``aic_config``.
+budget before its first batch.  KV buckets: ``aic_config`` (per-stream
+config, watched by every worker) and ``aic_ingest`` (each stream's next batch
+number, so a restarted gateway continues its numbering).
 
 Messages larger than the server's ``max_payload`` travel by claim check: the
 bytes are cut into chunks published on AIC_BLOBS, and the message itself is
