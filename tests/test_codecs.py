@@ -139,3 +139,13 @@ def test_the_neural_codec_refuses_to_encode_what_no_receiver_would_decode(tiny_m
     assert w * h > MAX_DECODE_PIXELS
     with pytest.raises(CodecError, match="limit"):
         codec.encode(np.zeros((1, frame_size(w, h)), np.uint8), w, h, 30.0)
+
+
+def test_x264_codes_the_same_bits_whatever_the_machine():
+    """Its slice count follows the thread count, which by default follows the cores: pinned."""
+    from shared.codecs import NativeCodec
+
+    frames = np.random.default_rng(0).integers(0, 256, (4, frame_size(320, 240)), dtype=np.uint8)
+    codec = NativeCodec("x264")
+    assert codec.threads == 2
+    assert NativeCodec("x264", threads=2).encode(frames, 320, 240, 30.0) == codec.encode(frames, 320, 240, 30.0)

@@ -36,7 +36,9 @@ class MotionClipSampler:
                        for s in scales for f in load_frames(path, s, max_video_frames=4) if min(f.shape[:2]) >= span]
         if not self.frames:
             raise ValueError(f"no training frame is at least {span}x{span} (crop {crop} plus the pan)")
-        self.codec = NativeCodec(base, threads=1)
+        # The encoder exactly as the hybrid codec runs it (same slices: see ENCODER_THREADS), so the
+        # network learns the artefacts it will see.  restore-v1 was trained on 1-slice x264.
+        self.codec = NativeCodec(base)
         self.rng = np.random.default_rng(seed)
 
     def clip(self) -> np.ndarray:
