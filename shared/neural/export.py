@@ -160,7 +160,7 @@ def _hardware(cfg: dict) -> str:
     except OSError:
         pass
     threads = cfg.get("threads") or torch.get_num_threads()
-    return f"{cpu}, {threads} threads"
+    return f"{cpu}, {threads} thread{'s' if threads != 1 else ''}"
 
 
 def _lineage(meta: dict) -> str:
@@ -212,7 +212,8 @@ variable-rate model with {len(cfg['lambdas'])} levels (per-level channel gains).
 - command: `aic train --data {cfg['data']} --steps {cfg['steps']}{_init_flags(meta, cfg)} --export models/{meta['name']} --val {meta['val']}`
 
 ## Rate–distortion on the validation photos
-`{meta['val']}` ({meta['val_files']} photos, none used in training), each scaled to {VAL_MAX_SIDE}
+`{meta['val']}` ({meta['val_files']} photos, none of them in the training list; see models/README.md
+on one near-twin), each scaled to {VAL_MAX_SIDE}
 pixels on the long side, RGB in and out (no yuv420p round trip: the codec alone).
 "coded" counts the bytes the entropy coder wrote.  "tables" is the −log2
 probability of the same latents under the coding tables (the 96-entry scale
