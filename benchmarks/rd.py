@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from shared.codecs import LEARNED_CODECS, create_codec, decode_payload, learned_available, read_header
+from shared.modelstore import DEFAULT_MODELS
 from shared.pixfmt import from_video_frame, to_video_frame
 from shared.quality import measure_batch
 
@@ -309,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codecs", default=None,
                    help="comma list from hybrid,neural,x264,x265,vp9,av1,jpeg,webp (default: all; the learned "
                         "ones where their weights exist)")
-    p.add_argument("--model", help="neural codec's model under models/ (default hyperprior-v2)")
+    p.add_argument("--model", help=f"neural codec's model under models/ (default {DEFAULT_MODELS['neural']})")
     p.add_argument("--restore-model", help="hybrid codec's model under models/ (default restore-v1)")
     p.add_argument("--frames", type=int, default=32, help="frames per clip (default %(default)s)")
     p.add_argument("--gop", type=int, default=8, help="frames per closed GOP = batch size (default %(default)s)")

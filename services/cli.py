@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from shared.config import BusConfig, CompressorConfig, MetricsConfig, PolicyConfig, data_dir, env_int, env_str
+from shared.modelstore import DEFAULT_MODELS
 
 DEFAULT_DEMO_SOURCE = "lavfi:testsrc2=size=640x360:rate=30"
 CODEC_HELP = ("auto | hybrid | neural | x264 | x264-psnr | x265 | vp9 | av1 (default auto: hybrid — x264 with "
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", default=env_str("AIC_CODEC", "auto"), help=CODEC_HELP)
     p.add_argument("--level", type=int, help="rate level 0..7, fewest bits first (default: the codec's own; "
                    "for native codecs each level is a CRF)")
-    p.add_argument("--model", help="learned model under models/ (default: hybrid restore-v1, neural hyperprior-v2)")
+    p.add_argument("--model", help=f"learned model under models/ (default: hybrid {DEFAULT_MODELS['hybrid']}, "
+                                   f"neural {DEFAULT_MODELS['neural']})")
     p.add_argument("--crf", type=int, help="native codecs: constant rate factor (codec default if unset)")
     p.add_argument("--target", default=env_str("AIC_TARGET", "psnr_y:34"),
                    help="neural path's quality target METRIC:VALUE, metric psnr_y|psnr_rgb|ms_ssim "
