@@ -39,10 +39,11 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as jsapi
-from nats.js.errors import NotFoundError
+from nats.js.errors import BucketNotFoundError, NotFoundError
 
+from shared.aio import pause
 from shared.config import BusConfig
-from shared.control import CONTROL_PREFIX, ESTIMATE_FRESH_S
+from shared.control import CONTROL_PREFIX, ESTIMATE_FRESH_S, KV_BUCKET
 from shared.logs import get_logger
 
 log = get_logger("bus")
@@ -64,6 +65,7 @@ INGEST_BUCKET = "aic_ingest"
 EXHAUSTED_SUBJECT = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{FRAMES_STREAM}.{COMPRESSOR_CONSUMER}"
 EXHAUSTED_CONSUMER = "exhausted"
 CLAIM_HEADER = "Aic-Claim"
+JS_TIMEOUT_S = 30.0  # a JetStream request (publish ack, API call) unanswered this long has failed
 MSG_ID_HEADER = "Nats-Msg-Id"
 # Leave room for headers and protocol framing inside max_payload.
 _HEADROOM = 16 * 1024
@@ -120,7 +122,7 @@ class Bus:
 
     def __init__(self, nc: NATS, cfg: BusConfig):
         self.nc = nc
-        self.js: JetStreamContext = nc.jetstream(timeout=30)
+        self.js: JetStreamContext = nc.jetstream(timeout=JS_TIMEOUT_S)
         self.cfg = cfg
         self._verified: dict[str, None] = {}  # claims payload() checked, oldest first (release deletes only these)
 
@@ -153,10 +155,7 @@ class Bus:
                 return await cls.connect(cfg, name, wait_s=5.0)
             except BusUnavailable as exc:
                 log.warning("nats_unavailable", error=str(exc))
-                try:
-                    await asyncio.wait_for(stop.wait(), 1.0)
-                except asyncio.TimeoutError:
-                    pass
+                await pause(stop, 1.0)
         return None
 
     @property
@@ -206,26 +205,19 @@ class Bus:
 
     async def config_kv(self):
         """The per-stream config bucket (:mod:`shared.control`), created on first use."""
-        from nats.js.errors import BucketNotFoundError
-
-        from shared.control import KV_BUCKET
-
-        try:
-            return await self.js.key_value(KV_BUCKET)
-        except BucketNotFoundError:
-            return await self.js.create_key_value(bucket=KV_BUCKET, history=16, replicas=self.cfg.replicas,
-                                                  description="aic per-stream compression config")
+        return await self._kv(KV_BUCKET, 16, "aic per-stream compression config")
 
     async def ingest_kv(self):
         """Each stream's next batch number, kept by the gateway (``aic ingest``) so that a restarted
         ingest continues the numbering instead of publishing ids the bus drops as repeats."""
-        from nats.js.errors import BucketNotFoundError
+        return await self._kv(INGEST_BUCKET, 1, "aic ingest: next batch number per stream")
 
+    async def _kv(self, bucket: str, history: int, description: str):
         try:
-            return await self.js.key_value(INGEST_BUCKET)
+            return await self.js.key_value(bucket)
         except BucketNotFoundError:
-            return await self.js.create_key_value(bucket=INGEST_BUCKET, history=1, replicas=self.cfg.replicas,
-                                                  description="aic ingest: next batch number per stream")
+            return await self.js.create_key_value(bucket=bucket, history=history, replicas=self.cfg.replicas,
+                                                  description=description)
 
     async def ensure_topology(self) -> None:
         """Create or update every stream, durable consumer and KV bucket; safe to call from every service."""
@@ -290,7 +282,7 @@ class Bus:
         ]
         # nats-py's async publish futures have no deadline of their own: a reply lost in a reconnect
         # would hold this batch (and the worker's slot) forever.
-        acks = await asyncio.wait_for(asyncio.gather(*futs), timeout=self.js._timeout)
+        acks = await asyncio.wait_for(asyncio.gather(*futs), timeout=JS_TIMEOUT_S)
         headers[CLAIM_HEADER] = Claim(len(data), tuple(a.seq for a in acks)).encode()
         return await self.js.publish(subject, b"", headers=headers)
 

@@ -95,7 +95,7 @@ def test_the_tighter_of_the_configured_budget_and_a_fresh_estimate_applies(monke
     c.estimate("cam", b'{"kbps": 150}')
     assert c.decide("cam").budget_kbps == 150
     now = ctl.time.monotonic()
-    monkeypatch.setattr(ctl.time, "monotonic", lambda: now + ctl.BUDGET_FRESH_S + 1)
+    monkeypatch.setattr(ctl.time, "monotonic", lambda: now + ctl.ESTIMATE_FRESH_S + 1)
     assert c.decide("cam").budget_kbps == 200  # the estimate went stale
 
 
@@ -126,9 +126,9 @@ def test_an_estimate_is_as_old_as_its_publication():
     from services.compressor import controls as ctl
 
     c = ctl.StreamControls()
-    c.estimate("cam", b'{"kbps": 300}', age_s=ctl.BUDGET_FRESH_S - 5)
+    c.estimate("cam", b'{"kbps": 300}', age_s=ctl.ESTIMATE_FRESH_S - 5)
     assert c.decide("cam").budget_kbps == 300
-    c.estimate("cam", b'{"kbps": 300}', age_s=ctl.BUDGET_FRESH_S + 1)
+    c.estimate("cam", b'{"kbps": 300}', age_s=ctl.ESTIMATE_FRESH_S + 1)
     assert c.decide("cam") is None
 
 

@@ -17,15 +17,13 @@ import threading
 import time
 from dataclasses import dataclass
 
-from shared.control import CONTROL_PREFIX, ESTIMATE_FRESH_S, LEVEL_DOWN_MARGIN_DB, ConfigError, StreamConfig
 from shared import bus as busmod
+from shared.aio import pause
+from shared.control import CONTROL_PREFIX, ESTIMATE_FRESH_S, LEVEL_DOWN_MARGIN_DB, ConfigError, StreamConfig
 from shared.logs import get_logger
 from shared.schemas import STREAM_ID_RE
 
 log = get_logger("compressor")
-
-
-BUDGET_FRESH_S = ESTIMATE_FRESH_S  # a receiver's estimate older than this no longer applies
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,7 @@ class StreamControls:
         cfg = self.configs.get(stream_id)
         limits = [cfg.budget_kbps] if cfg is not None and cfg.budget_kbps else []
         est = self.estimates.get(stream_id)
-        if est is not None and time.monotonic() - est[1] < BUDGET_FRESH_S:
+        if est is not None and time.monotonic() - est[1] < ESTIMATE_FRESH_S:
             limits.append(est[0])
         return min(limits) if limits else None
 
@@ -128,10 +126,7 @@ class StreamControls:
                 return
             except Exception as exc:
                 log.warning("stream_config_watch_failed", error=f"{type(exc).__name__}: {exc}", retry_s=delay)
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
-                except asyncio.TimeoutError:
-                    pass
+                await pause(stop, delay)
                 delay = min(delay * 2, 10.0)
 
     async def _watch(self, bus, stop: asyncio.Event) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import threading
-
 import time
 from dataclasses import dataclass
 
@@ -92,8 +91,9 @@ class Policy:
         """The best payload within the batch's share of the budget.
 
         The learned codec steps down its levels first; if none fits, native goes out at the lowest
-        CRF (best quality) that fits, found by binary search up to CRF 51.  Quality targets yield to
-        the budget: a stream that must fit a link gets the best picture that fits.
+        CRF (best quality) that fits, found by binary search up to the encoder's coarsest CRF.
+        Quality targets yield to the budget: a stream that must fit a link gets the best picture
+        that fits.
         """
         limit = int(budget_kbps * 1000 / 8 * fb.frame_count / fb.fps)
         if len(coded.payload) <= limit:
@@ -105,14 +105,9 @@ class Policy:
                     return Coded(payload, decoded, self.neural.name, lv, None, f"level {lv} to fit {budget_kbps:g} kbps")
         if not isinstance(self.native, NativeCodec):
             return coded
-        lo, hi, best = self.native.crf_range[0], self.native.max_crf, None
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            payload, decoded = self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, crf=mid)
-            if len(payload) <= limit:
-                best, hi = (payload, decoded), mid - 1
-            else:
-                lo = mid + 1
+        best = _first_passing(self.native.crf_range[0], self.native.max_crf,
+                              lambda crf: self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, crf=crf),
+                              lambda coded: len(coded[0]) <= limit)
         fits = best is not None
         payload, decoded = best or self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, crf=self.native.max_crf)
         learned = self.neural is not None and coded.codec == self.neural.name
@@ -166,36 +161,33 @@ class Policy:
         """The fewest-bits native payload whose quality reaches ``quality`` (or the best native can do)."""
         if isinstance(self.native, NativeCodec):
             return self._native_crf_at_least(fb, quality)
-        lo, hi = 0, self.native.levels - 1
-        best = None
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            payload, decoded = self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, mid)
-            if batch_quality(self.cfg.metric, fb, decoded) >= quality:
-                best, hi = (payload, decoded), mid - 1
-            else:
-                lo = mid + 1
-                if best is None and lo > hi:  # nothing reaches it: the top level is the best native can do
-                    best = (payload, decoded)
-        return best
-
+        top = self.native.levels - 1
+        code = lambda level: self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, level)  # noqa: E731
+        best = _first_passing(0, top, code, lambda coded: batch_quality(self.cfg.metric, fb, coded[1]) >= quality)
+        return best or code(top)  # nothing reaches it: the top level is the best native can do
 
     def _native_crf_at_least(self, fb: FrameBatch, quality: float) -> tuple[bytes, np.ndarray]:
         """Binary search for the largest CRF (fewest bits) whose quality reaches ``quality``."""
         best_crf, worst_crf = self.native.crf_range
-        lo, hi, best = best_crf, worst_crf, None
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            coded = self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, crf=mid)
-            if batch_quality(self.cfg.metric, fb, coded[1]) >= quality:
-                best, lo = coded, mid + 1
-            else:
-                hi = mid - 1
-        if best is None:  # nothing reaches it: the best the level range offers
-            best = self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, crf=best_crf)
-        return best
+        code = lambda crf: self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, crf=crf)  # noqa: E731
+        # Quality falls as CRF rises: search the CRFs from the coarsest down for the first that reaches it.
+        best = _first_passing(0, worst_crf - best_crf, lambda i: code(worst_crf - i),
+                              lambda coded: batch_quality(self.cfg.metric, fb, coded[1]) >= quality)
+        return best or code(best_crf)  # nothing reaches it: the best the level range offers
 
 
+def _first_passing(lo: int, hi: int, code, passes):
+    """Binary search over a rate knob: the coding at the smallest ``x`` in ``lo..hi`` for which
+    ``passes(code(x))`` holds, given that it holds from some ``x`` on; None if it never does."""
+    best = None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        coded = code(mid)
+        if passes(coded):
+            best, hi = coded, mid - 1
+        else:
+            lo = mid + 1
+    return best
 
 
 def _rate_options(payload: bytes) -> dict:

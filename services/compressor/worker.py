@@ -24,6 +24,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from shared import bus as busmod
 from shared.bus import Bus, ClaimError
 from shared.bus import unsubscribe as _unsubscribe
+from shared.aio import pause
 from services.compressor.controls import StreamControls
 from services.compressor.policy import Policy
 from shared.codecs import LEARNED_CODECS, create_codec, learned_available, read_header
@@ -279,10 +280,7 @@ class Compressor:
                 PENDING.set(info.num_pending + info.num_ack_pending)
             except Exception as exc:  # the alert goes stale rather than the worker failing
                 log.debug("pending_unknown", error=str(exc))
-            try:
-                await asyncio.wait_for(stop.wait(), PENDING_EVERY_S)
-            except asyncio.TimeoutError:
-                pass
+            await pause(stop, PENDING_EVERY_S)
 
     async def watch_exhausted(self, stop: asyncio.Event) -> None:
         """Turn JetStream's max-deliveries advisories into failed rows.

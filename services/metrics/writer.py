@@ -23,7 +23,7 @@ from shared import bus as busmod
 from shared.bus import Bus, unsubscribe as _unsubscribe
 from shared.config import MetricsConfig
 from shared.logs import get_logger
-from shared.schemas import BatchMetrics, SchemaError, unpack_batch_metrics
+from shared.schemas import BatchMetrics, unpack_batch_metrics
 from services.metrics.migrations import maintain_partitions, migrate, refresh_rollups
 
 log = get_logger("metrics")
@@ -62,6 +62,7 @@ _CONNECTION_ERRORS = (
 # serialization failure, lock timeout, a missing relation) is the database's state: hold and retry,
 # never drop.
 _RECORD_ERROR_CLASSES = ("22", "23")
+_WRITE_FAILURES = (*_CONNECTION_ERRORS, asyncpg.PostgresError)
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -189,15 +190,16 @@ class MetricsWriter:
             minutes = await refresh_rollups(await self.store.connect())
             if minutes:
                 log.info("rollups_refreshed", minutes=minutes)
-        except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:  # the dirty marks stay: next time
-            self.store.conn = None if isinstance(exc, _CONNECTION_ERRORS) else self.store.conn
+        except _WRITE_FAILURES as exc:  # the dirty marks stay: next time
+            if isinstance(exc, _CONNECTION_ERRORS):
+                self.store.conn = None
             log.warning("rollup_refresh_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _upkeep(self) -> None:
         try:
             created, dropped = await self.store.maintain(self.cfg.partitions_ahead, self.cfg.retention_days)
             log.info("partitions", created=created, dropped=dropped, retention_days=self.cfg.retention_days)
-        except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:  # retried at the next upkeep
+        except _WRITE_FAILURES as exc:  # retried at the next upkeep
             DB_ERRORS.inc()
             log.warning("partition_upkeep_failed", error=f"{type(exc).__name__}: {exc}")
 
@@ -234,7 +236,7 @@ class MetricsWriter:
                 else:
                     inserted = await self.store.write([r for _, r in good])
                 break
-            except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            except _WRITE_FAILURES as exc:
                 if not is_outage(exc):
                     # A record the database refuses (not an outage): isolate it, keep the rest.
                     # The one-by-one pass stays inside this loop, so an outage during it is retried too.
@@ -262,7 +264,7 @@ class MetricsWriter:
         for m, rec in list(good):
             try:
                 inserted += await self.store.write([rec])
-            except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            except _WRITE_FAILURES as exc:
                 if is_outage(exc):
                     raise  # not this record's fault: the caller waits and retries
                 log.error("record_refused", batch_id=rec[0], error=f"{type(exc).__name__}: {exc}")
