@@ -15,12 +15,11 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
 
 from services.ingest import read_batches
 from shared.codecs import create_codec, decode_payload
-from shared.pixfmt import to_rgb
+from shared.neural.colour import yuv420_to_rgb
 
 
 def _fps(n: int, seconds: float) -> float:
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     kw = {"device": a.device, **({"model": a.model} if a.model else {})}
     codec = create_codec("neural", **kw)
     coder = codec.coder
-    x = torch.from_numpy(np.stack([to_rgb(f, w, h) for f in frames])).permute(0, 3, 1, 2).float() / 255
+    x = yuv420_to_rgb(frames, w, h)
     from shared.neural.coder import pad_to
 
     xp = pad_to(x, coder.net.stride)

@@ -1,5 +1,6 @@
 """The learned codec: real bitstreams that decode bit-exactly, anywhere, and fail cleanly."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -189,3 +190,13 @@ def test_the_compressor_picks_the_neural_codec_when_its_weights_are_present(tiny
     monkeypatch.setenv("AIC_MODELS_DIR", str(tmp_path / "without"))
     assert resolve_codec("auto") == "x264"
     assert resolve_codec("x265") == "x265"
+
+
+def test_a_payload_of_another_codec_version_is_refused_clearly(tiny_model):
+    from shared.codecs.base import pack_payload
+
+    payload = create_codec("neural", model=tiny_model, device="cpu").encode(clip(n=1), 96, 64, 25.0)
+    header, bitstream = read_header(payload)
+    old = pack_payload(dataclasses.replace(header, codec_version=1), bytes(bitstream))
+    with pytest.raises(CodecError, match="version 1"):
+        decode_payload(old)

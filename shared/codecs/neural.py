@@ -1,7 +1,8 @@
 """The learned codec behind the common codec interface.
 
-Frames arrive as yuv420p; the model codes RGB, so each frame is converted with
-swscale (BT.601, limited range) on the way in and back on the way out.  The
+Frames arrive as yuv420p; the model codes RGB, so each frame goes through the
+lossless float colour path of :mod:`shared.neural.colour` (BT.601, limited
+range) on the way in and back on the way out.  The
 payload names the model and the first 16 hex digits of its weights' sha256: a
 receiver decodes only with the same weights, and says so clearly otherwise.
 Importing this module imports torch: only the compressor and receivers do.
@@ -13,14 +14,13 @@ import functools
 import threading
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 
 from shared.codecs.base import Codec, CodecError, PayloadHeader, pack_payload
 from shared.neural.coder import BitstreamError, ImageCoder
+from shared.neural.colour import rgb_to_yuv420, yuv420_to_rgb
 from shared.modelstore import DEFAULT_MODELS, model_path
-from shared.pixfmt import frame_size, from_video_frame, to_rgb
 
 DEFAULT_MODEL = DEFAULT_MODELS["neural"]
 DEFAULT_LEVEL = 4
@@ -54,7 +54,8 @@ class NeuralCodec(Codec):
     """Intra-frame learned coding: every frame of the batch is coded alone."""
 
     name = "neural"
-    version = 1
+    # 2: the float colour path (1 went through swscale's uint8 RGB and lost 41-46 dB on its own).
+    version = 2
 
     def __init__(self, model: str = DEFAULT_MODEL, level: int | None = None, device: str | None = None):
         self.device = device or default_device()
@@ -74,15 +75,14 @@ class NeuralCodec(Codec):
         self, frames: np.ndarray, width: int, height: int, fps: float, level: int | None = None
     ) -> tuple[bytes, np.ndarray]:
         payload, recon = self._encode(frames, width, height, level, reconstruct=True)
-        return payload, _to_yuv(recon)
+        return payload, rgb_to_yuv420(recon)
 
     def _encode(self, frames, width, height, level, reconstruct):
         level = self.level if level is None else self.check_level(level)
         if width * height > MAX_DECODE_PIXELS:
             # No receiver would decode it: refuse here, so the policy sends the batch natively.
             raise CodecError(f"{width}x{height} is above the neural decoder's limit of {MAX_DECODE_PIXELS} pixels")
-        rgb = np.stack([to_rgb(f, width, height) for f in frames])
-        x = torch.from_numpy(rgb).permute(0, 3, 1, 2).float().div_(255.0)
+        x = yuv420_to_rgb(frames, width, height)
         with self.coder.lock:
             streams, recon = self.coder.encode(x, level, reconstruct)
         header = PayloadHeader(
@@ -98,6 +98,9 @@ class NeuralCodec(Codec):
 
 def decode_neural(header: PayloadHeader, bitstream: memoryview, device: str | None = None) -> np.ndarray:
     """Decode a neural payload's bitstream with the model it names."""
+    if header.codec_version != NeuralCodec.version:
+        raise CodecError(f"neural payload version {header.codec_version} is not decoded here "
+                         f"(this receiver decodes version {NeuralCodec.version})")
     p = header.params
     try:
         model, sha, level, sizes = str(p["model"]), str(p["sha256"]), int(p["level"]), [int(s) for s in p["sizes"]]
@@ -126,14 +129,4 @@ def decode_neural(header: PayloadHeader, bitstream: memoryview, device: str | No
             rgb = coder.decode(streams, level, header.height, header.width)
     except BitstreamError as exc:
         raise CodecError(str(exc)) from None
-    return _to_yuv(rgb)
-
-
-def _to_yuv(rgb: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) float in [0, 1] → (N, frame_size) packed yuv420p uint8."""
-    arr = rgb.mul(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
-    h, w = arr.shape[1:3]
-    out = np.empty((arr.shape[0], frame_size(w, h)), np.uint8)
-    for i, img in enumerate(arr):
-        out[i] = from_video_frame(av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p"))
-    return out
+    return rgb_to_yuv420(rgb)

@@ -87,14 +87,16 @@ class ImageCoder:
 
     @torch.no_grad()
     def synthesise(self, y_hat: torch.Tensor, level: int) -> torch.Tensor:
-        """Dequantized latents of ONE frame (1, M, h, w) → RGB (1, 3, H, W) in [0, 1], on the CPU.
+        """Dequantized latents of ONE frame (1, M, h, w) → RGB (1, 3, H, W), on the CPU.
 
-        One frame at a time, so the reconstruction never depends on what else was in the batch.
+        Nominally in [0, 1] but not clipped: the colour path (:mod:`shared.neural.colour`) gives
+        saturated chroma back from values a little outside it; RGB callers clip.  One frame at a
+        time, so the reconstruction never depends on what else was in the batch.
         """
         lv = torch.full((1,), level, dtype=torch.long, device=self.device)
         _, inv_gain = self.net.gains(lv)
         x = self.net.g_s(y_hat.to(self.device).contiguous(memory_format=torch.channels_last) * inv_gain)
-        return x.clamp_(0, 1).float().cpu()
+        return x.float().cpu()
 
     # -- entropy coding ---------------------------------------------------------------------------
 

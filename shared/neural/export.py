@@ -75,7 +75,7 @@ def evaluate(coder: ImageCoder, images: list[np.ndarray]) -> list[dict]:
             ideal += coder.ideal_bits(x, level)
             px += img.shape[0] * img.shape[1]
             ref = x.mul(255).round()
-            mse = float((rec.mul(255).round() - ref).pow(2).mean())
+            mse = float((rec.clamp(0, 1).mul(255).round() - ref).pow(2).mean())
             psnrs.append(10 * math.log10(255**2 / max(mse, 1e-10)))
         rows.append({"level": level, "lambda": coder.lambdas[level], "bpp": bits / px, "bpp_estimated": est / px, "bpp_ideal": ideal / px,
                      "psnr_rgb": float(np.mean(psnrs))})
@@ -197,9 +197,10 @@ variable-rate model with {len(cfg['lambdas'])} levels (per-level channel gains).
 - entropy coding: constriction ANS; y as quantized Gaussians (scale from a
   {96}-entry log table picked by an integer hyper-synthesis), z with per-channel
   categorical tables frozen in the weights file.
-- colour: the pipeline's yuv420p frames are converted to RGB (BT.601 limited
-  range, swscale) before the analysis transform and back after synthesis; the
-  model itself codes RGB in [0, 1].
+- colour: the model codes RGB in [0, 1]; in the pipeline (codec version 2) yuv420p
+  frames become float RGB (BT.601 limited range, chroma replicated 2x2, nothing
+  clipped) before the analysis transform, and the synthesis output goes back the
+  exact inverse way (chroma averaged 2x2): the conversion itself loses nothing.
 
 ## Training
 - data: `{cfg['data']}` ({meta['train_files']} files; the natural photographs listed by
