@@ -37,14 +37,40 @@ from shared.schemas import BatchMetrics, FrameBatch
 DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "media" / "call_screenshare_720p.mp4"
 
 
-def x264_alone(batches) -> float:
-    """Frames/s of the compressor's own encoder settings, nothing else."""
+def x264_alone(batches) -> tuple[float, float]:
+    """Frames/s of the compressor's own encoder settings, nothing else, and CPU seconds per frame."""
     codec = create_codec("x264")
     frames = sum(b.frame_count for b in batches)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for b in batches:
         codec.encode(b.frames, b.width, b.height, b.fps)
-    return frames / (time.perf_counter() - t0)
+    return frames / (time.perf_counter() - t0), (time.process_time() - c0) / frames
+
+
+def _role(p) -> str:
+    """Which stage a process of the stack is, from its command line."""
+    cmd = " ".join(p.cmdline())
+    for key, role in (("nats-server", "nats"), ("postgres", "postgres"), ("services.compressor", "compressor"),
+                      ("services.metrics", "metrics")):
+        if key in cmd:
+            return role
+    return "other"
+
+
+def cpu_seconds() -> dict[str, float]:
+    """User+system CPU seconds so far of this process (ingest, the benchmark client) and of the
+    stack's processes, by role: where a pipeline's cores go."""
+    import psutil
+
+    me = psutil.Process()
+    out = {"ingest (this process)": sum(me.cpu_times()[:2])}
+    for child in me.children(recursive=True):
+        try:
+            role = _role(child)
+            out[role] = out.get(role, 0.0) + sum(child.cpu_times()[:2])
+        except psutil.Error:  # exited meanwhile
+            continue
+    return out
 
 
 def pipeline_fps(source: str, frames: int, quality_frames: int, root: Path) -> dict:
@@ -59,9 +85,11 @@ def pipeline_fps(source: str, frames: int, quality_frames: int, root: Path) -> d
             warm = await ingest(bus, source, f"warm-{uuid.uuid4().hex[:6]}", 8, 8, progress=False)
             await wait_for_rows(stack.database_url, warm.batch_ids, 120)
             sid = f"bench-{uuid.uuid4().hex[:6]}"
+            cpu0 = cpu_seconds()
             t0 = time.time()
             stats = await ingest(bus, source, sid, 8, frames, progress=False)
             found = await wait_for_rows(stack.database_url, stats.batch_ids, 600)
+            cpu1 = cpu_seconds()
             await bus.close()
             conn = await asyncpg.connect(stack.database_url)
             r = await conn.fetchrow(
@@ -81,6 +109,9 @@ def pipeline_fps(source: str, frames: int, quality_frames: int, root: Path) -> d
                 "encode_ms_per_batch": r["enc"],
                 "quality_ms_per_batch": r["q"],
                 "latency_p50_ms": r["p50"],
+                # Includes the rows' last poll interval; what matters is each role's share.
+                "cpu_s": {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu1.items()},
+                "wall_s": wall,
             }
 
         return asyncio.run(go())
@@ -168,10 +199,11 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="aic-bench-") as tmp:
         root = Path(tmp)
-        result["x264_alone_fps"] = x264_alone(batches)
+        result["x264_alone_fps"], cpu_a = x264_alone(batches)
         result["pipeline_default"] = pipeline_fps(a.source, a.frames, 1, root / "p1")
         result["pipeline_no_quality_sample"] = pipeline_fps(a.source, a.frames, 0, root / "p0")
-        result["x264_alone_fps_after"] = x264_alone(batches)
+        result["x264_alone_fps_after"], cpu_b = x264_alone(batches)
+        result["x264_alone_cpu_s_per_frame"] = (cpu_a + cpu_b) / 2
         x = (result["x264_alone_fps"] + result["x264_alone_fps_after"]) / 2
         result["efficiency_default"] = result["pipeline_default"]["fps"] / x
         result["efficiency_no_quality_sample"] = result["pipeline_no_quality_sample"]["fps"] / x
@@ -202,7 +234,14 @@ def main() -> None:
     print(f"pipeline, PSNR-Y only (--quality-frames 0)       : {p0['fps']:8.1f} fps  efficiency {result['efficiency_no_quality_sample']:.2f}")
     print(f"  steady state (first row to last row): default {p1['steady_fps']:.1f} fps ({p1['steady_fps'] / x:.2f}), "
           f"PSNR-Y only {p0['steady_fps']:.1f} fps ({p0['steady_fps'] / x:.2f})")
-    print(f"  per batch (default): encode {p1['encode_ms_per_batch']:.1f} ms, decode+quality {p1['quality_ms_per_batch']:.1f} ms, latency p50 {p1['latency_p50_ms']:.0f} ms")
+    print(f"  per batch (default): encode+decode {p1['encode_ms_per_batch']:.1f} ms, quality {p1['quality_ms_per_batch']:.1f} ms, latency p50 {p1['latency_p50_ms']:.0f} ms")
+    for label, p in (("default", p1), ("PSNR-Y only", p0)):
+        total = sum(p["cpu_s"].values())
+        shares = ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(p["cpu_s"].items(), key=lambda kv: -kv[1]))
+        print(f"  CPU while running ({label}): {total:.1f} s on {p['wall_s']:.1f} s wall ({total / p['wall_s']:.2f} cores): {shares}")
+    xs = result["x264_alone_cpu_s_per_frame"]
+    print(f"  x264 alone: {xs * 1000:.2f} CPU ms per frame; the pipeline (default): "
+          f"{sum(p1['cpu_s'].values()) / p1['frames'] * 1000:.2f} CPU ms per frame")
     for key in ("bus_raw_720p", "bus_raw_1080p"):
         b = result[key]
         print(f"bus, raw {b['batch_mb']:.1f} MB batches ({'inline' if b['inline'] else 'claim check'}): publish {b['publish_mb_s']:.0f} MB/s, consume {b['consume_mb_s']:.0f} MB/s")
