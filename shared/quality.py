@@ -2,8 +2,9 @@
 
 PSNR is computed per frame and averaged over the batch (identical frames are
 capped at 100 dB).  MS-SSIM follows Wang et al. 2003 (5 scales, 11-tap Gaussian
-with sigma 1.5, standard exponents) on the luma plane.  It costs ~10x more than
-encoding a 720p frame with x264 on two cores, so the compressor measures
+with sigma 1.5, standard exponents) on the luma plane.  Even computed in
+cache-sized strips (~25 ms a 720p frame here) it costs about what x264 spends
+encoding a whole 8-frame batch on two cores, so the compressor measures
 PSNR-RGB and MS-SSIM on a configurable sample of each batch (PSNR-Y always on
 every frame); the row says how many frames the sample covers.
 """
@@ -41,23 +42,50 @@ def _gauss_kernel(size: int = 11, sigma: float = 1.5) -> np.ndarray:
 _KERNEL = _gauss_kernel()
 
 
+_TAPS = len(_KERNEL)
+_HALF = _TAPS // 2
+#: Rows of SSIM maps computed at a time: the five filtered maps of a strip stay in cache, which
+#: halves the time of a 720p frame against filtering whole planes (memory-bound numpy).
+_STRIP_ROWS = 64
+
+
 def _filter_valid(img: np.ndarray) -> np.ndarray:
-    """Separable Gaussian filter, 'valid' region only (as the reference implementation)."""
-    k = _KERNEL
-    n = len(k)
-    h, w = img.shape[-2:]
-    rows = sum(k[i] * img[..., i : h - n + 1 + i, :] for i in range(n))
-    return sum(k[i] * rows[..., :, i : w - n + 1 + i] for i in range(n))
+    """Separable Gaussian filter, 'valid' region only (as the reference implementation).
+
+    The kernel is symmetric: taps i and n-1-i share one multiply."""
+    k, n, c = _KERNEL, _TAPS, _HALF
+    h, w = img.shape
+    oh, ow = h - n + 1, w - n + 1
+    rows = img[c : c + oh] * k[c]
+    for i in range(c):
+        t = img[i : i + oh] + img[n - 1 - i : n - 1 - i + oh]
+        t *= k[i]
+        rows += t
+    out = rows[:, c : c + ow] * k[c]
+    for i in range(c):
+        t = rows[:, i : i + ow] + rows[:, n - 1 - i : n - 1 - i + ow]
+        t *= k[i]
+        out += t
+    return out
 
 
 def _ssim_maps(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    mu_x, mu_y = _filter_valid(x), _filter_valid(y)
-    sxx = _filter_valid(x * x) - mu_x * mu_x
-    syy = _filter_valid(y * y) - mu_y * mu_y
-    sxy = _filter_valid(x * y) - mu_x * mu_y
-    cs = (2 * sxy + _C2) / (sxx + syy + _C2)
-    lum = (2 * mu_x * mu_y + _C1) / (mu_x * mu_x + mu_y * mu_y + _C1)
-    return float(np.mean(lum * cs)), float(np.mean(cs))
+    """Means of the SSIM and contrast-structure maps of one scale, a strip of rows at a time."""
+    oh, ow = x.shape[0] - _TAPS + 1, x.shape[1] - _TAPS + 1
+    ssim_sum = cs_sum = 0.0
+    for r0 in range(0, oh, _STRIP_ROWS):
+        r1 = min(oh, r0 + _STRIP_ROWS)
+        xs, ys = x[r0 : r1 + _TAPS - 1], y[r0 : r1 + _TAPS - 1]
+        mu_x, mu_y = _filter_valid(xs), _filter_valid(ys)
+        mxx, myy, mxy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
+        sxx = _filter_valid(xs * xs) - mxx
+        syy = _filter_valid(ys * ys) - myy
+        sxy = _filter_valid(xs * ys) - mxy
+        cs = (2 * sxy + _C2) / (sxx + syy + _C2)
+        lum = (2 * mxy + _C1) / (mxx + myy + _C1)
+        ssim_sum += float(np.sum(lum * cs, dtype=np.float64))
+        cs_sum += float(np.sum(cs, dtype=np.float64))
+    return ssim_sum / (oh * ow), cs_sum / (oh * ow)
 
 
 MS_SSIM_MIN_SIDE = 11  # one 11-tap Gaussian window; smaller frames have no MS-SSIM

@@ -25,6 +25,41 @@ def test_ms_ssim_is_one_for_identical_and_drops_with_noise():
     assert 1.0 > ms_ssim(img, small) > ms_ssim(img, big) > 0
 
 
+def reference_ms_ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """MS-SSIM written the plain way (Wang et al. 2003): float64, a full 2-D 11x11 window, whole planes."""
+    x1 = np.arange(11) - 5.0
+    g = np.exp(-(x1**2) / (2 * 1.5**2))
+    window = np.outer(g, g) / np.outer(g, g).sum()
+
+    def filt(img):
+        h, w = img.shape
+        return sum(window[i, j] * img[i : h - 10 + i, j : w - 10 + j] for i in range(11) for j in range(11))
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    weights = [0.0448, 0.2856, 0.3001, 0.2363, 0.1333]
+    x, y, result = a.astype(np.float64), b.astype(np.float64), 1.0
+    for scale in range(5):
+        mx, my = filt(x), filt(y)
+        sxx, syy, sxy = filt(x * x) - mx**2, filt(y * y) - my**2, filt(x * y) - mx * my
+        cs = (2 * sxy + c2) / (sxx + syy + c2)
+        if scale < 4:
+            result *= max(cs.mean(), 0.0) ** weights[scale]
+            h, w = x.shape[0] // 2 * 2, x.shape[1] // 2 * 2
+            x = (x[0:h:2, 0:w:2] + x[1:h:2, 0:w:2] + x[0:h:2, 1:w:2] + x[1:h:2, 1:w:2]) / 4
+            y = (y[0:h:2, 0:w:2] + y[1:h:2, 0:w:2] + y[0:h:2, 1:w:2] + y[1:h:2, 1:w:2]) / 4
+        else:
+            result *= max((((2 * mx * my + c1) / (mx**2 + my**2 + c1)) * cs).mean(), 0.0) ** weights[scale]
+    return result
+
+
+def test_ms_ssim_matches_the_plain_definition_on_odd_sizes_and_many_strips():
+    rng = np.random.default_rng(7)
+    for h, w in ((200, 181), (333, 190)):  # strips of 64 rows: a ragged last strip at every scale
+        a = rng.integers(0, 256, (h, w), dtype=np.uint8)
+        b = np.clip(a + rng.normal(0, 12, a.shape), 0, 255).astype(np.uint8)
+        assert math.isclose(ms_ssim(a, b), reference_ms_ssim(a, b), rel_tol=1e-5)
+
+
 def test_sample_indices_spread_over_the_batch():
     assert sample_indices(8, 1) == [7]
     assert sample_indices(8, 2) == [0, 7]
