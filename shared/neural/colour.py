@@ -40,7 +40,7 @@ def yuv420_to_rgb(frames: np.ndarray, width: int, height: int) -> torch.Tensor:
     if frames.ndim != 2 or frames.shape[1] != frame_size(width, height):
         raise ValueError(f"expected (N, {frame_size(width, height)}) yuv420p frames of {width}x{height}, got {frames.shape}")
     cw, ch = chroma_size(width, height)
-    t = torch.from_numpy(np.ascontiguousarray(frames)).float()
+    t = torch.from_numpy(frames.astype(np.float32))  # a copy: pipeline frames are read-only views
     y = (t[:, : width * height].reshape(n, height, width) - 16.0) * _YS
     u = t[:, width * height : width * height + cw * ch].reshape(n, ch, cw) - 128.0
     v = t[:, width * height + cw * ch :].reshape(n, ch, cw) - 128.0
