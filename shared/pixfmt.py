@@ -48,12 +48,16 @@ def to_video_frame(frame: np.ndarray, width: int, height: int) -> av.VideoFrame:
     return vf
 
 
-def from_video_frame(vf: av.VideoFrame) -> np.ndarray:
-    """One packed yuv420p frame (1-D uint8) from any PyAV video frame."""
+def from_video_frame(vf: av.VideoFrame, out: np.ndarray | None = None) -> np.ndarray:
+    """One packed yuv420p frame (1-D uint8) from any PyAV video frame, written into ``out`` when
+    given (a row of a batch: raw frames are big, and one copy fewer counts)."""
     if vf.format.name != "yuv420p":
         vf = vf.reformat(format="yuv420p")
     width, height = vf.width, vf.height
-    out = np.empty(frame_size(width, height), np.uint8)
+    if out is None:
+        out = np.empty(frame_size(width, height), np.uint8)
+    elif out.shape != (frame_size(width, height),):
+        raise ValueError(f"a {width}x{height} frame does not fit an array of shape {out.shape}")
     for plane, dst in zip(vf.planes, split_planes(out, width, height)):
         src = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)
         dst[...] = src[: dst.shape[0], : dst.shape[1]]

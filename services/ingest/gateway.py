@@ -25,7 +25,7 @@ from tqdm import tqdm
 from shared import bus as busmod
 from shared.bus import Bus
 from shared.logs import get_logger
-from shared.pixfmt import from_video_frame
+from shared.pixfmt import frame_size, from_video_frame
 from shared.schemas import STREAM_ID_RE, FrameBatch
 
 log = get_logger("ingest")
@@ -69,29 +69,32 @@ def read_batches(
         vs = container.streams.video[0]
         vs.thread_type = "AUTO"
         rate = frame_rate(vs.guessed_rate or vs.average_rate or Fraction(30))
-        buf: list[np.ndarray] = []
-        seq, n, first_pts = start_seq, 0, 0
+        # Frames are decoded straight into the batch's array (no per-frame copies to stack).
+        buf: np.ndarray | None = None
+        seq, n, k, first_pts = start_seq, 0, 0, 0
         size: tuple[int, int] | None = None
         for vf in container.decode(vs):
             if size is None:
                 size = (vf.width, vf.height)
             elif (vf.width, vf.height) != size:
                 # A mid-stream resolution change starts a new batch at the new size.
-                if buf:
-                    yield _batch(stream_id, seq, size, rate, first_pts, buf)
-                    seq, buf = seq + 1, []
+                if k:
+                    yield _batch(stream_id, seq, size, rate, first_pts, buf[:k])
+                    seq, buf, k = seq + 1, None, 0
                 size = (vf.width, vf.height)
-            if not buf:
+            if buf is None or buf.shape[1] != frame_size(*size):
+                buf = np.empty((batch_frames, frame_size(*size)), np.uint8)
+            if k == 0:
                 first_pts = n
-            buf.append(from_video_frame(vf))
-            n += 1
-            if len(buf) == batch_frames:
+            from_video_frame(vf, buf[k])
+            n, k = n + 1, k + 1
+            if k == batch_frames:
                 yield _batch(stream_id, seq, size, rate, first_pts, buf)
-                seq, buf = seq + 1, []
+                seq, buf, k = seq + 1, None, 0
             if max_frames is not None and n >= max_frames:
                 break
-        if buf:
-            yield _batch(stream_id, seq, size, rate, first_pts, buf)
+        if k:
+            yield _batch(stream_id, seq, size, rate, first_pts, buf[:k])
 
 
 def frame_rate(rate) -> Fraction:
@@ -113,7 +116,7 @@ STANDARD_RATES = tuple(Fraction(n, d) for n, d in (
     (120, 1), (15, 1), (12, 1), (10, 1), (5, 1)))
 
 
-def _batch(stream_id: str, seq: int, size: tuple[int, int], rate: Fraction, first_pts: int, buf: list) -> FrameBatch:
+def _batch(stream_id: str, seq: int, size: tuple[int, int], rate: Fraction, first_pts: int, frames: np.ndarray) -> FrameBatch:
     return FrameBatch(
         stream_id=stream_id,
         batch_seq=seq,
@@ -123,7 +126,7 @@ def _batch(stream_id: str, seq: int, size: tuple[int, int], rate: Fraction, firs
         fps_den=rate.denominator,
         first_pts=first_pts,
         captured_at=time.time(),
-        frames=np.stack(buf),
+        frames=frames,
     )
 
 

@@ -182,7 +182,7 @@ def _store(out: np.ndarray, n: int, vf: av.VideoFrame, width: int, height: int) 
     if (vf.width, vf.height) != (width + (width & 1), height + (height & 1)):
         raise CodecError(f"decoded frame is {vf.width}x{vf.height}, header says {width}x{height}")
     if (vf.width, vf.height) == (width, height):
-        out[n] = from_video_frame(vf)
+        from_video_frame(vf, out[n])
     else:
         out[n] = _crop(from_video_frame(vf), vf.width, vf.height, width, height)
     return n + 1
