@@ -174,7 +174,8 @@ class FrameBatch:
                 "first_pts": self.first_pts,
                 "captured_at": self.captured_at,
                 "frame_count": self.frame_count,
-                "frames": [memoryview(f) for f in self.frames],  # packed as bin, one copy fewer
+                # Packed as bin from the array's own rows: one copy of the batch fewer.
+                "frames": [memoryview(f) for f in np.ascontiguousarray(self.frames)],
             },
             use_bin_type=True,
         )

@@ -3,11 +3,11 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
 
-from services.ingest import read_batches  # noqa: E402
 from shared.codecs import decode_payload  # noqa: E402
 from shared.codecs.neural import load_coder  # noqa: E402
 from shared.modelstore import DEFAULT_MODELS, model_path  # noqa: E402
@@ -33,7 +33,7 @@ def test_a_golden_payload_decodes_to_the_same_latents_and_the_same_picture(meta_
     payload = meta_path.with_suffix(".aic").read_bytes()
     # Entropy decoding and the integer hyper-synthesis are exact: the same bits on every machine.
     assert latent_digests(coder, payload) == meta["latents_sha256"]
-    # The float synthesis is not bit-exact across CPUs; its picture must be the same one.
+    # The float synthesis is not bit-exact across CPUs: the picture must be the stored one up to
+    # rounding (a changed colour path or synthesis lands far below 60 dB).
     _, frames = decode_payload(payload)
-    source = next(read_batches(meta["source"], "golden", len(frames), len(frames))).frames
-    assert abs(psnr(source, frames) - meta["psnr"]) < 0.05
+    assert psnr(np.load(meta_path.with_name(f"{meta['model']}.frames.npy")), frames) >= 60.0

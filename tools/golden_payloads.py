@@ -6,7 +6,8 @@ A payload is a promise: one written today must decode the same way on any
 machine and after any upgrade of torch or constriction.  The entropy-decoded
 latents (integers, plus means from the integer hyper-synthesis) are exact by
 design, so their sha256 is stored next to the payload; the float synthesis
-after them is not bit-exact across CPUs and is checked by quality only.
+after them is not bit-exact across CPUs, so the frames this machine decoded are
+stored too and a later decode must match them within float noise.
 Run this once per shipped model (a new default model needs its golden file).
 """
 
@@ -16,6 +17,8 @@ import argparse
 import hashlib
 import json
 from pathlib import Path
+
+import numpy as np
 
 from services.ingest import read_batches
 from shared.codecs import create_codec, read_header
@@ -45,14 +48,13 @@ def main() -> None:
     frames = next(read_batches(SOURCE, "golden", 2, 2)).frames
     codec = create_codec("neural", model=a.model, device="cpu")
     payload, recon = codec.encode_reconstruct(frames, 96, 64, 25.0, LEVEL)
-    from shared.quality import psnr
-
     GOLDEN.mkdir(parents=True, exist_ok=True)
     (GOLDEN / f"{a.model}.aic").write_bytes(payload)
+    np.save(GOLDEN / f"{a.model}.frames.npy", recon)
     meta = {"model": a.model, "sha256": codec.coder.sha256, "source": SOURCE, "level": LEVEL,
-            "latents_sha256": latent_digests(codec.coder, payload), "psnr": round(psnr(frames, recon), 3)}
+            "latents_sha256": latent_digests(codec.coder, payload)}
     (GOLDEN / f"{a.model}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {GOLDEN / a.model}.aic ({len(payload)} bytes) and .json")
+    print(f"wrote {GOLDEN / a.model}.aic ({len(payload)} bytes), .frames.npy and .json")
 
 
 if __name__ == "__main__":

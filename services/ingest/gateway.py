@@ -82,13 +82,14 @@ def read_batches(
                     yield _batch(stream_id, seq, size, rate, first_pts, buf[:k])
                     seq, buf, k = seq + 1, None, 0
                 size = (vf.width, vf.height)
-            if buf is None or buf.shape[1] != frame_size(*size):
-                buf = np.empty((batch_frames, frame_size(*size)), np.uint8)
+            if buf is None:
+                rows = batch_frames if max_frames is None else min(batch_frames, max_frames - n)
+                buf = np.empty((rows, frame_size(*size)), np.uint8)
             if k == 0:
                 first_pts = n
             from_video_frame(vf, buf[k])
             n, k = n + 1, k + 1
-            if k == batch_frames:
+            if k == len(buf):
                 yield _batch(stream_id, seq, size, rate, first_pts, buf)
                 seq, buf, k = seq + 1, None, 0
             if max_frames is not None and n >= max_frames:

@@ -157,7 +157,8 @@ class ImageCoder:
         return 1, self.net.n, -(-height // s), -(-width // s)
 
     def encode(self, rgb: torch.Tensor, level: int, reconstruct: bool = True) -> tuple[list[bytes], torch.Tensor | None]:
-        """rgb (N, 3, H, W) in [0, 1], any size → (one bitstream per frame, reconstruction (N, 3, H, W)).
+        """rgb (N, 3, H, W) nominally in [0, 1], any size → (one bitstream per frame, reconstruction (N, 3, H, W),
+        not clipped: see :meth:`synthesise`).
 
         ``reconstruct=False`` skips the synthesis transform (a pure encoder) and returns None.
         """
@@ -178,7 +179,7 @@ class ImageCoder:
         return streams, torch.cat(recon) if reconstruct else None
 
     def decode(self, streams: list[bytes], level: int, height: int, width: int) -> torch.Tensor:
-        """Bitstreams of frames of one size → RGB (N, 3, height, width) in [0, 1]."""
+        """Bitstreams of frames of one size → RGB (N, 3, height, width), nominally in [0, 1] and not clipped."""
         if not 0 <= level < self.levels:
             raise BitstreamError(f"level {level} out of range 0..{self.levels - 1}")
         shape = self.z_shape(height, width)

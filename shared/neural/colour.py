@@ -2,8 +2,8 @@
 
 The models code RGB; the pipeline carries yuv420p.  Going through swscale's
 uint8 RGB (interpolated chroma, clipped and rounded RGB, filtered chroma on the
-way back) cost 41–46 dB PSNR-RGB on the validation photos before the model
-coded a single bit, which capped the codec's top levels.  Here chroma is
+way back) capped quality at 41–46 dB PSNR-RGB on the validation photos before
+the model coded a single bit, which held back the codec's top levels.  Here chroma is
 replicated 2×2 on the way in and averaged 2×2 on the way out, and the BT.601
 limited-range matrix and its inverse run in float with no clipping until the
 final uint8: without coding, a frame comes back bit for bit.

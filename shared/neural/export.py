@@ -197,7 +197,7 @@ variable-rate model with {len(cfg['lambdas'])} levels (per-level channel gains).
 - entropy coding: constriction ANS; y as quantized Gaussians (scale from a
   {96}-entry log table picked by an integer hyper-synthesis), z with per-channel
   categorical tables frozen in the weights file.
-- colour: the model codes RGB in [0, 1]; in the pipeline (codec version 2) yuv420p
+- colour: the model codes RGB, nominally in [0, 1]; in the pipeline (codec version 2) yuv420p
   frames become float RGB (BT.601 limited range, chroma replicated 2x2, nothing
   clipped) before the analysis transform, and the synthesis output goes back the
   exact inverse way (chroma averaged 2x2): the conversion itself loses nothing.
