@@ -19,7 +19,7 @@ import torch
 
 from services.ingest import read_batches
 from shared.codecs import create_codec, decode_payload
-from shared.neural.colour import yuv420_to_rgb
+from shared.neural.colour import rgb_to_yuv420, yuv420_to_rgb
 
 
 def _fps(n: int, seconds: float) -> float:
@@ -65,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         coder.synthesise(yh, a.level)
     sync()
     t["synthesis"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    rgb = yuv420_to_rgb(frames, w, h)
+    t["colour_in"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rgb_to_yuv420(rgb)
+    t["colour_out"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     payload = codec.encode(frames, w, h, 30.0, a.level)
