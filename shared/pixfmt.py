@@ -28,13 +28,15 @@ def frame_size(width: int, height: int, pix_fmt: str = "yuv420p") -> int:
 
 
 def split_planes(frame: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Views of the Y, U and V planes of one packed yuv420p frame (1-D uint8)."""
+    """The Y, U and V planes of packed yuv420p frames: one frame (1-D) gives views (h, w) and
+    (ch, cw); a batch (n, frame_size), numpy or torch, gives (n, h, w) and (n, ch, cw)."""
     cw, ch = chroma_size(width, height)
     ys = width * height
     cs = cw * ch
-    y = frame[:ys].reshape(height, width)
-    u = frame[ys : ys + cs].reshape(ch, cw)
-    v = frame[ys + cs : ys + 2 * cs].reshape(ch, cw)
+    lead = tuple(frame.shape[:-1])
+    y = frame[..., :ys].reshape(*lead, height, width)
+    u = frame[..., ys : ys + cs].reshape(*lead, ch, cw)
+    v = frame[..., ys + cs : ys + 2 * cs].reshape(*lead, ch, cw)
     return y, u, v
 
 

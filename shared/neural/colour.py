@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared.pixfmt import chroma_size, frame_size
+from shared.pixfmt import frame_size, split_planes
 
 # BT.601 (Kr, Kb) in limited range: luma 16..235, chroma 16..240 around 128.
 _KR, _KB = 0.299, 0.114
@@ -36,15 +36,12 @@ def yuv420_to_rgb(frames: np.ndarray, width: int, height: int) -> torch.Tensor:
     Saturated chroma can map a little outside [0, 1]; it is kept, not clipped, so that
     :func:`rgb_to_yuv420` can give it back.
     """
-    n = frames.shape[0]
     if frames.ndim != 2 or frames.shape[1] != frame_size(width, height):
         raise ValueError(f"expected (N, {frame_size(width, height)}) yuv420p frames of {width}x{height}, got {frames.shape}")
-    cw, ch = chroma_size(width, height)
     t = torch.from_numpy(frames.astype(np.float32))  # a copy: pipeline frames are read-only views
-    y = (t[:, : width * height].reshape(n, height, width) - 16.0) * _YS
-    u = t[:, width * height : width * height + cw * ch].reshape(n, ch, cw) - 128.0
-    v = t[:, width * height + cw * ch :].reshape(n, ch, cw) - 128.0
-    u, v = _replicate(u, height, width), _replicate(v, height, width)
+    y, u, v = split_planes(t, width, height)
+    y = (y - 16.0) * _YS
+    u, v = _replicate(u - 128.0, height, width), _replicate(v - 128.0, height, width)
     rgb = torch.stack([y + _R_V * v, y + _G_U * u + _G_V * v, y + _B_U * u], 1)
     return rgb.div_(255.0)
 
