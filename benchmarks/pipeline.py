@@ -47,6 +47,38 @@ def x264_alone(batches) -> tuple[float, float]:
     return frames / (time.perf_counter() - t0), (time.process_time() - c0) / frames
 
 
+def stages(batches) -> dict:
+    """Milliseconds per 8-frame batch of each step of the compressor's work, alone, one after the
+    other in this process: what the pipeline's compressor spends beside x264's encode."""
+    from shared.codecs import decode_payload
+    from shared.quality import measure_batch
+    from shared.schemas import unpack_frame_batch
+
+    codec = create_codec("x264")
+    payloads = [codec.encode(b.frames, b.width, b.height, b.fps) for b in batches]
+    packed = [b.pack() for b in batches]
+    b0 = batches[0]
+
+    def per_batch(fn, items):
+        # Each result is dropped, as the worker drops each batch's: holding 31 fresh 11 MB buffers
+        # costs page faults the pipeline does not pay.
+        t0 = time.perf_counter()
+        for x in items:
+            fn(x)
+        return (time.perf_counter() - t0) / len(items) * 1000
+
+    ms = {}
+    decoded = [decode_payload(p)[1] for p in payloads]  # for the quality steps; warms the decoder
+    ms["decode"] = per_batch(lambda p: decode_payload(p)[1], payloads)
+    pairs = list(zip(batches, decoded))
+    ms["psnr_y_all_frames"] = per_batch(lambda bd: measure_batch(bd[0].frames, bd[1], b0.width, b0.height, 0), pairs)
+    ms["with_psnr_rgb_ms_ssim_1_frame"] = per_batch(
+        lambda bd: measure_batch(bd[0].frames, bd[1], b0.width, b0.height, 1), pairs)
+    ms["pack"] = per_batch(lambda b: b.pack(), batches)
+    ms["unpack"] = per_batch(unpack_frame_batch, packed)
+    return ms
+
+
 def _role(p) -> str:
     """Which stage a process of the stack is, from its command line."""
     cmd = " ".join(p.cmdline())
@@ -124,10 +156,12 @@ async def bus_throughput(nats_url: str, batch_bytes: bytes, count: int) -> dict:
     bus = await Bus.connect(BusConfig(nats_url=nats_url), name="bench-bus")
     await bus.ensure_topology()
     sid = f"busbench-{uuid.uuid4().hex[:6]}"
+    cpu0 = cpu_seconds()
     t0 = time.perf_counter()
     for i in range(count):
         await bus.publish(busmod.frames_subject(sid), batch_bytes, f"{sid}:{i}", kind="frames")
     t1 = time.perf_counter()
+    cpu1 = cpu_seconds()
     # The work queue allows one consumer per subject: read through the compressor's
     # own durable, as a worker would (no compressor runs in this stack).
     sub = await bus.pull(busmod.FRAMES_STREAM, busmod.COMPRESSOR_CONSUMER)
@@ -141,14 +175,22 @@ async def bus_throughput(nats_url: str, batch_bytes: bytes, count: int) -> dict:
             await bus.release(m)
             got += 1
     t3 = time.perf_counter()
+    cpu2 = cpu_seconds()
     await bus.close()
     mb = len(batch_bytes) * count / 1e6
+
+    def cpu_ms(role: str, a: dict, b: dict) -> float:
+        return (b.get(role, 0.0) - a.get(role, 0.0)) / count * 1000
     return {
         "batch_mb": len(batch_bytes) / 1e6,
         "batches": count,
         "inline": len(batch_bytes) <= bus.max_inline,
         "publish_mb_s": mb / (t1 - t0),
         "consume_mb_s": mb / (t3 - t2),
+        # CPU per batch: the NATS server and this client (nats-py), publishing then consuming.
+        "nats_cpu_ms": {"publish": cpu_ms("nats", cpu0, cpu1), "consume": cpu_ms("nats", cpu1, cpu2)},
+        "client_cpu_ms": {"publish": cpu_ms("ingest (this process)", cpu0, cpu1),
+                          "consume": cpu_ms("ingest (this process)", cpu1, cpu2)},
     }
 
 
@@ -192,6 +234,10 @@ def main() -> None:
 
     logs.configure(level="warning")
     batches = list(read_batches(a.source, "bench", 8, a.frames))
+    c0 = time.process_time()  # a second, warm pass: the gateway's own decode and conversion
+    for _ in read_batches(a.source, "bench", 8, a.frames):
+        pass
+    source_cpu_ms = (time.process_time() - c0) / sum(b.frame_count for b in batches) * 1000
     w, h = batches[0].width, batches[0].height
     result: dict = {
         "source": a.source,
@@ -206,6 +252,8 @@ def main() -> None:
         result["pipeline_no_quality_sample"] = pipeline_fps(a.source, a.frames, 0, root / "p0")
         result["x264_alone_fps_after"], cpu_b = x264_alone(batches)
         result["x264_alone_cpu_s_per_frame"] = (cpu_a + cpu_b) / 2
+        result["source_decode_cpu_ms_per_frame"] = source_cpu_ms
+        result["stages_ms_per_batch"] = stages(batches)
         x = (result["x264_alone_fps"] + result["x264_alone_fps_after"]) / 2
         result["efficiency_default"] = result["pipeline_default"]["fps"] / x
         result["efficiency_no_quality_sample"] = result["pipeline_no_quality_sample"]["fps"] / x
@@ -244,9 +292,15 @@ def main() -> None:
     xs = result["x264_alone_cpu_s_per_frame"]
     print(f"  x264 alone: {xs * 1000:.2f} CPU ms per frame; the pipeline (default): "
           f"{sum(p1['cpu_s'].values()) / p1['frames'] * 1000:.2f} CPU ms per frame")
+    st = result["stages_ms_per_batch"]
+    print(f"  alone, per batch: decode {st['decode']:.1f} ms, PSNR-Y of all frames {st['psnr_y_all_frames']:.1f} ms, "
+          f"with PSNR-RGB + MS-SSIM of 1 frame {st['with_psnr_rgb_ms_ssim_1_frame']:.1f} ms, pack {st['pack']:.1f} ms, "
+          f"unpack {st['unpack']:.1f} ms; source decode {result['source_decode_cpu_ms_per_frame']:.2f} CPU ms per frame")
     for key in ("bus_raw_720p", "bus_raw_1080p"):
         b = result[key]
-        print(f"bus, raw {b['batch_mb']:.1f} MB batches ({'inline' if b['inline'] else 'claim check'}): publish {b['publish_mb_s']:.0f} MB/s, consume {b['consume_mb_s']:.0f} MB/s")
+        n, c = b["nats_cpu_ms"], b["client_cpu_ms"]
+        print(f"bus, raw {b['batch_mb']:.1f} MB batches ({'inline' if b['inline'] else 'claim check'}): publish {b['publish_mb_s']:.0f} MB/s, consume {b['consume_mb_s']:.0f} MB/s; "
+              f"CPU ms per batch: NATS {n['publish']:.0f} in / {n['consume']:.0f} out, nats-py {c['publish']:.0f} / {c['consume']:.0f}")
     c = result["copy"]
     print(f"metrics COPY path: {c['rows_per_s']:,.0f} rows/s ({c['rows']} rows; {c['duplicates_inserted']} of 1000 redelivered rows inserted)")
 

@@ -3,8 +3,8 @@
 PSNR is computed per frame and averaged over the batch (identical frames are
 capped at 100 dB).  MS-SSIM follows Wang et al. 2003 (5 scales, 11-tap Gaussian
 with sigma 1.5, standard exponents) on the luma plane.  Even computed in
-cache-sized strips (~25 ms a 720p frame here) it costs about what x264 spends
-encoding a whole 8-frame batch on two cores, so the compressor measures
+cache-sized strips it costs about what x264 spends encoding a whole 8-frame
+720p batch on two cores (``benchmarks/pipeline.py`` times it), so the compressor measures
 PSNR-RGB and MS-SSIM on a configurable sample of each batch (PSNR-Y always on
 every frame); the row says how many frames the sample covers.
 """
@@ -45,7 +45,7 @@ _KERNEL = _gauss_kernel()
 _TAPS = len(_KERNEL)
 _HALF = _TAPS // 2
 #: Rows of SSIM maps computed at a time: the five filtered maps of a strip stay in cache, which
-#: halves the time of a 720p frame against filtering whole planes (memory-bound numpy).
+#: is faster than filtering whole planes (numpy here is bound by memory, not arithmetic).
 _STRIP_ROWS = 64
 
 
