@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 import time
@@ -51,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", default=env_str("AIC_CODEC", "auto"), help=CODEC_HELP)
     p.add_argument("--level", type=int, help="rate level 0..7, fewest bits first (default: the codec's own; "
                    "for native codecs each level is a CRF)")
-    p.add_argument("--model", help=f"learned model under models/ (default: hybrid {DEFAULT_MODELS['hybrid']}, "
-                                   f"neural {DEFAULT_MODELS['neural']})")
-    p.add_argument("--crf", type=int, help="native codecs: constant rate factor (codec default if unset)")
+    p.add_argument("--model", help=f"learned model: a folder name under $AIC_MODELS_DIR, else the repository's "
+                                   f"models/ (default: hybrid {DEFAULT_MODELS['hybrid']}, neural {DEFAULT_MODELS['neural']})")
+    p.add_argument("--crf", type=int, help="native --codec only: constant rate factor when --level is not given "
+                   "(codec default if unset); a learned codec's fallback picks its CRF to match the quality target")
     p.add_argument("--target", default=env_str("AIC_TARGET", "psnr_y:34"),
                    help="neural path's quality target METRIC:VALUE, metric psnr_y|psnr_rgb|ms_ssim "
                    "(default psnr_y:34; env AIC_TARGET); below it the native codec goes out")
@@ -63,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-budget-ms", type=float, default=0.0,
                    help="neural coding time per batch above which native goes out (default 0 = no limit)")
     p.add_argument("--fallback", default="x264", help="native codec for fallbacks (default x264)")
-    p.add_argument("--preset", help="encoder speed preset (x264/x265: veryfast by default)")
+    p.add_argument("--preset", help="native encoder speed preset, for a native --codec and for --fallback "
+                   "(x264/x265: veryfast by default); hybrid's base layer keeps its own")
     p.add_argument("--concurrency", type=int, default=2, help="batches in flight at once (default 2)")
     p.add_argument(
         "--quality-frames", type=int, default=env_int("AIC_QUALITY_FRAMES", 1),
@@ -94,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, help="stop after this many frames (needed for endless lavfi sources)")
     p.add_argument("--start-seq", type=int, default=None,
                    help="first batch sequence number (default: continue where this stream's last ingest "
-                        "stopped, 0 for a new stream; the bus keeps the number). Reusing numbers within the "
-                        "bus's 2-minute duplicate window gets batches dropped as repeats (the command warns)")
+                        "stopped, 0 for a new stream; the bus keeps the number). Numbers already published "
+                        "are refused: a batch id names one batch for good")
     p.add_argument("--realtime", action="store_true", help="pace publishing at the source frame rate")
     _metrics_port(p)
 
@@ -105,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     _bus_args(p)
     p.add_argument("--idle-timeout", type=float, default=3.0, help="stop after this many seconds without a batch")
     p.add_argument("--batches", type=int, help="stop after this many batches")
-    p.add_argument("--start-seq", type=int, default=0, help="first batch sequence number expected (default 0)")
+    p.add_argument("--start-seq", type=int, default=None,
+                   help="first batch number to write (default: the lowest the bus still holds for the stream)")
 
     p = sub.add_parser("demo", help="run the embedded stack, ingest N streams, print per-stream results")
     p.add_argument("--source", default=DEFAULT_DEMO_SOURCE, help=f"video source (default {DEFAULT_DEMO_SOURCE})")
@@ -170,6 +174,7 @@ def _serve_metrics(port: int) -> None:
 
 def cmd_compressor(a: argparse.Namespace) -> int:
     from services.compressor import Compressor
+    from services.compressor.worker import EXIT_WEDGED
     from services.runtime import run_service
 
     kw = {"worker_id": a.worker_id} if a.worker_id else {}
@@ -181,7 +186,13 @@ def cmd_compressor(a: argparse.Namespace) -> int:
         concurrency=a.concurrency, quality_frames=a.quality_frames, batch_timeout_s=a.batch_timeout_s, **kw,
     )  # fmt: skip
     _serve_metrics(a.metrics_port)
-    return run_service(Compressor(cfg).run)
+    code = run_service(Compressor(cfg).run)
+    if code == EXIT_WEDGED:
+        # Interpreter exit joins the pool's threads, and one of them is stuck in the codec.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def cmd_metrics(a: argparse.Namespace) -> int:
@@ -211,13 +222,24 @@ def cmd_ingest(a: argparse.Namespace) -> int:
             print(f"{s.stream_id}: {s.batches} batches, {s.frames} frames, {s.raw_bytes / 1e6:.1f} MB in {s.seconds:.1f}s")
             if s.duplicates:  # never silent: these batches were not coded
                 print(f"aic ingest: warning: JetStream dropped {s.duplicates} of {s.batches} batches as repeats of "
-                      f"ids {s.stream_id}:N published in the last {BusConfig.dedup_window_s:g} s (another ingest "
-                      f"of this stream id with --start-seq)", file=sys.stderr)
+                      f"ids {s.stream_id}:N published in the last {BusConfig.dedup_window_s:g} s (was the "
+                      f"aic_ingest bucket, which keeps each stream's next number, reset?)", file=sys.stderr)
         finally:
             await bus.close()
         return 0
 
     return run_service(main)
+
+
+def _ranges(numbers: list[int]) -> str:
+    """Sorted [1, 2, 3, 7] → '1-3, 7'."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def cmd_decode(a: argparse.Namespace) -> int:
@@ -231,7 +253,11 @@ def cmd_decode(a: argparse.Namespace) -> int:
             s = await decode_stream(bus, a.stream_id, a.out, a.idle_timeout, a.batches, stop, a.start_seq)
         finally:
             await bus.close()
-        print(f"{a.out}: {s.frames} frames from {s.batches} batches" + (f", gaps at {s.gaps}" if s.gaps else ""))
+        files = ", ".join(map(str, s.files)) or a.out
+        print(f"{files}: {s.frames} frames from {s.batches} batches"
+              + (f", missing batches {_ranges(s.gaps)}" if s.gaps else ""))
+        if len(s.files) > 1:
+            print(f"aic decode: the frame size changed {len(s.files) - 1} time(s): one file per size", file=sys.stderr)
         return 0 if s.batches and not s.errors else 1
 
     return run_service(main)

@@ -60,7 +60,7 @@ FROM batch_metrics WHERE stream_id = ANY($1::text[])
 
 
 async def wait_for_rows(url: str, batch_ids: list[str], timeout: float, tick=None) -> int:
-    """Poll until every batch id has a row (or the timeout); returns rows found.
+    """Poll until every batch id has a row (or the timeout); returns how many batch ids have one.
 
     ``tick`` runs on every poll (the demo uses it to supervise its services)."""
     deadline = time.monotonic() + timeout
@@ -72,7 +72,7 @@ async def wait_for_rows(url: str, batch_ids: list[str], timeout: float, tick=Non
             conn = await asyncpg.connect(url, timeout=5)
             try:
                 found = await conn.fetchval(
-                    "SELECT count(*) FROM batch_metrics WHERE batch_id = ANY($1::text[])", batch_ids
+                    "SELECT count(DISTINCT batch_id) FROM batch_metrics WHERE batch_id = ANY($1::text[])", batch_ids
                 )
             finally:
                 await conn.close()
@@ -103,6 +103,7 @@ async def _demo(a: argparse.Namespace, stack: Stack) -> dict:
         per_stream = [dict(r) for r in await conn.fetch(SUMMARY_SQL, stream_ids)]
         total = dict(await conn.fetchrow(TOTAL_SQL, stream_ids))
         fallbacks = {r["fallback_reason"]: r["n"] for r in await conn.fetch(FALLBACK_SQL, stream_ids)}
+        rows = await conn.fetchval("SELECT count(*) FROM batch_metrics WHERE batch_id = ANY($1::text[])", batch_ids)
     finally:
         await conn.close()
     return {
@@ -111,8 +112,9 @@ async def _demo(a: argparse.Namespace, stack: Stack) -> dict:
         "codecs": sorted({c for r in per_stream for c in r["codec"].split(",") if c != "-"}),
         "batches_published": len(batch_ids),
         "batches_compressed": total["ok"],
-        "metrics_rows": found,
+        "metrics_rows": rows,
         "missing": len(batch_ids) - found,
+        "duplicate_rows": rows - found,  # at-least-once must never count a batch twice
         "frames": sum(s.frames for s in stats),
         "raw_bytes": sum(s.raw_bytes for s in stats),
         "compressed_bytes": sum(int(r["compressed_bytes"]) for r in per_stream),
@@ -154,7 +156,8 @@ def print_table(result: dict) -> None:
               + ", ".join(f"{k}={v}" for k, v in sorted(result["fallbacks"].items())))
     print(
         f"\n{result['batches_published']} batches published, {result['metrics_rows']} rows "
-        f"({result['missing']} missing) in {result['wall_s']:.1f}s; source {result['source']}"
+        f"({result['missing']} missing, {result['duplicate_rows']} duplicate) in {result['wall_s']:.1f}s; "
+        f"source {result['source']}"
     )
 
 
@@ -174,5 +177,6 @@ def run_demo(a: argparse.Namespace) -> int:
         print_table(result)
     if result["missing"]:
         print(f"error: {result['missing']} batches have no metrics row", file=sys.stderr)
-        return 1
-    return 0
+    if result["duplicate_rows"]:
+        print(f"error: {result['duplicate_rows']} rows repeat a batch that already had one", file=sys.stderr)
+    return 1 if result["missing"] or result["duplicate_rows"] else 0

@@ -31,6 +31,7 @@ against 5-46 MB/s for the nats-py object store (docs/benchmarks.md).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from dataclasses import dataclass, replace
 
@@ -65,6 +66,9 @@ INGEST_BUCKET = "aic_ingest"
 EXHAUSTED_SUBJECT = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{FRAMES_STREAM}.{COMPRESSOR_CONSUMER}"
 EXHAUSTED_CONSUMER = "exhausted"
 CLAIM_HEADER = "Aic-Claim"
+#: A frame batch's capture time (``repr`` of the float): a failure row keyed on it cannot make a second
+#: row beside the batch's ``ok`` row, whose key is the same capture time.
+CAPTURED_HEADER = "Aic-Captured-At"
 JS_TIMEOUT_S = 30.0  # a JetStream request (publish ack, API call) unanswered this long has failed
 MSG_ID_HEADER = "Nats-Msg-Id"
 # Leave room for headers and protocol framing inside max_payload.
@@ -266,17 +270,26 @@ class Bus:
 
     # ------------------------------------------------------------------ publish / resolve
 
-    async def publish(self, subject: str, data: bytes, msg_id: str, kind: str = "data") -> jsapi.PubAck:
-        """Publish with a message id (JetStream drops duplicates); claim-check it if too large."""
-        headers = {MSG_ID_HEADER: msg_id}
+    async def publish(self, subject: str, data: bytes, msg_id: str, kind: str = "data",
+                      varies: bool = False, headers: dict[str, str] | None = None) -> jsapi.PubAck:
+        """Publish with a message id (JetStream drops duplicates); claim-check it if too large.
+
+        ``varies``: two publishes of this id may carry different bytes (a batch coded again after a
+        redelivery).  Chunk ids then also name a digest of the bytes, so that chunks of two versions
+        never dedupe into one claim: whichever header JetStream keeps points at its own chunks.
+        ``headers`` travel on the message itself (not on its chunks).
+        """
+        headers = {**(headers or {}), MSG_ID_HEADER: msg_id}
         if len(data) <= self.max_inline:
             return await self.js.publish(subject, data, headers=headers)
         chunk = min(self.max_inline, _MAX_CHUNK)
         blob_subject = f"aic.blobs.{kind}.{subject.rsplit('.', 1)[-1]}"
+        tag = hashlib.blake2b(data, digest_size=8).hexdigest() if varies else ""
         view = memoryview(data)
         futs = [
             await self.js.publish_async(
-                blob_subject, bytes(view[i : i + chunk]), headers={MSG_ID_HEADER: _chunk_id(subject, msg_id, i // chunk)}
+                blob_subject, bytes(view[i : i + chunk]),
+                headers={MSG_ID_HEADER: _chunk_id(subject, msg_id, i // chunk, tag)},
             )
             for i in range(0, len(data), chunk)
         ]
@@ -297,13 +310,16 @@ class Bus:
         if max_size is not None and c.size > max_size:
             raise ClaimError(f"claim-checked message of {c.size} bytes is over the {max_size}-byte limit")
         msg_id = (msg.headers or {}).get(MSG_ID_HEADER, "")
-        parts = []
+        parts, tag = [], None
         for i, seq in enumerate(c.seqs):
             try:
-                part = await self.js.get_msg(BLOBS_STREAM, seq, direct=True)
+                part = await self._chunk(seq)
             except NotFoundError:
                 raise ClaimError(f"claim-checked chunk {seq} is gone (expired or deleted)") from None
-            if (part.headers or {}).get(MSG_ID_HEADER) != _chunk_id(msg.subject, msg_id, i):
+            part_id = (part.headers or {}).get(MSG_ID_HEADER) or ""
+            if tag is None:  # the first chunk says which version; every other must be the same one
+                tag = part_id.partition("@")[2]
+            if part_id != _chunk_id(msg.subject, msg_id, i, tag):
                 raise ClaimError(f"claim-checked chunk {seq} belongs to another message")
             parts.append(part.data or b"")
         data = b"".join(parts)
@@ -313,6 +329,14 @@ class Bus:
         while len(self._verified) > 1024:
             self._verified.pop(next(iter(self._verified)))
         return data
+
+    async def _chunk(self, seq: int):
+        try:
+            return await self.js.get_msg(BLOBS_STREAM, seq, direct=True)
+        except NotFoundError:
+            # Direct gets may be answered by a replica that has not caught up yet; the stream
+            # leader's answer is the one that counts.
+            return await self.js.get_msg(BLOBS_STREAM, seq)
 
     async def release(self, msg: Msg) -> None:
         """Delete a processed message's claim-checked chunks (they also expire with the stream's
@@ -343,11 +367,12 @@ def _error_logger():
     return on_error
 
 
-def _chunk_id(subject: str, msg_id: str, index: int) -> str:
+def _chunk_id(subject: str, msg_id: str, index: int, tag: str = "") -> str:
     """A chunk's message id.  It names the message's subject, not just its id: a frame batch and its
     compressed batch share ``stream:seq``, and JetStream would take the second's chunks for
-    duplicates of the first's."""
-    return f"{subject}/{msg_id}#{index}"
+    duplicates of the first's.  ``tag`` (a digest of the whole message's bytes, see
+    :meth:`Bus.publish`) tells versions of one message apart."""
+    return f"{subject}/{msg_id}#{index}" + (f"@{tag}" if tag else "")
 
 
 async def unsubscribe(sub) -> None:

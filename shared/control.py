@@ -2,8 +2,9 @@
 
 Operators set a stream's mode (and optional overrides) with ``aic config set``
 or the HTTP API; every compressor watches the bucket and applies a change to
-the stream's next batch, without restart.  A stream with no record runs in the
-default mode, ``adaptive``.
+the stream's next batch, without restart.  A record that names no mode is in
+``adaptive``; a stream with no record at all runs on the worker's own flags
+(``--target``, ``--level``).
 
 Modes (quality target for the learned path, and the rate levels it may use):
 
@@ -84,9 +85,13 @@ class StreamConfig:
     def effective(self) -> ModePreset:
         """The mode's preset with this record's overrides applied."""
         p = MODE_PRESETS[self.mode]
-        lo = p.level_min if self.level_min is None else self.level_min
-        hi = p.level_max if self.level_max is None else self.level_max
-        return ModePreset(p.target if self.target is None else self.target, min(lo, hi), max(lo, hi))
+        # An operator's bound always holds; the preset's other bound gives way to it.
+        lo, hi = self.level_min, self.level_max
+        if lo is None:
+            lo = p.level_min if hi is None else min(p.level_min, hi)
+        if hi is None:
+            hi = max(p.level_max, lo)
+        return ModePreset(p.target if self.target is None else self.target, lo, hi)
 
     def to_json(self) -> bytes:
         return json.dumps({k: v for k, v in asdict(self).items() if v is not None}, sort_keys=True).encode()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -79,6 +80,8 @@ def _get(obj: dict, key: str, typ: type | tuple[type, ...], *, optional: bool = 
         raise SchemaError("bad_field", f"field {key!r} must be {typ}, got {type(val).__name__}")
     if isinstance(val, float) and not math.isfinite(val):
         raise SchemaError("bad_field", f"field {key!r} must be finite")
+    if isinstance(val, str) and "\x00" in val:  # PostgreSQL text cannot hold NUL
+        raise SchemaError("bad_field", f"field {key!r} contains a NUL character")
     return val
 
 
@@ -108,6 +111,15 @@ def _stream_id(obj: dict) -> str:
     if not STREAM_ID_RE.match(sid):
         raise SchemaError("bad_field", "stream_id must match [A-Za-z0-9_-]{1,64}")
     return sid
+
+
+def pack_dead_letter(batch_id: str | None, status: str, reason: str, subject: str, stream_seq: int,
+                     **details: Any) -> bytes:
+    """A dead letter for ``aic.deadletter.<stream>``: why a message ended without a result, and where
+    it was; ``details`` add what the writer knows (attempts, worker, the record itself)."""
+    return msgpack.packb({"v": 1, "kind": "dead_letter", "batch_id": batch_id, "status": status,
+                          "reason": reason[:500], "subject": subject, "stream_seq": stream_seq,
+                          "at": time.time(), **details})
 
 
 def peek_ids(data: bytes) -> tuple[str | None, int | None]:
@@ -350,9 +362,11 @@ def unpack_batch_metrics(data: bytes) -> BatchMetrics:
         raise SchemaError("bad_field", f"fallback_reason {kw['fallback_reason']!r} not in {FALLBACK_REASONS}")
     extra = _get(obj, "extra", dict, optional=True) or {}
     try:
-        json.dumps(extra)
+        text = json.dumps(extra)
     except (TypeError, ValueError):
         raise SchemaError("bad_field", "field 'extra' must hold JSON values only") from None
+    if "\\u0000" in text:  # nor can jsonb
+        raise SchemaError("bad_field", "field 'extra' contains a NUL character")
     return BatchMetrics(
         batch_id=batch_id,
         stream_id=_stream_id(obj),

@@ -35,6 +35,30 @@ async def test_two_claim_checked_messages_with_one_id_keep_their_own_chunks(bus,
     assert await bus.payload(await last(bus, busmod.COMPRESSED_STREAM, busmod.compressed_subject(sid))) == coded
 
 
+async def test_a_batch_coded_twice_differently_keeps_one_consistent_claim(bus, small_messages):
+    """Worker A publishes its payload's chunks and dies before the header; worker B codes the batch
+    again, differently.  B's chunks must not dedupe onto A's (B's header would then claim A's bytes
+    at B's size): the header JetStream keeps reads back as B's own payload."""
+    sid = unique("cc")
+    subject = busmod.compressed_subject(sid)
+    a, b = os.urandom(9_000), os.urandom(12_000)
+    publish = bus.js.publish
+
+    async def dies_before_the_header(subj, payload=b"", **kw):
+        if subj == subject:
+            raise ConnectionError("worker A died")
+        return await publish(subj, payload, **kw)
+
+    bus.js.publish = dies_before_the_header
+    try:
+        with pytest.raises(ConnectionError):
+            await bus.publish(subject, a, f"{sid}:0", kind="compressed", varies=True)
+    finally:
+        bus.js.publish = publish
+    await bus.publish(subject, b, f"{sid}:0", kind="compressed", varies=True)
+    assert await bus.payload(await last(bus, busmod.COMPRESSED_STREAM, subject)) == b
+
+
 async def test_a_forged_claim_is_refused_and_releasing_it_deletes_nothing(bus, small_messages):
     sid = unique("cc")
     frames = os.urandom(20_000)
@@ -111,3 +135,54 @@ def test_every_stream_gets_the_configured_replicas():
     assert len(configs) >= 7 and {sc.num_replicas for sc in configs} == {3}
     with pytest.raises(ValueError, match="replicas"):
         BusConfig(replicas=0)
+
+
+async def test_the_receiver_starts_a_new_file_where_the_frame_size_changes(bus, tmp_path):
+    import av
+    import numpy as np
+
+    from services.receiver import decode as receiver
+    from shared.codecs import NativeCodec
+    from shared.pixfmt import frame_size
+    from shared.schemas import CompressedBatch
+
+    sid = unique("size")
+    sizes = [(64, 48), (64, 48), (96, 64), (64, 48)]
+    for seq, (w, h) in enumerate(sizes):
+        frames = np.full((2, frame_size(w, h)), 40 * seq, np.uint8)
+        cb = CompressedBatch(sid, seq, "x264", w, h, 2, 30, 1, 2 * seq, 1.0, 2.0, "w",
+                             NativeCodec("x264").encode(frames, w, h, 30.0))
+        await bus.publish(busmod.compressed_subject(sid), cb.pack(), f"{sid}:{seq}")
+    stats = await receiver.decode_stream(bus, sid, tmp_path / "out.y4m", idle_timeout=2.0)
+    assert stats.errors == 0 and stats.frames == 8
+    assert stats.files == [tmp_path / "out.y4m", tmp_path / "out.1.y4m", tmp_path / "out.2.y4m"]
+    got = []
+    for path in stats.files:
+        with av.open(str(path)) as c:
+            got.append([(f.width, f.height) for f in c.decode(video=0)])
+    assert got == [[(64, 48)] * 4, [(96, 64)] * 2, [(64, 48)] * 2]
+
+
+async def test_the_receiver_starts_at_the_lowest_batch_the_bus_still_holds(bus, tmp_path):
+    """Earlier batches expired (or a gateway continued an old stream): no gap is reported for them,
+    and batches stored a little out of order are still written in order."""
+    import numpy as np
+
+    from services.receiver import decode as receiver
+    from shared.codecs import NativeCodec
+    from shared.pixfmt import frame_size
+    from shared.schemas import CompressedBatch
+
+    sid, w, h = unique("late"), 64, 48
+    payload = NativeCodec("x264").encode(np.full((2, frame_size(w, h)), 128, np.uint8), w, h, 30.0)
+    for seq in [41, 40, 42, 44, 43]:  # as two workers finished them
+        cb = CompressedBatch(sid, seq, "x264", w, h, 2, 30, 1, 2 * seq, 1.0, 2.0, "w", payload)
+        await bus.publish(busmod.compressed_subject(sid), cb.pack(), f"{sid}:{seq}")
+    stats = await receiver.decode_stream(bus, sid, tmp_path / "out.y4m", idle_timeout=2.0)
+    assert stats.gaps == [] and stats.batches == 5 and stats.frames == 10
+
+
+def test_missing_batches_are_printed_as_ranges():
+    from services.cli import _ranges
+
+    assert _ranges([1, 2, 3, 7, 9, 10]) == "1-3, 7, 9-10"

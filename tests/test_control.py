@@ -15,11 +15,23 @@ from tests.test_services import aic
 
 
 def test_modes_have_documented_targets_and_level_ranges_and_overrides_win():
-    assert StreamConfig().effective.target == 34.0
-    assert StreamConfig(mode="aggressive").effective == StreamConfig(mode="aggressive").effective
+    presets = {m: StreamConfig(mode=m).effective for m in ("conservative", "adaptive", "aggressive", "off")}
+    assert {m: (e.target, e.level_min, e.level_max) for m, e in presets.items()} == {
+        "conservative": (38.0, 4, 7), "adaptive": (34.0, 2, 6), "aggressive": (30.0, 0, 4), "off": (None, 0, 7)}
+    assert StreamConfig().effective == presets["adaptive"]
     e = StreamConfig(mode="conservative", target=40, level_max=6).effective
     assert (e.target, e.level_min, e.level_max) == (40, 4, 6)
-    assert StreamConfig(mode="off").effective.target is None
+
+
+@pytest.mark.parametrize("override, levels", [
+    ({"mode": "conservative", "level_max": 2}, (2, 2)),  # a cap below the preset's range still caps
+    ({"mode": "aggressive", "level_min": 6}, (6, 6)),  # a floor above it still floors
+    ({"mode": "adaptive", "level_min": 3}, (3, 6)),
+    ({"mode": "adaptive", "level_min": 0, "level_max": 7}, (0, 7)),
+])
+def test_an_operators_level_bound_always_holds(override, levels):
+    e = StreamConfig(**override).effective
+    assert (e.level_min, e.level_max) == levels
 
 
 @pytest.mark.parametrize("bad", [
@@ -78,8 +90,8 @@ async def test_a_mode_change_applies_to_the_next_batches_without_restart(bus, bu
     assert [(by_seq[i]["codec"], by_seq[i]["mode"], by_seq[i]["level"]) for i in range(3)] == [("hybrid", None, 6)] * 3
     # Within two batches of the change (here: the very next one), native only, no inference.
     assert all(by_seq[i]["codec"] == "x264" and by_seq[i]["mode"] == "off" for i in range(4, 6))
-    assert all(by_seq[i]["codec"] == "hybrid" and by_seq[i]["mode"] == "aggressive" for i in range(7, 8))
-    assert all(0 <= by_seq[i]["level"] <= 4 for i in range(7, 8))
+    assert all(by_seq[i]["codec"] == "hybrid" and by_seq[i]["mode"] == "aggressive" for i in range(7, len(batches)))
+    assert all(0 <= by_seq[i]["level"] <= 4 for i in range(7, len(batches)))
 
 
 def test_the_tighter_of_the_configured_budget_and_a_fresh_estimate_applies(monkeypatch):
@@ -99,6 +111,25 @@ def test_the_tighter_of_the_configured_budget_and_a_fresh_estimate_applies(monke
     assert c.decide("cam").budget_kbps == 200  # the estimate went stale
 
 
+async def retained(bus, expected: dict[str, bytes | None]) -> None:
+    """Wait until AIC_CONTROL holds ``expected`` (subject -> latest data, None: any): a plain publish
+    is stored by the stream after the server answers the client's flush, not before."""
+    import asyncio
+
+    from shared.bus import CONTROL_STREAM
+
+    while True:
+        held = {}
+        for subject in expected:
+            try:
+                held[subject] = (await bus.js.get_last_msg(CONTROL_STREAM, subject, direct=True)).data
+            except Exception:  # not stored yet
+                break
+        if len(held) == len(expected) and all(v is None or held[k] == v for k, v in expected.items()):
+            return
+        await asyncio.sleep(0.05)
+
+
 async def test_a_worker_started_after_the_receiver_spoke_knows_the_budget_before_its_first_batch(bus):
     """Estimates are plain NATS publishes; the bus keeps the latest per stream (AIC_CONTROL), so a
     worker that starts or scales out mid-stream does not code its first batches without a budget."""
@@ -111,6 +142,7 @@ async def test_a_worker_started_after_the_receiver_spoke_knows_the_budget_before
     await bus.nc.publish(f"aic.control.{sid}", b'{"kbps": 300}')  # only the latest counts
     await bus.nc.publish(f"aic.control.{other}", b'{"kbps": "lots"}')  # invalid: ignored
     await bus.nc.flush()
+    await asyncio.wait_for(retained(bus, {f"aic.control.{sid}": b'{"kbps": 300}', f"aic.control.{other}": None}), 10)
     controls, stop = StreamControls(), asyncio.Event()
     task = asyncio.create_task(controls.watch(bus, stop))
     try:

@@ -74,13 +74,18 @@ def scrape_targets(prom: dict) -> set[str]:
     return out
 
 
-def container_commands() -> list[list[str]]:
-    """The aic command lines the containers run: compose overrides and the Dockerfile's defaults."""
+def container_commands() -> dict[str, list[str]]:
+    """The aic command line each service's container runs: its compose override, else the CMD of
+    the Dockerfile stage it builds."""
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    commands = [s["command"] for n, s in compose["services"].items()
-                if n in ("ingest", "metrics", "compressor") and "command" in s]
-    dockerfile = (ROOT / "deploy/Dockerfile").read_text()
-    return commands + [json.loads(m) for m in re.findall(r"^CMD (\[.*\])$", dockerfile, re.M)]
+    stage_cmds, stage = {}, None
+    for line in (ROOT / "deploy/Dockerfile").read_text().splitlines():
+        if m := re.match(r"^FROM \S+ AS (\S+)", line):
+            stage = m.group(1)
+        elif m := re.match(r"^CMD (\[.*\])$", line):
+            stage_cmds[stage] = json.loads(m.group(1))
+    return {name: s.get("command") or stage_cmds[s["build"]["target"]]
+            for name, s in compose["services"].items() if name in ("ingest", "metrics", "compressor")}
 
 
 def test_every_container_command_is_one_the_cli_accepts():
@@ -88,16 +93,16 @@ def test_every_container_command_is_one_the_cli_accepts():
     in docker-compose.yml and not in its parser)."""
     from services.cli import build_parser
 
-    commands = [c for c in container_commands() if "--help" not in c]
-    assert len(commands) >= 3
-    for argv in commands:
+    commands = container_commands()
+    assert set(commands) == {"ingest", "metrics", "compressor"}
+    for argv in commands.values():
         build_parser().parse_args(argv)  # SystemExit, a failure, on an unknown flag
 
 
 def test_prometheus_scrapes_each_service_on_the_port_its_container_serves():
     from services.cli import build_parser
 
-    served = {build_parser().parse_args(c).metrics_port for c in container_commands() if "--help" not in c}
+    served = {name: build_parser().parse_args(argv).metrics_port for name, argv in container_commands().items()}
     prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
-    scraped = {int(t.split(":")[1]) for t in scrape_targets(prom)}
-    assert scraped <= served
+    scraped = {host: int(port) for host, port in (t.split(":") for t in scrape_targets(prom))}
+    assert scraped == served

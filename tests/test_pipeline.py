@@ -16,6 +16,7 @@ import pytest
 from services.ingest import ingest, read_batches
 from shared import bus as busmod
 from services.compressor.policy import Policy
+from services.compressor.worker import EXIT_WEDGED
 from shared.codecs import NativeCodec
 from shared.config import PolicyConfig
 from shared.pixfmt import from_video_frame, frame_size, split_planes
@@ -131,14 +132,20 @@ class HangingCodec(NativeCodec):
         raise RuntimeError("woke up too late")
 
 
-async def test_a_batch_whose_codec_hangs_is_retried_then_failed_not_held_forever(bus, bus_cfg, postgres):
+async def test_a_worker_whose_codec_hangs_gives_the_batch_back_and_exits_for_a_fresh_process(bus, bus_cfg, postgres):
+    # The stuck thread cannot be stopped and would time out every batch queued behind it, so the
+    # worker exits (its supervisor restarts it); each fresh worker retries, the last one fails it.
     sid = unique("hang")
-    worker = compressor(bus_cfg, batch_timeout_s=0.5, concurrency=3)
-    worker.policy = Policy(None, HangingCodec("x264"), PolicyConfig())
     fb = next(read_batches(SOURCE, sid, 4, 4))
-    async with running(worker, metrics_writer(bus_cfg, postgres.url)):
-        await bus.publish(busmod.frames_subject(sid), fb.pack(), fb.msg_id)
+    await bus.publish(busmod.frames_subject(sid), fb.pack(), fb.msg_id)
+    codes = []
+    async with running(metrics_writer(bus_cfg, postgres.url)):
+        for _ in range(bus_cfg.max_deliver):
+            worker = compressor(bus_cfg, batch_timeout_s=0.5, concurrency=3)
+            worker.policy = Policy(None, HangingCodec("x264"), PolicyConfig())
+            codes.append(await asyncio.wait_for(worker.run(asyncio.Event()), timeout=60))
         rows = await wait_rows(postgres.url, [sid], 1, timeout=60)
+    assert codes == [EXIT_WEDGED] * bus_cfg.max_deliver
     assert rows[0]["status"] == "failed" and "batch timeout" in rows[0]["reason"]
     assert rows[0]["attempts"] == bus_cfg.max_deliver
 
@@ -206,7 +213,10 @@ async def test_kill_9_of_the_compressor_mid_run_loses_and_duplicates_nothing(
             stats = await feed
             second = start_worker()
             try:
-                rows = await wait_rows(postgres.url, [sid], stats.batches, timeout=180)
+                await wait_rows(postgres.url, [sid], stats.batches, timeout=180)
+                # Past one more ack wait, so a late redelivery would have made its second row by now.
+                await asyncio.sleep(6)
+                rows = await wait_rows(postgres.url, [sid], 0)
             finally:
                 second.terminate()
                 second.wait(30)
@@ -284,3 +294,28 @@ async def test_the_neural_codec_runs_in_the_pipeline_and_rows_report_its_payload
         _, decoded = decode_payload(payload)
         # What the row says is what a receiver gets.
         assert abs(measure_batch(frames[r["batch_seq"]], decoded, 128, 96, 0).psnr_y - r["psnr_y"]) < 0.01
+
+
+async def test_a_late_failure_report_for_a_batch_that_made_its_ok_row_adds_no_second_row(bus, bus_cfg, postgres):
+    # E.g. the worker published its results but its ack was lost on the last delivery: JetStream then
+    # announces the batch as exhausted, and a worker reports it failed.  Its ok row must stay the only one.
+    sid = unique("late")
+    await ingest(bus, SOURCE, sid, 4, 4, progress=False)
+    stored = await bus.js.get_last_msg(busmod.FRAMES_STREAM, busmod.frames_subject(sid))
+    assert stored.headers.get(busmod.CAPTURED_HEADER)  # the gateway says when it captured the batch
+    worker = compressor(bus_cfg)
+    async with running(worker, metrics_writer(bus_cfg, postgres.url)):
+        await wait_rows(postgres.url, [sid], 1)
+        publish = worker.bus.publish
+
+        async def after_the_dedup_window(subject, data, msg_id, **kw):  # JetStream would take it as new
+            return await publish(subject, data, f"{msg_id}:later", **kw)
+
+        worker.bus.publish = after_the_dedup_window
+        try:
+            await worker._report_failure(stored, stored.seq, "failed", "no worker answered in 4 deliveries", 4)
+        finally:
+            worker.bus.publish = publish
+        await asyncio.sleep(2)  # several flushes of the metrics writer
+        rows = await wait_rows(postgres.url, [sid], 1)
+    assert [(r["batch_seq"], r["status"]) for r in rows] == [(0, "ok")]

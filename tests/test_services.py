@@ -9,8 +9,10 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import asyncpg
+import msgpack
 import pytest
 
 from shared import bus as busmod
@@ -97,6 +99,7 @@ def test_demo_json_reports_every_batch(tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["batches_published"] == out["metrics_rows"] == out["batches_compressed"] == 6
+    assert out["missing"] == out["duplicate_rows"] == 0
     assert out["frames"] == 48 and out["compressed_bytes"] < out["raw_bytes"]
     assert 30 < out["psnr_y_mean"] < 100 and 0.9 < out["ms_ssim_mean"] <= 1
     assert 0 < out["latency_p50_ms"] <= out["latency_p99_ms"]
@@ -133,8 +136,9 @@ async def test_with_server_urls_set_the_stack_starts_no_server_and_uses_them(
 class _Msg:
     """Just enough of a JetStream message for the writer's flush."""
 
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, seq: int = 1):
         self.data, self.subject, self.acked, self.termed = data, "aic.metrics.w", False, False
+        self.metadata = SimpleNamespace(sequence=SimpleNamespace(stream=seq))
 
     async def ack(self):
         self.acked = True
@@ -170,27 +174,45 @@ async def test_a_database_restart_during_the_one_by_one_fallback_loses_no_record
 
     writer = MetricsWriter(MetricsConfig(database_url="postgresql://unused"))
     writer.store = _FlakyStore()
-    msgs = [_Msg(BatchMetrics(f"s:{i}", "s", "ok", "w", time.time(), batch_seq=i).pack()) for i in range(4)]
+    letters = []
+
+    async def publish(subject, data, msg_id):
+        letters.append(msgpack.unpackb(data))
+
+    writer.bus = SimpleNamespace(publish=publish)
+    msgs = [_Msg(BatchMetrics(f"s:{i}", "s", "ok", "w", time.time(), batch_seq=i).pack(), i) for i in range(4)]
     await writer._flush(msgs, asyncio.Event())
     # s:1 refused; nobody lost to the restart (s:0 is written again after it: the real table ignores repeats)
     assert set(writer.store.rows) == {"s:0", "s:2", "s:3"}
     assert [m.termed for m in msgs] == [False, True, False, False]
     assert [m.acked for m in msgs] == [True, False, True, True]
+    # The refused record is kept whole on the dead-letter subject.
+    assert [(d["status"], d["batch_id"], d["record"]) for d in letters] == [("refused_metrics", "s:1", msgs[1].data)]
 
 
-async def test_records_no_row_could_hold_are_dropped_and_the_writer_keeps_writing(bus, bus_cfg, postgres):
+async def test_records_no_row_could_hold_go_to_dead_letters_and_the_writer_keeps_writing(bus, bus_cfg, postgres):
     sid = unique("bad")
     good = BatchMetrics(f"{sid}:1", sid, "ok", "w1", time.time(), batch_seq=1)
+    bad = [
+        BatchMetrics(f"{sid}:0", sid, "ok", "w1", time.time(), captured_at=time.time() * 1000).pack(),
+        BatchMetrics(f"{sid}:0", sid, "ok", "w1", time.time(), reason="nul \x00 in text").pack(),
+        BatchMetrics(f"{sid}:0", sid, "ok", "w1", time.time(), extra={"note": "\x00"}).pack(),
+        # A newer schema (a rolling upgrade): kept whole, to replay once this writer knows it.
+        msgpack.packb({**msgpack.unpackb(good.pack()), "v": 99}),
+    ]
     async with running(metrics_writer(bus_cfg, postgres.url)) as tasks:
-        for i, bad in enumerate([
-            BatchMetrics(f"{sid}:0", sid, "ok", "w1", time.time(), captured_at=time.time() * 1000),
-            BatchMetrics(f"{sid}:0", sid, "ok", "w1", time.time(), reason="nul \x00 in text"),
-        ]):  # fmt: skip
-            await bus.publish(busmod.metrics_subject("w1"), bad.pack(), f"bad{sid}{i}")
+        for i, data in enumerate(bad):
+            await bus.publish(busmod.metrics_subject("w1"), data, f"bad{sid}{i}")
         await bus.publish(busmod.metrics_subject("w1"), good.pack(), f"good{sid}")
         rows = await wait_rows(postgres.url, [sid], 1)
         assert not any(t.done() for t in tasks)
     assert [r["batch_id"] for r in rows] == [f"{sid}:1"]
+    sub = await bus.js.subscribe(busmod.deadletter_subject(sid), ordered_consumer=True)
+    letters = [msgpack.unpackb((await sub.next_msg(timeout=5)).data) for _ in bad]
+    await sub.unsubscribe()
+    assert [d["status"] for d in letters] == ["invalid_metrics"] * len(bad)
+    assert [d["record"] for d in letters] == bad
+    assert "NUL" in letters[1]["reason"] and "version" in letters[3]["reason"]
 
 
 def test_only_data_and_constraint_errors_blame_the_record():
@@ -215,7 +237,7 @@ def test_a_dead_nats_server_is_a_clear_error_not_a_hang():
     assert "no NATS server answered" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_ingesting_a_stream_again_continues_its_numbering_and_reused_numbers_are_reported(nats_server):
+def test_ingesting_a_stream_again_continues_its_numbering_and_reusing_numbers_is_refused(nats_server):
     sid = unique("again")
     args = ("ingest", "lavfi:testsrc2=size=64x48:rate=30", "--stream-id", sid, "--frames", "16",
             "--nats-url", nats_server.url)
@@ -223,8 +245,11 @@ def test_ingesting_a_stream_again_continues_its_numbering_and_reused_numbers_are
     assert first.returncode == 0 and "warning" not in first.stderr, first.stderr
     again = aic(*args, timeout=120)  # a restarted gateway: batches 2 and 3, nothing dropped
     assert again.returncode == 0 and "warning" not in again.stderr, again.stderr
-    reused = aic(*args, "--start-seq", "0", timeout=120)
-    assert reused.returncode == 0 and "dropped 2 of 2 batches as repeats" in reused.stderr
+    reused = aic(*args, "--start-seq", "1", timeout=120)
+    assert reused.returncode == 2 and "use --start-seq 4 or more" in reused.stderr, reused.stderr
+    assert "Traceback" not in reused.stderr
+    later = aic(*args, "--start-seq", "10", timeout=120)  # a gap is allowed: receivers skip it
+    assert later.returncode == 0, later.stderr
 
 
 async def test_a_restarted_ingest_publishes_the_next_batch_numbers(bus):
@@ -235,3 +260,41 @@ async def test_a_restarted_ingest_publishes_the_next_batch_numbers(bus):
     second = await ingest(bus, "lavfi:testsrc2=size=64x48:rate=30", sid, 8, 16, progress=False)
     assert first.batch_ids == [f"{sid}:0", f"{sid}:1"] and second.batch_ids == [f"{sid}:2", f"{sid}:3"]
     assert second.duplicates == 0
+
+
+async def test_two_gateways_on_one_stream_id_are_caught_before_they_number_a_batch_twice(bus):
+    from services.ingest.gateway import BatchNumberError, BatchNumbers
+
+    sid = unique("twice")
+    kv = await bus.ingest_kv()
+    a, b = BatchNumbers(kv, sid), BatchNumbers(kv, sid)
+    assert await a.load() == 0 and await b.load() == 0
+    await a.reserve(1)
+    with pytest.raises(BatchNumberError, match="another ingest is publishing"):
+        await b.reserve(1)
+    await a.reserve(2)  # the first gateway goes on
+    assert await BatchNumbers(kv, sid).load() == 2
+
+
+async def test_a_stop_ends_an_ingest_whose_live_source_went_quiet(bus, monkeypatch):
+    import threading
+
+    from services.ingest import gateway
+
+    real, quiet = gateway.read_batches, threading.Event()
+
+    def goes_quiet(*args, **kw):
+        yield next(real(*args, **kw))
+        quiet.wait(60)  # a live feed that stopped sending
+
+    monkeypatch.setattr(gateway, "read_batches", goes_quiet)
+    stop = asyncio.Event()
+    task = asyncio.create_task(gateway.ingest(bus, "lavfi:testsrc2=size=64x48:rate=30", unique("quiet"), 4, 64,
+                                              stop=stop, progress=False))
+    await asyncio.sleep(1.0)
+    stop.set()
+    try:
+        stats = await asyncio.wait_for(task, timeout=5)
+    finally:
+        quiet.set()
+    assert stats.batches == 1

@@ -6,6 +6,12 @@ ack.  The ack comes only after both publishes are acknowledged by JetStream,
 so a worker killed at any point loses nothing: the batch is redelivered, and
 message ids plus the metrics table's primary key make the retry invisible.
 CPU work runs in a thread pool; the event loop only does I/O.
+
+A batch that outlives its timeout leaves a codec thread that Python cannot
+stop (and, for a learned codec, the model's lock with it): the worker then
+stops fetching, gives the batch back, and exits with :data:`EXIT_WEDGED` so
+that its supervisor starts a fresh process, rather than timing out every
+batch queued behind the stuck one.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-import msgpack
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge, Histogram
@@ -32,10 +37,12 @@ from shared.config import CompressorConfig
 from shared.logs import get_logger
 from shared.quality import measure_batch
 from shared.schemas import (
+    MAX_TIMESTAMP,
     STREAM_ID_RE,
     BatchMetrics,
     CompressedBatch,
     SchemaError,
+    pack_dead_letter,
     peek_ids,
     unpack_frame_batch,
 )
@@ -51,6 +58,11 @@ PSNR_Y = Histogram("aic_compressor_psnr_y_db", "PSNR-Y of delivered batches", ["
                    buckets=(20, 25, 28, 30, 32, 34, 36, 38, 40, 45, 50, 100))
 PENDING = Gauge("aic_consumer_pending", "Frame batches waiting or in flight on the shared compressor consumer")
 PENDING_EVERY_S = 10.0
+
+#: Exit status of a worker whose codec thread hung past the batch timeout (EX_SOFTWARE).
+EXIT_WEDGED = 70
+#: How long a wedged worker lets its other batches finish before it gives them back.
+WEDGED_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -147,8 +159,12 @@ class Compressor:
         self.pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="codec")
         self.controls = StreamControls()
         self.bus: Bus | None = None
+        self.wedged = False
+        self._stop: asyncio.Event | None = None
 
     async def run(self, stop: asyncio.Event) -> int:
+        """Serve until ``stop`` is set; 0 after a clean drain, :data:`EXIT_WEDGED` after a hung codec."""
+        self._stop = stop
         self.bus = await Bus.connect_until(self.cfg.bus, f"aic-compressor-{self.cfg.worker_id}", stop)
         if self.bus is None:
             return 0
@@ -165,6 +181,9 @@ class Compressor:
         try:
             while not stop.is_set():
                 await slots.acquire()
+                if stop.is_set():  # set while waiting for a slot: take no new batch
+                    slots.release()
+                    break
                 try:
                     msgs = await sub.fetch(1, timeout=1.0)
                 except asyncio.TimeoutError:
@@ -180,13 +199,18 @@ class Compressor:
                 task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
         finally:
             if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
+                # A wedged pool may never start the batches queued behind the stuck one: those are
+                # cancelled unanswered, and JetStream redelivers them to another worker.
+                _, late = await asyncio.wait(tasks, timeout=WEDGED_GRACE_S if self.wedged else None)
+                for task in late:
+                    task.cancel()
+                await asyncio.gather(*late, return_exceptions=True)
             await asyncio.gather(watcher, control, lag, return_exceptions=True)
-            self.pool.shutdown(wait=True)
+            self.pool.shutdown(wait=not self.wedged, cancel_futures=True)
             await _unsubscribe(sub)
             await self.bus.close()
-            log.info("compressor_stopped", worker_id=self.cfg.worker_id)
-        return 0
+            log.info("compressor_stopped", worker_id=self.cfg.worker_id, wedged=self.wedged)
+        return EXIT_WEDGED if self.wedged else 0
 
     async def _handle(self, msg: Msg) -> None:
         t0 = time.perf_counter()
@@ -197,11 +221,7 @@ class Compressor:
             try:
                 # The envelope around the frames is small; a claim beyond this is refused unread.
                 data = await self.bus.payload(msg, max_size=self.cfg.limits.max_batch_bytes + (1 << 20))
-                # The deadline frees the batch (retried, then failed) though not the thread, which a
-                # hung codec keeps: the heartbeat would otherwise hold such a batch forever.
-                outcome = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
-                    self.pool, process_batch, data, self.policy, self.cfg, self.controls
-                ), self.cfg.batch_timeout_s)  # fmt: skip
+                outcome = await self._code(data)
             except (SchemaError, ClaimError) as exc:
                 code = getattr(exc, "code", "claim_missing")
                 await self._give_up(msg, "rejected", f"{code}: {getattr(exc, 'reason', str(exc))}", attempts)
@@ -210,6 +230,7 @@ class Compressor:
                 error = f"{type(exc).__name__}: {exc}"
                 if isinstance(exc, asyncio.TimeoutError):
                     error = f"coding took longer than the {self.cfg.batch_timeout_s:g} s batch timeout"
+                    self._wedge(msg, error)
                 if attempts >= self.cfg.bus.max_deliver:
                     await self._give_up(msg, "failed", error, attempts)
                 else:
@@ -224,6 +245,34 @@ class Compressor:
         finally:
             beat.cancel()
 
+    async def _code(self, data: bytes) -> Outcome:
+        """Run :func:`process_batch` in the pool; the timeout counts from when a thread takes the
+        batch, so waiting behind the worker's other batches is not coding time."""
+        loop = asyncio.get_running_loop()
+        started = asyncio.Event()
+
+        def job() -> Outcome:
+            loop.call_soon_threadsafe(started.set)
+            return process_batch(data, self.policy, self.cfg, self.controls)
+
+        future = loop.run_in_executor(self.pool, job)
+        waiter = asyncio.ensure_future(started.wait())
+        try:
+            await asyncio.wait([future, waiter], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        # The deadline frees the batch (retried, then failed) though not the thread, which a hung
+        # codec keeps: the heartbeat would otherwise hold such a batch forever.
+        return await asyncio.wait_for(future, self.cfg.batch_timeout_s)
+
+    def _wedge(self, msg: Msg, error: str) -> None:
+        """A codec thread is stuck: take no more work, so that a fresh process replaces this one."""
+        if not self.wedged:
+            log.error("worker_wedged", subject=msg.subject, error=error, exit_status=EXIT_WEDGED)
+        self.wedged = True
+        if self._stop is not None:
+            self._stop.set()
+
     async def _heartbeat(self, msg: Msg) -> None:
         # Long batches (4K, slow models) must not be redelivered while still in progress.
         while True:
@@ -235,7 +284,9 @@ class Compressor:
 
     async def _deliver(self, msg: Msg, outcome: Outcome, attempts: int) -> None:
         cb = outcome.compressed
-        await self.bus.publish(busmod.compressed_subject(cb.stream_id), cb.pack(), cb.msg_id, kind="compressed")
+        # varies: another worker may have coded this batch differently before it died.
+        await self.bus.publish(busmod.compressed_subject(cb.stream_id), cb.pack(), cb.msg_id, kind="compressed",
+                               varies=True)
         now = time.time()
         m = outcome.metrics
         row = replace(m, latency_ms=(now - m.captured_at) * 1000, attempts=attempts, completed_at=now)
@@ -348,28 +399,28 @@ class Compressor:
             worker_id=self.cfg.worker_id,
             completed_at=now,
             attempts=attempts,
-            # When JetStream stored the batch: the same on every delivery, so the row's partition
-            # key (event time) is too, and a repeated report makes no second row.
-            captured_at=_stored_at(msg),
+            # The batch's capture time, as its ``ok`` row has it, or else when JetStream stored it:
+            # the same on every delivery, so the row's key (batch id, event time) is too, and a
+            # repeated report, or one for a batch that did make its ok row, adds no second row.
+            captured_at=_captured_at(msg),
         )
-        letter = msgpack.packb(
-            {
-                "v": 1,
-                "kind": "dead_letter",
-                "batch_id": batch_id,
-                "status": status,
-                "reason": row.reason,
-                "subject": msg.subject,
-                "stream_seq": stream_seq,
-                "attempts": attempts,
-                "worker_id": self.cfg.worker_id,
-                "at": now,
-            }
-        )
+        letter = pack_dead_letter(batch_id, status, row.reason, msg.subject, stream_seq, attempts=attempts,
+                                  worker_id=self.cfg.worker_id)
         await self.bus.publish(busmod.deadletter_subject(sid), letter, f"dl:{batch_id}")
         await self.bus.publish(busmod.metrics_subject(self.cfg.worker_id), row.pack(), f"m:{batch_id}")
         BATCHES.labels(status).inc()
         log.warning("batch", status=status, batch_id=batch_id, reason=row.reason, attempts=attempts)
+
+
+def _captured_at(msg) -> float | None:
+    """The gateway's capture time from the message's header, else when JetStream stored it."""
+    try:
+        t = float((msg.headers or {}).get(busmod.CAPTURED_HEADER, ""))
+        if 0.0 <= t <= MAX_TIMESTAMP:
+            return t
+    except ValueError:
+        pass
+    return _stored_at(msg)
 
 
 def _stored_at(msg) -> float | None:

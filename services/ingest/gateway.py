@@ -131,8 +131,10 @@ def _batch(stream_id: str, seq: int, size: tuple[int, int], rate: Fraction, firs
     )
 
 
-async def _threaded(gen: Iterator[FrameBatch], depth: int = 3) -> AsyncIterator[FrameBatch]:
-    """Run a blocking generator in a thread, at most ``depth`` items ahead of the consumer."""
+async def _threaded(gen: Iterator[FrameBatch], depth: int = 3,
+                    stop: asyncio.Event | None = None) -> AsyncIterator[FrameBatch]:
+    """Run a blocking generator in a thread, at most ``depth`` items ahead of the consumer; ends
+    when ``stop`` is set even while the source is stalled (a live feed that went quiet)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     room = threading.Semaphore(depth)
@@ -155,7 +157,16 @@ async def _threaded(gen: Iterator[FrameBatch], depth: int = 3) -> AsyncIterator[
     thread.start()
     try:
         while True:
-            item = await queue.get()
+            if stop is None:
+                item = await queue.get()
+            else:
+                get, stopped = asyncio.ensure_future(queue.get()), asyncio.ensure_future(stop.wait())
+                await asyncio.wait([get, stopped], return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+                if not get.done():
+                    get.cancel()
+                    return
+                item = get.result()
             if item is done:
                 return
             if isinstance(item, BaseException):
@@ -167,18 +178,51 @@ async def _threaded(gen: Iterator[FrameBatch], depth: int = 3) -> AsyncIterator[
         room.release()
 
 
-async def _next_seq(cursor, stream_id: str) -> int:
-    from nats.js.errors import KeyNotFoundError
+class BatchNumberError(ValueError):
+    """Batch numbers this ingest would reuse, or that another ingest of the stream is taking."""
 
-    try:
-        entry = await cursor.get(stream_id)
-    except KeyNotFoundError:
-        return 0
-    try:
-        return max(0, int(entry.value or b"0"))
-    except ValueError:
-        log.warning("ingest_cursor_invalid", stream_id=stream_id)
-        return 0
+
+class BatchNumbers:
+    """A stream's next batch number, kept in the ``aic_ingest`` KV bucket.
+
+    Every reservation is a compare-and-set on the entry's revision, so the number only ever
+    grows and two gateways publishing one stream id are caught at their first batch instead of
+    numbering the same batches twice.
+    """
+
+    def __init__(self, kv, stream_id: str):
+        self.kv, self.stream_id = kv, stream_id
+        self.revision: int | None = None
+
+    async def load(self) -> int:
+        """The first free number (0 for a new stream)."""
+        from nats.js.errors import KeyNotFoundError
+
+        try:
+            entry = await self.kv.get(self.stream_id)
+        except KeyNotFoundError:  # KeyDeletedError is one too: create() takes the key back
+            return 0
+        self.revision = entry.revision
+        try:
+            return max(0, int(entry.value or b"0"))
+        except ValueError:
+            log.warning("ingest_cursor_invalid", stream_id=self.stream_id)
+            return 0
+
+    async def reserve(self, next_free: int) -> None:
+        """Record that numbers below ``next_free`` are taken."""
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        value = str(next_free).encode()
+        try:
+            if self.revision is None:
+                self.revision = await self.kv.create(self.stream_id, value)
+            else:
+                self.revision = await self.kv.update(self.stream_id, value, last=self.revision)
+        except KeyWrongLastSequenceError:
+            raise BatchNumberError(
+                f"another ingest is publishing stream {self.stream_id!r} (its batch numbers moved under this "
+                f"one); run one gateway per stream id") from None
 
 
 @dataclass
@@ -207,9 +251,15 @@ async def ingest(
     """Publish a source's batches on ``aic.frames.<stream_id>``; returns what was published.
     ``start_seq`` None continues the stream's numbering where its last ingest stopped (0 at first)."""
     stats = IngestStats(stream_id)
-    cursor = await bus.ingest_kv()
+    numbers = BatchNumbers(await bus.ingest_kv(), stream_id)
+    next_free = await numbers.load()
     if start_seq is None:
-        start_seq = await _next_seq(cursor, stream_id)
+        start_seq = next_free
+    elif start_seq < next_free:
+        # Reused numbers would be dropped as repeats inside the bus's duplicate window, and make
+        # second rows (another capture time) after it: refused before anything is published.
+        raise BatchNumberError(f"batches 0..{next_free - 1} of stream {stream_id!r} were published already; "
+                               f"use --start-seq {next_free} or more (or leave it out), or a new stream id")
     subject = busmod.frames_subject(stream_id)
     slots = asyncio.Semaphore(in_flight)
     pending: set[asyncio.Task] = set()
@@ -222,7 +272,8 @@ async def ingest(
         try:
             data = fb.pack()
             t = time.perf_counter()
-            ack = await bus.publish(subject, data, fb.msg_id, kind="frames")
+            ack = await bus.publish(subject, data, fb.msg_id, kind="frames",
+                                    headers={busmod.CAPTURED_HEADER: repr(fb.captured_at)})
             PUBLISH_SECONDS.labels(stream_id).observe(time.perf_counter() - t)
             BATCHES.labels(stream_id).inc()
             FRAMES.labels(stream_id).inc(fb.frame_count)
@@ -236,7 +287,7 @@ async def ingest(
             slots.release()
 
     try:
-        async for fb in _threaded(read_batches(source, stream_id, batch_frames, max_frames, start_seq)):
+        async for fb in _threaded(read_batches(source, stream_id, batch_frames, max_frames, start_seq), stop=stop):
             if errors or (stop is not None and stop.is_set()):
                 break
             if realtime:
@@ -246,7 +297,7 @@ async def ingest(
             await slots.acquire()
             # Reserved before publishing, in order: a restart never reuses a number (a crash may
             # leave one unused, a gap receivers skip).
-            await cursor.put(stream_id, str(fb.batch_seq + 1).encode())
+            await numbers.reserve(fb.batch_seq + 1)
             task = asyncio.create_task(publish(fb))
             pending.add(task)
             task.add_done_callback(pending.discard)

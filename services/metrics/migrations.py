@@ -1,7 +1,8 @@
 """Versioned schema migrations, applied in order under an advisory lock, and partition upkeep.
 
 Applied by the metrics service at start (and by ``aic db migrate``); each
-version runs once, in its own transaction.
+version runs once, and all pending versions apply in one transaction, so a
+failure leaves the schema as it was.
 """
 
 from __future__ import annotations

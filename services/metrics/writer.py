@@ -1,8 +1,9 @@
 """Metrics records from JetStream into PostgreSQL with COPY, in micro-batches.
 
 Records are acked only after the transaction that holds them commits.  The
-insert goes COPY → temporary table → ``INSERT ... ON CONFLICT (batch_id) DO
-NOTHING``, so a redelivered record (worker retry, writer restart, duplicate
+insert goes COPY → temporary table → ``INSERT ... ON CONFLICT (batch_id,
+time) DO NOTHING`` (``time`` is the batch's capture time, the same on every
+delivery), so a redelivered record (worker retry, writer restart, duplicate
 publish outside the dedup window) never makes a second row.  While the
 database is away the writer holds its micro-batch, keeps the messages alive
 with in-progress acks and retries with backoff; JetStream keeps the rest.
@@ -23,7 +24,7 @@ from shared import bus as busmod
 from shared.bus import Bus, unsubscribe as _unsubscribe
 from shared.config import MetricsConfig
 from shared.logs import get_logger
-from shared.schemas import BatchMetrics, unpack_batch_metrics
+from shared.schemas import BatchMetrics, pack_dead_letter, peek_ids, unpack_batch_metrics
 from services.metrics.migrations import maintain_partitions, migrate, refresh_rollups
 
 log = get_logger("metrics")
@@ -151,9 +152,10 @@ class MetricsWriter:
         self.cfg = cfg
         self.store = RowStore(cfg.database_url)
         self.inserted = 0
+        self.bus: Bus | None = None
 
     async def run(self, stop: asyncio.Event) -> int:
-        bus = await Bus.connect_until(self.cfg.bus, "aic-metrics", stop)
+        bus = self.bus = await Bus.connect_until(self.cfg.bus, "aic-metrics", stop)
         if bus is None:
             return 0
         await bus.ensure_topology()
@@ -221,9 +223,9 @@ class MetricsWriter:
                 good.append((m, to_record(unpack_batch_metrics(m.data))))
             except Exception as exc:  # SchemaError, or a value no row can hold: never a crash loop
                 INVALID.inc()
-                log.warning("invalid_record", subject=m.subject,
-                            reason=getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}")
-                await m.term()
+                reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+                log.warning("invalid_record", subject=m.subject, reason=reason)
+                await self._dead_letter(m, "invalid_metrics", reason)
         if not good:
             return
         t0 = time.perf_counter()
@@ -268,6 +270,23 @@ class MetricsWriter:
                 if is_outage(exc):
                     raise  # not this record's fault: the caller waits and retries
                 log.error("record_refused", batch_id=rec[0], error=f"{type(exc).__name__}: {exc}")
-                await m.term()
+                await self._dead_letter(m, "refused_metrics", f"{type(exc).__name__}: {exc}")
                 good.remove((m, rec))
         return inserted
+
+    async def _dead_letter(self, m: Msg, status: str, reason: str) -> None:
+        """Keep a record no row takes, as it came, on ``aic.deadletter.<stream>`` (a record from a newer
+        schema can be replayed once this writer is upgraded), then drop it from the metrics stream.
+        Metrics records hold no frame content."""
+        sid, seq = peek_ids(m.data)
+        sid = sid or "_invalid"
+        stream_seq = m.metadata.sequence.stream
+        letter = pack_dead_letter(f"{sid}:{seq}" if seq is not None else None, status, reason, m.subject, stream_seq,
+                                  record=bytes(m.data))
+        try:
+            await self.bus.publish(busmod.deadletter_subject(sid), letter, f"dlm:{stream_seq}")
+        except Exception as exc:  # not kept yet: leave the record for redelivery
+            log.warning("dead_letter_unpublished", subject=m.subject, error=f"{type(exc).__name__}: {exc}")
+            await m.nak(delay=1.0)
+            return
+        await m.term()

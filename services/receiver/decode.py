@@ -3,6 +3,9 @@
 Batches may complete out of order (several workers); they are written in
 ``batch_seq`` order.  Output by extension: ``.y4m`` (raw yuv420p) or ``.mkv``
 (lossless FFV1) for exact comparisons, ``.mp4`` (x264, CRF 16) for viewing.
+A file holds one frame size: when the source changes resolution (the gateway
+starts a new batch there), the frames that follow go to ``NAME.1.EXT``,
+``NAME.2.EXT`` and so on.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ _OUTPUTS = {".y4m": ("rawvideo", {}), ".mkv": ("ffv1", {}), ".mp4": ("libx264", 
 
 
 class VideoWriter:
-    """Packed yuv420p frames → a video file chosen by extension."""
+    """Packed yuv420p frames → video files chosen by extension, a new file at each change of size."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -42,13 +45,20 @@ class VideoWriter:
         self.codec, self.options = _OUTPUTS[ext]
         self.container = None
         self.stream = None
-        self.frames = 0
+        self.size: tuple[int, int] | None = None
+        self.frames = 0  # in the current file
+        self.files: list[Path] = []
 
     def write(self, frames: np.ndarray, width: int, height: int, fps: Fraction) -> None:
+        if self.container is not None and self.size != (width, height):
+            self._finish()
         if self.container is None:
-            self.container = av.open(str(self.path), "w")
+            path = self.path if not self.files else self.path.with_suffix(f".{len(self.files)}{self.path.suffix}")
+            self.container = av.open(str(path), "w")
             self.stream = self.container.add_stream(self.codec, rate=fps, options=self.options)
             self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
+            self.size, self.frames = (width, height), 0
+            self.files.append(path)
         for f in frames:
             vf = to_video_frame(f, width, height)
             vf.pts = self.frames
@@ -56,11 +66,15 @@ class VideoWriter:
                 self.container.mux(pkt)
             self.frames += 1
 
+    def _finish(self) -> None:
+        for pkt in self.stream.encode(None):
+            self.container.mux(pkt)
+        self.container.close()
+        self.container = self.stream = None
+
     def close(self) -> None:
         if self.container is not None:
-            for pkt in self.stream.encode(None):
-                self.container.mux(pkt)
-            self.container.close()
+            self._finish()
 
 
 @dataclass
@@ -72,6 +86,7 @@ class DecodeStats:
     errors: int = 0
     gaps: list[int] = field(default_factory=list)
     held_max: int = 0  # most batches held back at once waiting for a missing one (memory)
+    files: list[Path] = field(default_factory=list)  # more than one when the frame size changed
 
 
 async def decode_stream(
@@ -81,10 +96,10 @@ async def decode_stream(
     idle_timeout: float = 3.0,
     expect_batches: int | None = None,
     stop: asyncio.Event | None = None,
-    start_seq: int = 0,
+    start_seq: int | None = None,
 ) -> DecodeStats:
-    """Decode every compressed batch of a stream, from its first, until ``expect_batches``
-    arrived or nothing new came for ``idle_timeout`` seconds."""
+    """Decode every compressed batch of a stream, from ``start_seq`` (default: the lowest batch the
+    bus still holds), until ``expect_batches`` arrived or nothing new came for ``idle_timeout`` seconds."""
     stats = DecodeStats(stream_id)
     writer = VideoWriter(out)
     sub = await bus.js.subscribe(
@@ -117,12 +132,18 @@ async def decode_stream(
                 stats.errors += 1
                 log.error("undecodable_batch", subject=msg.subject, error=str(exc))
                 continue
-            if cb.batch_seq in pending or cb.batch_seq < next_seq:
+            if cb.batch_seq in pending or (next_seq is not None and cb.batch_seq < next_seq):
                 continue  # duplicate delivery
             pending[cb.batch_seq] = (cb, frames)
             stats.held_max = max(stats.held_max, len(pending))
             stats.batches += 1
             stats.compressed_bytes += len(cb.payload)
+            if next_seq is None and (len(pending) > REORDER_WINDOW or msg.metadata.num_pending == 0):
+                # Batches are stored as workers finish them, a little out of order: the stream's first
+                # is the lowest of what arrived by the time it was read to its end (or a window's worth).
+                next_seq = min(pending)
+            if next_seq is None:
+                continue
             if len(pending) > REORDER_WINDOW and next_seq not in pending:
                 # The missing batch is not coming (rejected, failed, or lost upstream): skip it
                 # rather than hold every later batch's frames in memory.
@@ -136,6 +157,8 @@ async def decode_stream(
                 stats.frames += c.frame_count
                 next_seq += 1
         # Whatever is left arrived after a gap: write it in order, and say so.
+        if next_seq is None and pending:
+            next_seq = min(pending)
         for seq in sorted(pending):
             stats.gaps.extend(range(next_seq, seq))
             c, f = pending[seq]
@@ -145,6 +168,7 @@ async def decode_stream(
     finally:
         await sub.unsubscribe()
         writer.close()
+        stats.files = writer.files
     log.info(
         "decode_done", stream_id=stream_id, batches=stats.batches, frames=stats.frames, gaps=len(stats.gaps), out=str(out)
     )
