@@ -116,6 +116,15 @@ def tiny_models_dir(tmp_path_factory):
     net = MeanScaleHyperprior(cfg.n, cfg.m, len(cfg.lambdas))
     save_checkpoint(root / "ckpt.pt", net, torch.optim.Adam(net.parameters()), 0, cfg)
     export_weights(root / "ckpt.pt", root / "tiny")
+    # The same with a checkerboard context that is not zero (untrained), so that it moves the bits.
+    from shared.neural.models import CheckerboardHyperprior
+
+    cb_cfg = TrainConfig(data="none", n=16, m=24, arch="checkerboard")
+    cb = CheckerboardHyperprior(cb_cfg.n, cb_cfg.m, len(cb_cfg.lambdas))
+    cb.load_state_dict(net.state_dict(), strict=False)
+    torch.nn.init.normal_(cb.ctx[1].weight, std=0.05)
+    save_checkpoint(root / "ckpt-cb.pt", cb, torch.optim.Adam(cb.parameters()), 0, cb_cfg)
+    export_weights(root / "ckpt-cb.pt", root / "tiny-cb")
 
     from shared.neural.restoration import RestorationNet
     from shared.neural.restore_training import save_weights
@@ -130,6 +139,13 @@ def tiny_models_dir(tmp_path_factory):
 def tiny_model(tiny_models_dir, monkeypatch):
     monkeypatch.setenv("AIC_MODELS_DIR", str(tiny_models_dir))
     return "tiny"
+
+
+@pytest.fixture(params=["tiny", "tiny-cb"])
+def any_tiny_model(request, tiny_models_dir, monkeypatch):
+    """Each tiny image codec: the hyperprior and its checkerboard-context variant."""
+    monkeypatch.setenv("AIC_MODELS_DIR", str(tiny_models_dir))
+    return request.param
 
 
 def corrupted_payloads(payload: bytes, count: int, seed: int = 1):

@@ -37,23 +37,23 @@ def decode_in_fresh_process(payload: bytes, tmp_path, env_models: str | None = N
 
 
 @pytest.mark.parametrize("n,w,h", [(1, 96, 64), (8, 96, 64), (3, 97, 63), (1, 33, 17)])
-def test_a_fresh_process_decodes_the_encoders_own_reconstruction_bit_exactly(tiny_model, tiny_models_dir,
+def test_a_fresh_process_decodes_the_encoders_own_reconstruction_bit_exactly(any_tiny_model, tiny_models_dir,
                                                                              tmp_path, n, w, h):
     frames = clip(w + (w & 1), h + (h & 1), n)
     if (w, h) != (w + (w & 1), h + (h & 1)):
         from tests.test_codecs import crop
 
         frames = crop(frames, w + (w & 1), h + (h & 1), w, h)
-    codec = create_codec("neural", model=tiny_model, device="cpu")
+    codec = create_codec("neural", model=any_tiny_model, device="cpu")
     payload, recon = codec.encode_reconstruct(frames, w, h, 25.0, level=3)
     decoded = decode_in_fresh_process(payload, tmp_path, str(tiny_models_dir))
     assert decoded.shape == frames.shape
     assert np.array_equal(decoded, recon)
 
 
-def test_decoding_does_not_depend_on_what_else_was_in_the_batch(tiny_model):
+def test_decoding_does_not_depend_on_what_else_was_in_the_batch(any_tiny_model):
     frames = clip(n=8)
-    codec = create_codec("neural", model=tiny_model, device="cpu")
+    codec = create_codec("neural", model=any_tiny_model, device="cpu")
     _, together = decode_payload(codec.encode(frames, 96, 64, 25.0, level=5))
     for i in (0, 5):
         payload, alone_recon = codec.encode_reconstruct(frames[i : i + 1], 96, 64, 25.0, level=5)
@@ -104,8 +104,8 @@ def test_level_out_of_range_is_a_clear_error(tiny_model):
         codec.encode(clip(n=1), 96, 64, 25.0, level=99)
 
 
-def test_thousand_random_corruptions_each_decode_or_raise_codec_error(tiny_model):
-    codec = create_codec("neural", model=tiny_model, device="cpu")
+def test_thousand_random_corruptions_each_decode_or_raise_codec_error(any_tiny_model):
+    codec = create_codec("neural", model=any_tiny_model, device="cpu")
     payload = codec.encode(clip(w=64, h=64, n=2), 64, 64, 25.0, level=4)
     outcomes = {"ok": 0, "error": 0}
     for p in corrupted_payloads(payload, 1000):

@@ -66,6 +66,27 @@ def test_train_checkpoints_resumes_and_exports_a_working_model(photos, tmp_path)
     assert f"--init {weights}" in card2 and "7 steps" in card2
 
 
+def test_bf16_training_keeps_the_rate_in_float32_and_the_card_says_how_it_trained(photos, tmp_path):
+    cfg = TrainConfig(data=str(photos), steps=2, batch_size=2, crop=64, n=16, m=24, precision="bf16")
+    ckpt = train(cfg, tmp_path / "run", ckpt_every=2)
+    state = torch.load(ckpt)
+    assert state["config"]["precision"] == "bf16"
+    assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
+    from shared.neural.models import MeanScaleHyperprior
+
+    net = MeanScaleHyperprior(16, 24, len(cfg.lambdas))
+    net.load_state_dict(state["model"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.rand(2, 3, 64, 64), torch.tensor([0, 7]))
+    # The transforms ran in bfloat16; what the rate and the loss see is float32.
+    assert {out[k].dtype for k in ("x_hat", "y_likelihood", "z_likelihood")} == {torch.float32}
+    export_model(ckpt, tmp_path / "models" / "half")
+    card = (tmp_path / "models" / "half" / "MODEL_CARD.md").read_text()
+    assert "bfloat16" in card and "--precision bf16" in card
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(data=str(photos), precision="fp8")
+
+
 def test_restore_training_resumes_and_exports_a_model_the_hybrid_codec_loads(tmp_path):
     from shared.codecs.hybrid import HybridCodec
     from shared.neural.restore_training import RestoreConfig, export_restore, train_restore
@@ -94,3 +115,25 @@ def test_restore_training_resumes_and_exports_a_model_the_hybrid_codec_loads(tmp
     export_restore(tuned, tmp_path / "models" / "mini-restore-2", val=str(d))
     card = (tmp_path / "models" / "mini-restore-2" / "MODEL_CARD.md").read_text()
     assert f"--init {weights}" in card and "4 steps" in card
+
+
+def test_a_checkerboard_model_fine_tunes_from_hyperprior_weights_and_exports(photos, tmp_path):
+    hp = train(TrainConfig(data=str(photos), steps=1, batch_size=2, crop=64, n=16, m=24), tmp_path / "hp")
+    export_model(hp, tmp_path / "models" / "hp")
+    weights = tmp_path / "models" / "hp" / "weights.pt"
+    cfg = TrainConfig(data=str(photos), steps=2, batch_size=2, crop=64, n=16, m=24, arch="checkerboard",
+                      init=str(weights))
+    ckpt = train(cfg, tmp_path / "cb", init=weights, ckpt_every=2)
+    out = tmp_path / "models" / "cb"
+    export_model(ckpt, out, val=str(photos))
+    coder = ImageCoder(out / "weights.pt")
+    assert coder.arch == "checkerboard"
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "checkerboard spatial context" in card and "--arch checkerboard" in card and " context |" in card
+    rd = json.loads((out / "model.json").read_text())["rd"]
+    assert all(r["bpp_ideal_no_context"] > 0 for r in rd)
+    x = torch.rand(1, 3, 48, 80)
+    streams, recon = coder.encode(x, 2)
+    assert torch.equal(coder.decode(streams, 2, 48, 80), recon)
+    with pytest.raises(ValueError, match="arch"):
+        TrainConfig(data=str(photos), arch="transformer")

@@ -19,8 +19,8 @@ import torch
 from torch.nn import functional as F
 
 from shared.neural.entropy import Y_RANGE, Z_RANGE, gaussian_likelihood
-from shared.neural.intnet import IntegerHyperSynthesis
-from shared.neural.models import MeanScaleHyperprior
+from shared.neural.intnet import ACT_BITS, ACT_MAX, IntegerHyperSynthesis, integer_context
+from shared.neural.models import ARCHS, anchor_mask
 
 
 ANALYSIS_PIXELS = 8 * 1280 * 720
@@ -61,11 +61,18 @@ class ImageCoder:
         # One batch at a time per model: the compressor's pool has several threads, and running
         # torch's intra-op pool from two of them at once buys nothing on CPU.
         self.lock = threading.Lock()
-        self.net = MeanScaleHyperprior(int(cfg["n"]), int(cfg["m"]), self.levels)
+        self.arch = str(cfg.get("arch", "hyperprior"))
+        if self.arch not in ARCHS:
+            raise ValueError(f"{path}: unknown model architecture {self.arch!r}")
+        self.net = ARCHS[self.arch](int(cfg["n"]), int(cfg["m"]), self.levels)
         self.net.load_state_dict(state["model"])
         # Converting float weights to integers (scaling by powers of two, rounding) is exact IEEE
         # arithmetic, so every machine derives the same integer network from the same file.
         self.hyper = IntegerHyperSynthesis.from_float(self.net.h_s, state["scale_thresholds"].numpy(), self.net.m)
+        self.ctx = None
+        if self.arch == "checkerboard":
+            self.ctx = integer_context(self.net.ctx).to(self.device)
+            assert self.ctx.out_bits == self.hyper.out_bits
         self.net.eval().to(self.device).to(memory_format=torch.channels_last)
         self.hyper.to(self.device)
         self.m = self.net.m
@@ -100,13 +107,44 @@ class ImageCoder:
 
     # -- entropy coding ---------------------------------------------------------------------------
 
+    def _with_context(self, a: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """The raw entropy parameters ``a`` (hyper-synthesis output) with the checkerboard context of
+        the anchors of ``q`` added on the other elements, all in exact integers."""
+        h, w = q.shape[-2:]
+        anchor = anchor_mask(h, w, device=a.device).double()
+        shift = 2.0 ** (self.hyper.out_bits - ACT_BITS)
+        # Decoded anchors in fixed point at 2**ACT_BITS: q * 2**ACT_BITS + the mean rounded there.
+        mean_fix = torch.floor(a[:, : self.m] / shift + 0.5)
+        anchors = ((q.to(a.device, torch.float64) * 2.0**ACT_BITS + mean_fix) * anchor).clamp_(-ACT_MAX, ACT_MAX - 1)
+        return a + self.ctx.raw(anchors) * (1.0 - anchor)
+
+    def _halves(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """Flat boolean masks of a frame's latent elements (M, h, w): anchors, then the others."""
+        first = np.broadcast_to(anchor_mask(*shape[-2:]).numpy().astype(bool)[0], shape[-3:]).ravel()
+        return first, ~first
+
+    def _quantize(self, y: torch.Tensor, z: torch.Tensor, context: bool = True):
+        """Symbols q, means and scale indices of one frame's latents, as the decoder will derive them
+        (``context=False``: with the hyperprior's parameters alone)."""
+        a = self.hyper.raw(z)
+        mean, index = self.hyper.params(a)
+        q = torch.round(y - mean).clamp_(-Y_RANGE, Y_RANGE)
+        if self.ctx is not None and context:
+            # The anchors' symbols are the same under either parameters: the context only moves the others.
+            mean, index = self.hyper.params(self._with_context(a, q))
+            q = torch.round(y - mean).clamp_(-Y_RANGE, Y_RANGE)
+        return q, mean, index
+
     def encode_latents(self, y: torch.Tensor, z: torch.Tensor) -> tuple[bytes, torch.Tensor]:
         """One frame's gained y (1, M, h, w) and integer z → (bitstream, dequantized y_hat)."""
-        mean, index = self.hyper(z)
-        q = torch.round(y - mean).clamp_(-Y_RANGE, Y_RANGE)
         coder = constriction.stream.stack.AnsCoder()
-        stds = self.scales[index.numpy().ravel()]
-        coder.encode_reverse(q.numpy().astype(np.int32).ravel(), self.y_family, np.zeros_like(stds), stds)
+        q, mean, index = self._quantize(y, z)
+        stds, symbols = self.scales[index.numpy().ravel()], q.numpy().astype(np.int32).ravel()
+        if self.ctx is None:
+            coder.encode_reverse(symbols, self.y_family, np.zeros_like(stds), stds)
+        else:
+            for half in reversed(self._halves(q.shape)):  # a stack: the decoder pops the anchors first
+                coder.encode_reverse(symbols[half], self.y_family, np.zeros(int(half.sum())), stds[half])
         zs = (z[0].numpy().astype(np.int32) + Z_RANGE).reshape(z.shape[1], -1)
         for c in range(zs.shape[0] - 1, -1, -1):  # a stack: the decoder pops channel 0 first
             coder.encode_reverse(zs[c], self.z_models[c])
@@ -122,9 +160,18 @@ class ImageCoder:
             c, h, w = z_shape[1:]
             zs = np.stack([coder.decode(self.z_models[k], h * w) for k in range(c)])
             z = torch.from_numpy(zs.astype(np.float64) - Z_RANGE).view(1, c, h, w)
-            mean, index = self.hyper(z)
+            a = self.hyper.raw(z)
+            mean, index = self.hyper.params(a)
             stds = self.scales[index.numpy().ravel()]
-            q = coder.decode(self.y_family, np.zeros_like(stds), stds)
+            if self.ctx is None:
+                q = coder.decode(self.y_family, np.zeros_like(stds), stds)
+            else:
+                first, second = self._halves(mean.shape)
+                q = np.zeros(mean.numel(), np.int32)
+                q[first] = coder.decode(self.y_family, np.zeros(int(first.sum())), stds[first])
+                mean, index = self.hyper.params(self._with_context(a, torch.from_numpy(q).view(mean.shape)))
+                stds = self.scales[index.numpy().ravel()]
+                q[second] = coder.decode(self.y_family, np.zeros(int(second.sum())), stds[second])
             empty = coder.is_empty()
         except (ValueError, RuntimeError, OverflowError) as exc:
             raise BitstreamError(f"latent stream does not decode: {exc}") from None
@@ -133,16 +180,17 @@ class ImageCoder:
         return torch.from_numpy(q.astype(np.float32)).view(mean.shape) + mean
 
     @torch.no_grad()
-    def ideal_bits(self, rgb: torch.Tensor, level: int) -> float:
+    def ideal_bits(self, rgb: torch.Tensor, level: int, context: bool = True) -> float:
         """−log2 probability of one frame's latents under the coding tables the entropy coder uses.
 
         The coder's own overhead is its output size minus this; the training likelihood differs
         from it by the table quantization of scales and the renormalization of z's density over
-        its coded range.
+        its coded range.  ``context=False`` prices a checkerboard model's latents with the
+        hyperprior's parameters alone: what its context saves is the difference.
         """
         y, z = self.analyse(pad_to(rgb, self.net.stride), level)
-        mean, index = self.hyper(z)
-        q = torch.round(y - mean).clamp_(-Y_RANGE, Y_RANGE).double()
+        q, _, index = self._quantize(y, z, context)
+        q = q.double()
         scale = torch.from_numpy(self.scales[index.numpy()])
         y_bits = -gaussian_likelihood(q, torch.zeros_like(q), scale).log2().sum()
         pmf = torch.from_numpy(self.z_pmf)

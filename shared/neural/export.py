@@ -20,8 +20,8 @@ import torch
 from shared.neural.coder import ImageCoder, pad_to
 from shared.neural.data import list_sources, load_frames
 from shared.neural.entropy import scale_table, scale_thresholds
-from shared.neural.intnet import IntegerHyperSynthesis
-from shared.neural.models import MeanScaleHyperprior
+from shared.neural.intnet import IntegerHyperSynthesis, integer_context
+from shared.neural.models import ARCHS
 
 WEIGHTS = "weights.pt"
 VAL_MAX_SIDE = 1024
@@ -31,14 +31,17 @@ def export_weights(ckpt: Path, out_dir: Path) -> Path:
     """Write ``out_dir/weights.pt`` from a checkpoint; returns its path."""
     state = torch.load(ckpt, map_location="cpu")
     cfg = state["config"]
-    net = MeanScaleHyperprior(cfg["n"], cfg["m"], len(cfg["lambdas"]))
+    arch = cfg.get("arch", "hyperprior")
+    net = ARCHS[arch](cfg["n"], cfg["m"], len(cfg["lambdas"]))
     net.load_state_dict(state["model"])
     net.eval()
     IntegerHyperSynthesis.from_float(net.h_s, scale_thresholds(), net.m)  # fails early if not exact
+    if arch == "checkerboard":
+        integer_context(net.ctx)  # likewise
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / WEIGHTS
     torch.save({
-        "config": {"name": out_dir.name, "n": cfg["n"], "m": cfg["m"], "lambdas": list(cfg["lambdas"])},
+        "config": {"name": out_dir.name, "arch": arch, "n": cfg["n"], "m": cfg["m"], "lambdas": list(cfg["lambdas"])},
         "model": {k: v.contiguous() for k, v in net.state_dict().items()},
         # Tables computed with transcendental functions are frozen here: libm may differ between machines.
         "scale_table": torch.from_numpy(scale_table()),
@@ -65,7 +68,7 @@ def evaluate(coder: ImageCoder, images: list[np.ndarray]) -> list[dict]:
     """Per level: real coded bpp, estimated bpp and PSNR-RGB, averaged over images."""
     rows = []
     for level in range(coder.levels):
-        bits = est = ideal = px = 0.0
+        bits = est = ideal = no_ctx = px = 0.0
         psnrs = []
         for img in images:
             x = rgb_tensor(img)
@@ -73,12 +76,16 @@ def evaluate(coder: ImageCoder, images: list[np.ndarray]) -> list[dict]:
             bits += 8 * sum(len(s) for s in streams)
             est += estimated_bits(coder, x, level)
             ideal += coder.ideal_bits(x, level)
+            if coder.ctx is not None:
+                no_ctx += coder.ideal_bits(x, level, context=False)
             px += img.shape[0] * img.shape[1]
             ref = x.mul(255).round()
             mse = float((rec.clamp(0, 1).mul(255).round() - ref).pow(2).mean())
             psnrs.append(10 * math.log10(255**2 / max(mse, 1e-10)))
         rows.append({"level": level, "lambda": coder.lambdas[level], "bpp": bits / px, "bpp_estimated": est / px, "bpp_ideal": ideal / px,
                      "psnr_rgb": float(np.mean(psnrs))})
+        if coder.ctx is not None:
+            rows[-1]["bpp_ideal_no_context"] = no_ctx / px
     return rows
 
 
@@ -178,19 +185,46 @@ def _lineage(meta: dict) -> str:
 
 def _init_flags(meta: dict, cfg: dict) -> str:
     init = meta.get("init")
-    return f" --init {init['path']} --lr {cfg['lr']}" if init else ""
+    flags = f" --arch {cfg['arch']}" if cfg.get("arch", "hyperprior") != "hyperprior" else ""
+    flags += f" --init {init['path']} --lr {cfg['lr']}" if init else ""
+    return flags + (f" --precision {cfg['precision']}" if cfg.get("precision", "fp32") != "fp32" else "")
+
+
+def _arch_note(cfg: dict) -> str:
+    if cfg.get("arch", "hyperprior") == "checkerboard":
+        return ("mean-scale hyperprior (Minnen et al., 2018) with a checkerboard spatial context\n"
+                "(He et al., 2021; linear, depthwise 5×5 then pointwise, in exact integers)")
+    return "mean-scale hyperprior (Minnen et al., 2018, without the\nautoregressive context)"
+
+
+def _data_note(data: str) -> str:
+    note = "the natural photographs listed by `../shared/datasets/get-photos.sh`"
+    if Path(data).name == "train-plus.txt":
+        note += " and the 15 more of `tools/get_extra_photos.sh`"
+    return note + ", from Debian's wallpaper packages"
+
+
+def _precision(cfg: dict) -> str:
+    if cfg.get("precision", "fp32") == "bf16":
+        return ("; the transforms' wide convolutions in bfloat16 (autocast); the layers next to the latents, "
+                "the hyperprior, the context, the likelihoods and the loss in float32 (inference runs in float32)")
+    return "; float32"
 
 
 def model_card(meta: dict) -> str:
     cfg = meta["config"]
+    ctx = bool(meta["rd"]) and "bpp_ideal_no_context" in meta["rd"][0]
     table = "\n".join(
         f"| {r['level']} | {r['lambda']:.5f} | {r['bpp']:.4f} | {r['bpp_ideal']:.4f} | "
         f"{100 * (r['bpp'] / r['bpp_ideal'] - 1):+.2f} % | {r['bpp_estimated']:.4f} | "
-        f"{100 * (r['bpp'] / r['bpp_estimated'] - 1):+.2f} % | {r['psnr_rgb']:.2f} |" for r in meta["rd"])
+        f"{100 * (r['bpp'] / r['bpp_estimated'] - 1):+.2f} % | {r['psnr_rgb']:.2f} |"
+        + (f" {100 * (r['bpp_ideal'] / r['bpp_ideal_no_context'] - 1):+.2f} % |" if ctx else "") for r in meta["rd"])
+    ctx_head, ctx_rule = (" context |", "---|") if ctx else ("", "")
+    ctx_note = ("\n\"context\" is what the checkerboard context changes in the tables' bits of the same latents,\n"
+                "against pricing them with the hyperprior's parameters alone.") if ctx else ""
     return f"""# {meta['name']}
 
-A learned image codec: mean-scale hyperprior (Minnen et al., 2018, without the
-autoregressive context) with simplified GDN, N={cfg['n']}, M={cfg['m']}, one
+A learned image codec: {_arch_note(cfg)} with simplified GDN, N={cfg['n']}, M={cfg['m']}, one
 variable-rate model with {len(cfg['lambdas'])} levels (per-level channel gains).
 
 - weights: `weights.pt`, sha256 `{meta['sha256']}`
@@ -203,12 +237,11 @@ variable-rate model with {len(cfg['lambdas'])} levels (per-level channel gains).
   exact inverse way (chroma averaged 2x2): the conversion itself loses nothing.
 
 ## Training
-- data: `{cfg['data']}` ({meta['train_files']} files; the natural photographs listed by
-  `../shared/datasets/get-photos.sh`, from Debian's wallpaper packages, 1080p to 5K); random
+- data: `{cfg['data']}` ({meta['train_files']} files; {_data_note(cfg['data'])}, 1080p to 5K); random
   {cfg['crop']}×{cfg['crop']} crops from each scaled to 768, 1280 and 2048 pixels on the long side, random flips
 - recipe: Adam, lr {cfg['lr']} (cosine decay over the last 30 %), batch {cfg['batch_size']},
   loss λ·255²·MSE + bpp with λ drawn per sample from {list(cfg['lambdas'])}, mixed quantization
-  (noise for the rate, straight-through rounding for the synthesis)
+  (noise for the rate, straight-through rounding for the synthesis){_precision(cfg)}
 - steps: {meta['steps']}; hardware: {meta['hardware']}; wall time: {meta['wall_time_s'] / 3600:.2f} h{_lineage(meta)}
 - command: `aic train --data {cfg['data']} --steps {cfg['steps']}{_init_flags(meta, cfg)} --export models/{meta['name']} --val {meta['val']}`
 
@@ -223,10 +256,10 @@ overhead.  "model" is the model's estimated rate, −log2 likelihood of the
 rounded latents with continuous scales.  Likelihoods are floored at 2^-24, the
 smallest probability the coder assigns (with the common 1e-9 floor the model
 would charge ~30 bits for tail symbols the coder codes in 24, and overstate
-the rate by 2–3 %).
+the rate by 2–3 %).{ctx_note}
 
-| level | λ | bpp coded | bpp tables | coded vs tables | bpp model | coded vs model | PSNR-RGB dB |
-|---|---|---|---|---|---|---|---|
+| level | λ | bpp coded | bpp tables | coded vs tables | bpp model | coded vs model | PSNR-RGB dB |{ctx_head}
+|---|---|---|---|---|---|---|---|{ctx_rule}
 {table}
 
 Exported {meta['exported']}.
