@@ -20,6 +20,7 @@ import torch
 
 from services.ingest import read_batches
 from shared.codecs import create_codec, decode_payload, read_header
+from shared.modelstore import DEFAULT_MODELS
 from shared.neural.restoration import to_planes
 
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", default="lavfi:testsrc2=size=1280x720:rate=30", help="clip or lavfi: source")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--level", type=int, default=4)
-    p.add_argument("--model", default=None, help="restoration model (default restore-v1)")
+    p.add_argument("--model", default=None, help=f"restoration model (default {DEFAULT_MODELS['hybrid']})")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)

@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list from hybrid,neural,x264,x265,vp9,av1,jpeg,webp (default: all; the learned "
                         "ones where their weights exist)")
     p.add_argument("--model", help=f"neural codec's model under models/ (default {DEFAULT_MODELS['neural']})")
-    p.add_argument("--restore-model", help="hybrid codec's model under models/ (default restore-v1)")
+    p.add_argument("--restore-model", help=f"hybrid codec's model under models/ (default {DEFAULT_MODELS['hybrid']})")
     p.add_argument("--frames", type=int, default=32, help="frames per clip (default %(default)s)")
     p.add_argument("--gop", type=int, default=8, help="frames per closed GOP = batch size (default %(default)s)")
     p.add_argument("--max-side", type=int, default=1024, help="images scaled to this long side (default %(default)s)")

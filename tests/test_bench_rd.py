@@ -92,3 +92,17 @@ def test_mean_bd_rates_say_how_many_sources_they_cover():
     assert bd["t"]["jpeg"]["psnr_rgb"] is None
     assert bd["mean"]["jpeg"]["psnr_rgb"] == pytest.approx(100.0)
     assert bd["mean_sources"]["jpeg"]["psnr_rgb"] == 1
+
+
+def test_model_bd_prices_a_restoration_model_against_its_own_base_layer(tmp_path, capsys):
+    """The hybrid at 10 % more bits and the same quality as its base costs +10 %; a model card is enough."""
+    from benchmarks import model_bd
+
+    rows = [{"bpp": 1.1 * b, "psnr_rgb": 30 + 4 * np.log2(b / 0.1), "bpp_base": b,
+             "psnr_rgb_base": 30 + 4 * np.log2(b / 0.1)} for b in (0.1, 0.2, 0.4, 0.8)]
+    card = tmp_path / "model.json"
+    card.write_text(json.dumps({"val": "v.txt", "rd": rows}))
+    assert model_bd.main(["--vs-base", str(card)]) == 0
+    assert "+10.00 %" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        model_bd.main([str(card)])  # two cards, or --vs-base

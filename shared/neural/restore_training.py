@@ -134,6 +134,7 @@ def export_restore(ckpt: Path, out_dir: Path, val: str | None = None) -> Path:
     path = save_weights(net, out_dir, cfg["base"])
     rows = evaluate_on_clips(path, val) if val else []
     meta = {"name": out_dir.name, "arch": "restore", "sha256": file_sha256(path), "steps": state["step"],
+            "data_note": data_note(cfg["data"]),
             "config": cfg, "wall_time_s": training_wall_time(Path(ckpt).parent / "train_log.tsv"),
             "hardware": _hardware(cfg), "exported": dt.date.today().isoformat(), "val": val, "rd": rows}
     if cfg.get("init"):
@@ -141,6 +142,19 @@ def export_restore(ckpt: Path, out_dir: Path, val: str | None = None) -> Path:
     (out_dir / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     (out_dir / "MODEL_CARD.md").write_text(model_card(meta))
     return path
+
+
+def data_note(data: str) -> str:
+    """What the training list held, for the model card (the list itself is not kept in the repository)."""
+    try:
+        sources = list_sources(data)
+    except (OSError, ValueError):
+        return ""
+    synthetic = [str(s) for s in sources if str(s).startswith("lavfi:")]
+    note = f" = {len(sources) - len(synthetic)} photographs"
+    if synthetic:
+        note += f" and {len(synthetic)} synthetic FFmpeg sources (" + ", ".join(f"`{s}`" for s in synthetic) + ")"
+    return note + "; models/README.md says how to write the list"
 
 
 EVAL_CROP, EVAL_CLIPS_PER_FILE, EVAL_SEED = 256, 2, 1234
@@ -205,7 +219,7 @@ GOP per batch) carries the frames, and this network restores them at the receive
   against the source; weight 0 gives back the native decode exactly
 
 ## Training
-- data: `{cfg['data']}`; clips of {cfg['gop']} frames, {cfg['crop']}×{cfg['crop']}, panning over the
+- data: `{cfg['data']}`{meta.get('data_note', '')}; clips of {cfg['gop']} frames, {cfg['crop']}×{cfg['crop']}, panning over the
   photos (scaled to 1024, 1600 and 2560 pixels on the long side) at up to 6 px/frame in a
   random direction, converted to yuv420p and coded by {cfg['base']} at a random level
 - recipe: Adam, lr {cfg['lr']} (cosine decay over the second half), {cfg['clips']} clips
