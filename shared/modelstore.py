@@ -12,7 +12,7 @@ from pathlib import Path
 
 WEIGHTS = "weights.pt"
 #: The model each learned codec uses unless told otherwise.
-DEFAULT_MODELS = {"neural": "checkerboard-v1", "hybrid": "restore-v1"}
+DEFAULT_MODELS = {"neural": "checkerboard-v1", "hybrid": "restore-v2"}
 
 
 def models_dir() -> Path:

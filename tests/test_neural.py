@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 from services.ingest import read_batches  # noqa: E402
 from shared.codecs import CodecError, create_codec, decode_payload, read_header  # noqa: E402
 from shared.codecs.neural import DEFAULT_MODEL, model_path  # noqa: E402
+from shared.modelstore import DEFAULT_MODELS  # noqa: E402
 from shared.neural.coder import ImageCoder  # noqa: E402
 from shared.quality import psnr  # noqa: E402
 from tests.conftest import corrupted_payloads  # noqa: E402
@@ -184,8 +185,8 @@ def test_the_compressor_picks_the_neural_codec_when_its_weights_are_present(tiny
     monkeypatch.setenv("AIC_MODELS_DIR", str(tmp_path / "with"))
     assert resolve_codec("auto") == "neural"
     # With the hybrid codec's weights too, auto prefers it (video: x264's motion compensation plus restoration).
-    (tmp_path / "with" / "restore-v1").mkdir()
-    (tmp_path / "with" / "restore-v1" / "weights.pt").symlink_to(tiny_models_dir / "tiny-restore" / "weights.pt")
+    (tmp_path / "with" / DEFAULT_MODELS["hybrid"]).mkdir()
+    (tmp_path / "with" / DEFAULT_MODELS["hybrid"] / "weights.pt").symlink_to(tiny_models_dir / "tiny-restore" / "weights.pt")
     assert resolve_codec("auto") == "hybrid"
     monkeypatch.setenv("AIC_MODELS_DIR", str(tmp_path / "without"))
     assert resolve_codec("auto") == "x264"

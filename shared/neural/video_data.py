@@ -37,7 +37,7 @@ class MotionClipSampler:
         if not self.frames:
             raise ValueError(f"no training frame is at least {span}x{span} (crop {crop} plus the pan)")
         # The encoder exactly as the hybrid codec runs it (same slices: see ENCODER_THREADS), so the
-        # network learns the artefacts it will see.  restore-v1 was trained on 1-slice x264.
+        # network learns the artefacts it will see.
         self.codec = NativeCodec(base)
         self.rng = np.random.default_rng(seed)
 
