@@ -40,6 +40,14 @@ def split_planes(frame: np.ndarray, width: int, height: int) -> tuple[np.ndarray
     return y, u, v
 
 
+def crop_frame(frame: np.ndarray, width: int, height: int, cw: int, ch: int) -> np.ndarray:
+    """A packed yuv420p frame of ``width``×``height`` cut to its top-left ``cw``×``ch``."""
+    out = np.empty(frame_size(cw, ch), np.uint8)
+    for src, dst in zip(split_planes(frame, width, height), split_planes(out, cw, ch)):
+        dst[...] = src[: dst.shape[0], : dst.shape[1]]
+    return out
+
+
 def to_video_frame(frame: np.ndarray, width: int, height: int) -> av.VideoFrame:
     """A PyAV yuv420p frame holding a copy of one packed frame."""
     vf = av.VideoFrame(width, height, "yuv420p")

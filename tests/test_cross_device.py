@@ -21,20 +21,11 @@ from shared.codecs.neural import NeuralCodec, decode_neural  # noqa: E402
 from shared.modelstore import DEFAULT_MODELS, model_path  # noqa: E402
 from shared.neural.coder import pad_to  # noqa: E402
 from shared.neural.colour import yuv420_to_rgb  # noqa: E402
-from shared.pixfmt import split_planes  # noqa: E402
+from shared.pixfmt import crop_frame  # noqa: E402
 from shared.quality import psnr  # noqa: E402
 from tools.golden_payloads import latent_digests  # noqa: E402
 
 ENCODER = os.environ.get("AIC_ENCODE_DEVICE", "cuda")
-def crop(frames, w, h, cw, ch):
-    """yuv420p frames of w×h cut to their top-left cw×ch."""
-    out = []
-    for f in frames:
-        y, u, v = split_planes(f, w, h)
-        out.append(np.concatenate([y[:ch, :cw].ravel(), u[: (ch + 1) // 2, : (cw + 1) // 2].ravel(),
-                                   v[: (ch + 1) // 2, : (cw + 1) // 2].ravel()]))
-    return np.stack(out)
-
 
 pytestmark = [
     pytest.mark.skipif(ENCODER.startswith("cuda") and not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -46,7 +37,7 @@ pytestmark = [
 def test_a_payload_coded_on_the_gpu_decodes_on_the_cpu(width, height, frames):
     # Odd sizes by cropping a larger even source (lavfi rounds its own sizes to even).
     fb = next(read_batches(f"lavfi:testsrc2=size={width + width % 2}x{height + height % 2}:rate=25", "xdev", frames, frames))
-    batch = crop(fb.frames, fb.width, fb.height, width, height)
+    batch = np.stack([crop_frame(f, fb.width, fb.height, width, height) for f in fb.frames])
     gpu, cpu = NeuralCodec(device=ENCODER), NeuralCodec(device="cpu")
     payload, gpu_recon = gpu.encode_reconstruct(batch, width, height, 25.0, level=4)
 

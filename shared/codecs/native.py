@@ -14,7 +14,7 @@ import av
 import numpy as np
 
 from shared.codecs.base import Codec, CodecError, PayloadHeader, pack_payload
-from shared.pixfmt import frame_size, from_video_frame, split_planes, to_video_frame
+from shared.pixfmt import crop_frame, frame_size, from_video_frame, split_planes, to_video_frame
 
 # SVT-AV1 prints its banner on stdout unless told otherwise.
 os.environ.setdefault("SVT_LOG", "1")
@@ -184,7 +184,7 @@ def _store(out: np.ndarray, n: int, vf: av.VideoFrame, width: int, height: int) 
     if (vf.width, vf.height) == (width, height):
         from_video_frame(vf, out[n])
     else:
-        out[n] = _crop(from_video_frame(vf), vf.width, vf.height, width, height)
+        out[n] = crop_frame(from_video_frame(vf), vf.width, vf.height, width, height)
     return n + 1
 
 
@@ -194,10 +194,3 @@ def _padded(frame: np.ndarray, width: int, height: int) -> av.VideoFrame:
     for src, dst in zip(split_planes(frame, width, height), split_planes(out, pw, ph)):
         dst[...] = np.pad(src, ((0, dst.shape[0] - src.shape[0]), (0, dst.shape[1] - src.shape[1])), mode="edge")
     return to_video_frame(out, pw, ph)
-
-
-def _crop(frame: np.ndarray, pw: int, ph: int, width: int, height: int) -> np.ndarray:
-    out = np.empty(frame_size(width, height), np.uint8)
-    for src, dst in zip(split_planes(frame, pw, ph), split_planes(out, width, height)):
-        dst[...] = src[: dst.shape[0], : dst.shape[1]]
-    return out

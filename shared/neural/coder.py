@@ -72,7 +72,8 @@ class ImageCoder:
         self.ctx = None
         if self.arch == "checkerboard":
             self.ctx = integer_context(self.net.ctx).to(self.device)
-            assert self.ctx.out_bits == self.hyper.out_bits
+            if self.ctx.out_bits != self.hyper.out_bits:  # its output is added to the hyper-synthesis'
+                raise ValueError(f"{path}: context and hyper-synthesis scales differ")
         self.net.eval().to(self.device).to(memory_format=torch.channels_last)
         self.hyper.to(self.device)
         self.m = self.net.m

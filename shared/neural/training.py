@@ -53,7 +53,6 @@ class TrainConfig:
             raise ValueError(f"arch must be one of {sorted(ARCHS)}, not {self.arch!r}")
 
 
-
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Constant, then a cosine decay over the last 30 % of the steps down to lr/10."""
     start = int(0.7 * cfg.steps)
