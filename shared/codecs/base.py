@@ -137,8 +137,13 @@ class Codec(ABC):
         return {}
 
 
-def decode_payload(payload: bytes) -> tuple[PayloadHeader, np.ndarray]:
-    """Decode any aic payload to (header, frames (n, frame_size) uint8)."""
+def decode_payload(payload: bytes, reference=None) -> tuple[PayloadHeader, np.ndarray]:
+    """Decode any aic payload to (header, frames (n, frame_size) uint8).
+
+    A chained payload (its header has a ``chain`` block) needs the
+    :class:`~shared.codecs.reference.Reference` it predicts from; without it, or with another one,
+    :class:`~shared.codecs.reference.ReferenceMismatch` (a CodecError) is raised.
+    """
     from shared.codecs import bitstream_decoder  # the registry imports this module
 
     header, bitstream = read_header(payload)
@@ -146,7 +151,7 @@ def decode_payload(payload: bytes) -> tuple[PayloadHeader, np.ndarray]:
         decode = bitstream_decoder(header.codec)
     except ValueError as exc:
         raise CodecError(str(exc)) from None
-    frames = decode(header, bitstream)
+    frames = decode(header, bitstream, reference) if "chain" in header.params else decode(header, bitstream)
     expected = (header.frame_count, frame_size(header.width, header.height, header.pix_fmt))
     if frames.shape != expected:
         raise CodecError(f"decoded {frames.shape}, header promised {expected}")

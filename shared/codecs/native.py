@@ -1,7 +1,13 @@
 """Native codecs through PyAV (FFmpeg): x264, x265, VP9, AV1.
 
-Each batch is coded with a fresh encoder, so it is one closed GOP that starts
-with a key frame and decodes alone: a stateless worker needs no history.
+Each batch is coded with a fresh encoder.  Without a reference it is one
+closed GOP that starts with a key frame and decodes alone.  With a
+:class:`~shared.codecs.reference.Reference` (the previous batch's last decoded
+frame), the codecs in :data:`CHAINABLE` code a *chained* batch: the encoder
+sees the reference first, as a key frame that is not sent (the seed), and the
+batch predicts from it; the receiver re-creates the seed from the frame it
+holds (see :mod:`shared.codecs.reference`).  A stateless worker still needs
+no history of its own: the reference comes with the batch.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from shared.codecs.base import Codec, CodecError, PayloadHeader, pack_payload
+from shared.codecs.base import Codec, CodecError, PayloadHeader, pack_payload, read_header
+from shared.codecs.reference import ISA_LEVELS, ChainInfo, Reference, ReferenceMismatch, frame_digest, packet_digest
 from shared.pixfmt import crop_frame, frame_size, from_video_frame, split_planes, to_video_frame
 
 # SVT-AV1 prints its banner on stdout unless told otherwise.
@@ -50,13 +57,36 @@ ENCODER_THREADS = {"x264": 2, "x264-psnr": 2}
 MAX_CRF = {"x264": 51, "x264-psnr": 51, "x265": 51, "vp9": 63, "av1": 63}
 
 
+#: Codecs whose seed a receiver can re-create bit for bit (checked by tests, and across instruction
+#: sets and thread counts for these three).  x265 and VP9 re-create their seed on one machine, but
+#: whether their bitstreams depend on the CPU's instruction set is not established: they code closed
+#: GOPs.
+CHAINABLE = ("x264", "x264-psnr", "av1")
+#: The seed key frame is coded with I-frame quantiser ratio 6 (about 15 QP finer than the P frames):
+#: it is never sent, so its bits are free, and the batch that predicts from it starts from a picture
+#: close to the reference itself.  Measured on the three clips of ../shared/media (docs/benchmarks.md):
+#: chained zerolatency x264 went from +3.5..+61 % to +0.7..+1.1 % bytes against one continuous encoder.
+SEED_IPRATIO = 6.0
+#: The key-frame interval of chained encoders: larger than any batch plus its seed.  It shapes the
+#: bitstream's headers, so the receiver's seed encoder uses the same.
+CHAIN_GOP = 1024
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+
+
 class NativeCodec(Codec):
+    """``reorder``: let x264 reorder and look ahead inside the batch (B-frames).  A batch is
+    buffered before it is coded, so this adds no latency; zerolatency's promise of one frame in,
+    one packet out buys nothing here.  mb-tree stays off, because with it the seed's bits would
+    depend on the frames after it and the receiver could not re-create it."""
+
     version = 1
 
-    def __init__(self, name: str = "x264", crf: int | None = None, preset: str | None = None, threads: int = 0):
+    def __init__(self, name: str = "x264", crf: int | None = None, preset: str | None = None, threads: int = 0,
+                 reorder: bool = False):
         if name not in NATIVE_CODECS:
             raise ValueError(f"unknown native codec {name!r}")
         self.name = name
+        self.reorder = bool(reorder) and name.startswith("x264")
         self.encoder, self.decoder, opts, self._qopt = NATIVE_CODECS[name]
         self.crf = DEFAULT_CRF[name] if crf is None else int(crf)
         self.options = dict(opts)
@@ -66,8 +96,14 @@ class NativeCodec(Codec):
         self.threads = threads or ENCODER_THREADS.get(name, 0)
 
     @property
+    def chains(self) -> bool:
+        """Whether this codec can code a batch against a reference (see :data:`CHAINABLE`)."""
+        return self.name in CHAINABLE
+
+    @property
     def params(self) -> dict:
-        return {"crf": self.crf, **{k: v for k, v in self.options.items() if k in ("preset", "cpu-used")}}
+        return {"crf": self.crf, **{k: v for k, v in self.options.items() if k in ("preset", "cpu-used")},
+                **({"reorder": 1} if self.reorder else {})}
 
     @property
     def max_crf(self) -> int:
@@ -80,53 +116,155 @@ class NativeCodec(Codec):
         return min(LEVEL_CRF[self.name]), max(LEVEL_CRF[self.name])
 
     def encode(self, frames: np.ndarray, width: int, height: int, fps: float, level: int | None = None,
-               *, crf: int | None = None) -> bytes:
-        """As :meth:`Codec.encode`; ``crf`` (keyword) overrides the level's CRF."""
+               *, crf: int | None = None, reference: Reference | None = None) -> bytes:
+        """As :meth:`Codec.encode`; ``crf`` (keyword) overrides the level's CRF; with ``reference``
+        (codecs in :data:`CHAINABLE`) the batch is chained to it."""
         with normal_scheduling():
-            return self._encode(frames, width, height, fps, level, crf)
+            return self._encode(frames, width, height, fps, level, crf, reference)[0]
 
-    def _encode(self, frames, width, height, fps, level, crf) -> bytes:
+    def encode_reconstruct(self, frames: np.ndarray, width: int, height: int, fps: float, level: int | None = None,
+                           *, crf: int | None = None, reference: Reference | None = None) -> tuple[bytes, np.ndarray]:
+        """(payload, what a receiver decodes): the worker decodes its own seed and packets, which is
+        what a receiver's re-created seed gives (tests hold the two to each other)."""
+        with normal_scheduling():
+            payload, seed = self._encode(frames, width, height, fps, level, crf, reference)
+        header, bitstream = read_header(payload)
+        return payload, self._decode_packets(header, bitstream, seed)
+
+    def _encode(self, frames, width, height, fps, level, crf, reference) -> tuple[bytes, bytes | None]:
         n = frames.shape[0]
         if crf is None:
             crf = self.crf if level is None else LEVEL_CRF[self.name][self.check_level(level)]
         else:
             level = None
-        # 4:2:0 encoders need even sizes: pad by edge replication, crop at decode.
-        pw, ph = width + (width & 1), height + (height & 1)
-        ctx = av.CodecContext.create(self.encoder, "w")
-        ctx.width, ctx.height, ctx.pix_fmt = pw, ph, "yuv420p"
+        if reference is not None:
+            if not self.chains:
+                raise CodecError(f"{self.name} cannot code a chained batch (chainable: {', '.join(CHAINABLE)})")
+            if (reference.width, reference.height) != (width, height):
+                raise CodecError(f"reference is {reference.width}x{reference.height}, the batch {width}x{height}")
         rate = Fraction(fps).limit_denominator(1001)
-        ctx.time_base = 1 / rate
-        ctx.framerate = rate
-        ctx.gop_size = n
-        ctx.max_b_frames = 0
-        ctx.thread_count = self.threads
-        ctx.options = {**self.options, self._qopt: str(crf)}
-        out = bytearray()
+        chained = reference is not None or self.reorder
+        lookahead = n if self.reorder else 0
+        isa = "sse2" if self.name.startswith("x264") else "native"
+        ctx = self._encoder(width, height, rate, crf, gop=CHAIN_GOP if chained else n, lookahead=lookahead,
+                            threads=self.threads, seeded=reference is not None, isa=isa, preset=None)
+        packets: list[bytes] = []
         try:
-            for i, frame in enumerate(frames):
-                vf = to_video_frame(frame, width, height) if (pw, ph) == (width, height) else _padded(frame, width, height)
-                vf.pts = i
-                for pkt in ctx.encode(vf):
-                    out += _with_size(bytes(pkt))
-            for pkt in ctx.encode(None):
-                out += _with_size(bytes(pkt))
+            if reference is not None:
+                packets += _encode_frame(ctx, reference.frame, width, height, 0, key=True)
+            for i, frame in enumerate(frames, start=1 if reference is not None else 0):
+                packets += _encode_frame(ctx, frame, width, height, i)
+            packets += [bytes(p) for p in ctx.encode(None)]
         except av.FFmpegError as exc:
             raise CodecError(f"{self.encoder} failed: {exc}") from None
-        header = PayloadHeader(self.name, self.version, width, height, n, params={**self.params, "crf": crf, **({} if level is None else {"level": level})})
-        return pack_payload(header, bytes(out))
+        params = {**self.params, "crf": crf, **({} if level is None else {"level": level})}
+        seed = None
+        if reference is not None:
+            seed, packets = packets[0], packets[1:]
+            params["chain"] = ChainInfo(
+                batch=reference.batch, frame=reference.digest, seed=packet_digest(seed), threads=self.threads or 0,
+                isa=isa, lookahead=lookahead, gop=CHAIN_GOP, fps=f"{rate.numerator}/{rate.denominator}",
+            ).to_params()
+        header = PayloadHeader(self.name, self.version, width, height, n, params=params)
+        return pack_payload(header, b"".join(_with_size(p) for p in packets)), seed
 
-    def decode_bitstream(self, header: PayloadHeader, bitstream: memoryview) -> np.ndarray:
+    def _encoder(self, width: int, height: int, rate: Fraction, crf: int, *, gop: int, lookahead: int, threads: int,
+                 seeded: bool, isa: str, preset: str | None) -> av.CodecContext:
+        # 4:2:0 encoders need even sizes: pad by edge replication, crop at decode.
+        ctx = av.CodecContext.create(self.encoder, "w")
+        ctx.width, ctx.height, ctx.pix_fmt = width + (width & 1), height + (height & 1), "yuv420p"
+        ctx.time_base = 1 / rate
+        ctx.framerate = rate
+        ctx.gop_size = gop
+        ctx.max_b_frames = 0 if not lookahead else -1  # -1: the preset's choice
+        ctx.thread_count = threads
+        options = {**self.options, self._qopt: str(crf)}
+        if preset is not None:
+            options["preset"] = preset
+        if self.name.startswith("x264"):
+            x264 = []
+            if lookahead:
+                tune = ",".join(t for t in options.get("tune", "").split(",") if t and t != "zerolatency")
+                options.pop("tune", None)
+                if tune:
+                    options["tune"] = tune
+                x264 += [f"rc-lookahead={lookahead}", "mbtree=0"]
+            if seeded:
+                x264 += [f"ipratio={SEED_IPRATIO:g}", f"asm={ISA_LEVELS[isa]}"]
+            if x264:
+                options["x264-params"] = ":".join(x264)
+        ctx.options = options
+        return ctx
+
+    def seed_packet(self, header: PayloadHeader, reference: Reference, threads: int | None = None,
+                    isa: str | None = None) -> bytes:
+        """Re-create a chained payload's seed from the reference, with the settings its header names.
+        ``threads`` and ``isa`` override them (tests: a receiver forced to another CPU path)."""
+        info = ChainInfo.from_params(header.params["chain"])
+        preset = str(header.params.get("preset", self.options.get("preset")))
+        if self.name.startswith("x264") and preset not in X264_PRESETS or (
+                self.name == "av1" and not (preset.isdigit() and 0 <= int(preset) <= 13)):
+            raise CodecError(f"chained payload names an unknown {self.name} preset {preset!r}")
+        try:
+            crf = int(header.params["crf"])
+        except (KeyError, TypeError, ValueError):
+            raise CodecError("chained payload header lacks its CRF") from None
+        if not 0 <= crf <= MAX_CRF[self.name]:
+            raise CodecError(f"chained payload CRF {crf} out of range")
+        num, den = (int(x) for x in info.fps.split("/"))
+        with normal_scheduling():
+            ctx = self._encoder(header.width, header.height, Fraction(num, den), crf, gop=info.gop,
+                                lookahead=info.lookahead, threads=threads or info.threads, seeded=True,
+                                isa=isa or info.isa, preset=preset)
+            try:
+                packets = _encode_frame(ctx, reference.frame, header.width, header.height, 0, key=True)
+                packets += [bytes(p) for p in ctx.encode(None)]
+            except av.FFmpegError as exc:
+                raise CodecError(f"{self.encoder} could not re-create the seed: {exc}") from None
+        if len(packets) != 1:
+            raise CodecError(f"{self.encoder} made {len(packets)} packets of one seed frame")
+        return packets[0]
+
+    def decode_bitstream(self, header: PayloadHeader, bitstream: memoryview,
+                         reference: Reference | None = None) -> np.ndarray:
+        """Decode; a chained payload needs its ``reference`` (else :class:`ReferenceMismatch`)."""
+        seed = None
+        if "chain" in header.params:
+            seed = self._verified_seed(header, reference)
+        return self._decode_packets(header, bitstream, seed)
+
+    def _verified_seed(self, header: PayloadHeader, reference: Reference | None) -> bytes:
+        info = ChainInfo.from_params(header.params["chain"])
+        if reference is None:
+            raise ReferenceMismatch(f"chained payload predicts from batch {info.batch}, and no reference is held",
+                                    info.batch)
+        if (reference.width, reference.height) != (header.width, header.height) or reference.digest != info.frame:
+            raise ReferenceMismatch(f"chained payload predicts from batch {info.batch} ({info.frame[:8]}…), the "
+                                    f"reference held is batch {reference.batch} ({reference.digest[:8]}…)", info.batch)
+        seed = self.seed_packet(header, reference)
+        if packet_digest(seed) != info.seed:
+            raise ReferenceMismatch(f"the re-created seed differs from the encoder's ({self.encoder} build or "
+                                    f"settings differ: {av.library_versions.get('libavcodec')})", info.batch)
+        return seed
+
+    def _decode_packets(self, header: PayloadHeader, bitstream: memoryview, seed: bytes | None) -> np.ndarray:
         width, height = header.width, header.height
         out = np.empty((header.frame_count, frame_size(width, height)), np.uint8)
         n = 0
+        skip = seed is not None  # the seed's picture is the reference, not a frame of this batch
         try:
             ctx = av.CodecContext.create(self.decoder, "r")
             ctx.thread_count = self.threads
-            for pkt_bytes in _packets(bitstream):
+            for pkt_bytes in ([seed] if seed is not None else []) + list(_packets(bitstream)):
                 for vf in ctx.decode(av.Packet(pkt_bytes)):
+                    if skip:
+                        skip = False
+                        continue
                     n = _store(out, n, vf, width, height)
             for vf in ctx.decode(None):
+                if skip:
+                    skip = False
+                    continue
                 n = _store(out, n, vf, width, height)
         except av.FFmpegError as exc:
             raise CodecError(f"{self.decoder} could not decode the payload: {exc}") from None
@@ -186,6 +324,15 @@ def _store(out: np.ndarray, n: int, vf: av.VideoFrame, width: int, height: int) 
     else:
         out[n] = crop_frame(from_video_frame(vf), vf.width, vf.height, width, height)
     return n + 1
+
+
+def _encode_frame(ctx: av.CodecContext, frame: np.ndarray, width: int, height: int, pts: int,
+                  key: bool = False) -> list[bytes]:
+    vf = to_video_frame(frame, width, height) if (ctx.width, ctx.height) == (width, height) else _padded(frame, width, height)
+    vf.pts = pts
+    if key:
+        vf.pict_type = av.video.frame.PictureType.I
+    return [bytes(p) for p in ctx.encode(vf)]
 
 
 def _padded(frame: np.ndarray, width: int, height: int) -> av.VideoFrame:
