@@ -5,7 +5,16 @@ the long side is at most ``--max-side``), coded by every codec at each of its
 rate levels, decoded, and measured against the source: bits per pixel, kbps,
 PSNR-Y, PSNR-RGB and MS-SSIM (all frames), encode and decode frames/s (this
 machine, one run).  Video codecs code each batch of ``--gop`` frames as one
-closed GOP, as the compressor does; JPEG and WebP code every frame alone.
+closed GOP, as the compressor does without a reference; JPEG and WebP code
+every frame alone.  A codec spec may add options after colons:
+``x264-psnr:chain`` chains the batches (each predicts from the previous
+batch's last decoded frame, re-created at the decoder, see
+shared.codecs.reference), ``:reorder`` lets x264 reorder inside the batch
+(B-frames), ``:preset=medium`` picks the preset.  ``x264-cont`` is one
+continuous x264 encoder over the whole clip (veryfast,
+``tune=psnr,zerolatency``, no periodic key frame: what plain ffmpeg gives a
+live stream) and ``x264-cont-bf`` the same with B-frames and mb-tree
+(``tune=psnr``), for context.
 Bits are the codec's bitstream; the aic container header is left out (for the
 learned codec it holds the per-frame stream sizes, a few bytes that native codecs
 carry inside their bitstream as packet lengths: ~0.1 % in the learned codec's favour).  BD-rates are against x264 (Bjøntegaard, cubic fit of
@@ -28,11 +37,15 @@ import numpy as np
 from tqdm import tqdm
 
 from shared.codecs import LEARNED_CODECS, create_codec, decode_payload, learned_available, read_header
+from shared.codecs.reference import Reference
 from shared.modelstore import DEFAULT_MODELS
 from shared.pixfmt import from_video_frame, to_video_frame
 from shared.quality import measure_batch
 
 VIDEO_CODECS = ("x264", "x264-psnr", "x265", "vp9", "av1")
+#: One encoder over the whole clip: the anchors a user would run instead of aic (see the module doc).
+CONTINUOUS = {"x264-cont": {"preset": "veryfast", "tune": "zerolatency,psnr"},
+              "x264-cont-bf": {"preset": "veryfast", "tune": "psnr"}}
 # Per-frame image codecs: quality points, fewest bits first.
 IMAGE_POINTS = {"jpeg": (31, 20, 12, 8, 5, 3, 2), "webp": (5, 20, 40, 60, 75, 85, 95)}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -138,17 +151,94 @@ def _retag(vf: av.VideoFrame, fmt: str) -> av.VideoFrame:
     return out
 
 
-def codec_roundtrip(codec, level: int, src: Source, gop: int) -> tuple[int, np.ndarray, float, float]:
-    """Code in closed GOPs of ``gop`` frames: (bitstream bytes, decoded frames, encode s, decode s)."""
+@dataclass(frozen=True)
+class Spec:
+    """A codec and how the benchmark drives it: ``name[:chain][:reorder][:preset=P]``."""
+
+    codec: str
+    chain: bool = False
+    reorder: bool = False
+    preset: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> "Spec":
+        name, *opts = spec.split(":")
+        kw: dict = {}
+        for o in opts:
+            key, _, value = o.partition("=")
+            if key in ("chain", "reorder") and not value:
+                kw[key] = True
+            elif key == "preset" and value:
+                kw["preset"] = value
+            else:
+                raise ValueError(f"codec spec {spec!r}: unknown option {o!r} (chain, reorder, preset=P)")
+        if (kw.get("chain") or kw.get("reorder") or kw.get("preset")) and name not in VIDEO_CODECS:
+            raise ValueError(f"codec spec {spec!r}: options apply to native video codecs only")
+        return cls(name, **kw)
+
+    def create(self, models: dict | None):
+        if self.codec in CONTINUOUS:
+            return ContinuousX264(self.codec)
+        kw = {"model": models[self.codec]} if models and models.get(self.codec) else {}
+        if self.reorder:
+            kw["reorder"] = True
+        if self.preset:
+            kw["preset"] = self.preset
+        return create_codec(self.codec, **kw)
+
+
+class ContinuousX264:
+    """One x264 encoder over the whole clip (the anchor): its bytes and decode, at each level's CRF."""
+
+    levels = 8
+
+    def __init__(self, name: str):
+        from shared.codecs.native import LEVEL_CRF
+
+        self.name, self.options, self.crfs = name, CONTINUOUS[name], LEVEL_CRF["x264"]
+
+    def roundtrip(self, level: int, src: Source) -> tuple[int, np.ndarray, float, float]:
+        from shared.codecs.native import ENCODER_THREADS
+
+        rate = Fraction(src.fps).limit_denominator(1001)
+        t0 = time.perf_counter()
+        ctx = av.CodecContext.create("libx264", "w")
+        ctx.width, ctx.height, ctx.pix_fmt = src.width, src.height, "yuv420p"
+        ctx.time_base, ctx.framerate = 1 / rate, rate
+        ctx.gop_size = 100_000  # no periodic key frame
+        ctx.thread_count = ENCODER_THREADS["x264"]
+        ctx.options = {**self.options, "crf": str(self.crfs[level])}
+        packets = []
+        for i, f in enumerate(src.frames):
+            vf = to_video_frame(f, src.width, src.height)
+            vf.pts = i
+            packets += [bytes(p) for p in ctx.encode(vf)]
+        packets += [bytes(p) for p in ctx.encode(None)]
+        t1 = time.perf_counter()
+        dctx = av.CodecContext.create("h264", "r")
+        dec = [from_video_frame(vf) for p in packets for vf in dctx.decode(av.Packet(p))]
+        dec += [from_video_frame(vf) for vf in dctx.decode(None)]
+        t2 = time.perf_counter()
+        return sum(map(len, packets)), np.stack(dec), t1 - t0, t2 - t1
+
+
+def codec_roundtrip(codec, level: int, src: Source, gop: int, chain: bool = False) -> tuple[int, np.ndarray, float, float]:
+    """Code in batches of ``gop`` frames, closed GOPs or chained: (bitstream bytes, decoded frames,
+    encode s, decode s)."""
+    if isinstance(codec, ContinuousX264):
+        return codec.roundtrip(level, src)
     out = np.empty_like(src.frames)
     nbytes, t_enc, t_dec = 0, 0.0, 0.0
-    for start in range(0, len(src.frames), gop):
+    ref = None
+    for k, start in enumerate(range(0, len(src.frames), gop)):
         batch = src.frames[start : start + gop]
         t0 = time.perf_counter()
-        payload = codec.encode(batch, src.width, src.height, src.fps, level)
+        payload = codec.encode(batch, src.width, src.height, src.fps, level, **({"reference": ref} if chain else {}))
         t1 = time.perf_counter()
-        _, dec = decode_payload(payload)
+        _, dec = decode_payload(payload, ref)
         t2 = time.perf_counter()
+        if chain:
+            ref = Reference(k, src.width, src.height, dec[-1])
         out[start : start + len(batch)] = dec
         nbytes += len(read_header(payload)[1])
         t_enc += t1 - t0
@@ -203,15 +293,15 @@ def run(sources: list[str], codecs: list[str], frames: int, max_side: int, gop: 
             if name in IMAGE_POINTS:
                 jobs += [(src, name, i, q) for i, q in enumerate(IMAGE_POINTS[name])]
             else:
-                kw = {"model": models[name]} if models and models.get(name) else {}
-                c = create_codec(name, **kw)
-                jobs += [(src, name, lv, c) for lv in range(c.levels)]
+                spec = Spec.parse(name)
+                c = spec.create(models)
+                jobs += [(src, name, lv, (c, spec.chain)) for lv in range(c.levels)]
     points: list[Point] = []
     for src, name, level, arg in tqdm(jobs, unit="point", disable=None, desc="rd"):
         if name in IMAGE_POINTS:
             nbytes, dec, te, td = image_codec_roundtrip(name, arg, src.frames, src.width, src.height)
         else:
-            nbytes, dec, te, td = codec_roundtrip(arg, level, src, gop)
+            nbytes, dec, te, td = codec_roundtrip(arg[0], level, src, gop, chain=arg[1])
         points.append(measure(src, name, level, nbytes, dec, te, td))
     result = {"gop": gop, "frames_per_clip": frames, "max_side": max_side, "points": [asdict(p) for p in points]}
     for anchor in ANCHORS:
@@ -220,23 +310,24 @@ def run(sources: list[str], codecs: list[str], frames: int, max_side: int, gop: 
     return result
 
 
-ANCHORS = ("x264", "jpeg")
+ANCHORS = ("x264-cont", "x264", "jpeg")
+BD_METRICS = ("psnr_y", "psnr_rgb", "ms_ssim")
 
 
 def bd_against(points: list[Point], anchor: str) -> dict[str, dict[str, dict[str, float | None]]]:
-    """{source: {codec: {metric: BD-rate % against ``anchor``}}} for PSNR-RGB and MS-SSIM."""
+    """{source: {codec: {metric: BD-rate % against ``anchor``}}} for PSNR-Y, PSNR-RGB and MS-SSIM."""
     out: dict = {}
     for s in dict.fromkeys(p.source for p in points):
         by = {c: [p for p in points if p.source == s and p.codec == c] for c in dict.fromkeys(p.codec for p in points)}
-        out[s] = {c: {m: bd_rate(by[anchor], pts, m) for m in ("psnr_rgb", "ms_ssim")}
+        out[s] = {c: {m: bd_rate(by[anchor], pts, m) for m in BD_METRICS}
                   for c, pts in by.items() if c != anchor}
     if len(out) > 1:  # the usual summary: the mean of per-source BD-rates
         codecs = dict.fromkeys(c for row in out.values() for c in row)
-        out["mean"] = {c: {m: _mean([row[c][m] for row in out.values() if c in row]) for m in ("psnr_rgb", "ms_ssim")}
+        out["mean"] = {c: {m: _mean([row[c][m] for row in out.values() if c in row]) for m in BD_METRICS}
                        for c in codecs}
         # A mean only covers the sources where the curves overlap (n/a elsewhere): say how many.
         out["mean_sources"] = {c: {m: sum(row[c][m] is not None for k, row in out.items() if k != "mean" and c in row)
-                                   for m in ("psnr_rgb", "ms_ssim")} for c in codecs}
+                                   for m in BD_METRICS} for c in codecs}
     return out
 
 
@@ -249,25 +340,27 @@ def print_tables(result: dict, out=sys.stdout) -> None:
     pts = [Point(**p) for p in result["points"]]
     for s in dict.fromkeys(p.source for p in pts):
         print(f"\n{s}", file=out)
-        print(f"  {'codec':7} {'lvl':>3} {'bpp':>8} {'kbps':>9} {'PSNR-Y':>7} {'PSNR-RGB':>8} {'MS-SSIM':>8} "
+        print(f"  {'codec':26} {'lvl':>3} {'bpp':>8} {'kbps':>9} {'PSNR-Y':>7} {'PSNR-RGB':>8} {'MS-SSIM':>8} "
               f"{'enc fps':>8} {'dec fps':>8}", file=out)
         for p in pts:
             if p.source == s:
-                print(f"  {p.codec:7} {p.level:>3} {p.bpp:8.4f} {p.kbps:9.1f} {p.psnr_y:7.2f} {p.psnr_rgb:8.2f} "
+                print(f"  {p.codec:26} {p.level:>3} {p.bpp:8.4f} {p.kbps:9.1f} {p.psnr_y:7.2f} {p.psnr_rgb:8.2f} "
                       f"{_fmt_ssim(p.ms_ssim)} {p.encode_fps:8.1f} {p.decode_fps:8.1f}", file=out)
     for anchor in ANCHORS:
         bd = result.get(f"bd_rate_vs_{anchor}")
         if not bd:
             continue
-        print(f"\nBD-rate vs {anchor} (%, negative = fewer bits for the same quality), PSNR-RGB / MS-SSIM", file=out)
+        print(f"\nBD-rate vs {anchor} (%, negative = fewer bits for the same quality), PSNR-Y / PSNR-RGB / MS-SSIM",
+              file=out)
         counts = bd.get("mean_sources", {})
         for s, row in bd.items():
             if s == "mean_sources":
                 continue
-            cells = "  ".join(f"{c}: {_fmt(v['psnr_rgb'])} / {_fmt(v['ms_ssim'])}"
-                              + (f" (of {counts[c]['psnr_rgb']} / {counts[c]['ms_ssim']} sources)" if s == "mean" and c in counts else "")
-                              for c, v in row.items())
-            print(f"  {s}: {cells}", file=out)
+            cells = "\n    ".join(f"{c}: {_fmt(v.get('psnr_y'))} / {_fmt(v['psnr_rgb'])} / {_fmt(v['ms_ssim'])}"
+                                  + (f" (of {counts[c]['psnr_rgb']} / {counts[c]['ms_ssim']} sources)"
+                                     if s == "mean" and c in counts else "")
+                                  for c, v in row.items())
+            print(f"  {s}:\n    {cells}", file=out)
 
 
 def _fmt_ssim(v: float | None) -> str:
@@ -308,8 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", help="image files and video clips")
     p.add_argument("--codecs", default=None,
-                   help="comma list from hybrid,neural,x264,x265,vp9,av1,jpeg,webp (default: all; the learned "
-                        "ones where their weights exist)")
+                   help="comma list from hybrid,neural,x264,x264-psnr,x265,vp9,av1,jpeg,webp,x264-cont,x264-cont-bf; "
+                        "a native video codec may add :chain, :reorder, :preset=P (default: all plain codecs; the "
+                        "learned ones where their weights exist)")
     p.add_argument("--model", help=f"neural codec's model under models/ (default {DEFAULT_MODELS['neural']})")
     p.add_argument("--restore-model", help=f"hybrid codec's model under models/ (default {DEFAULT_MODELS['hybrid']})")
     p.add_argument("--frames", type=int, default=32, help="frames per clip (default %(default)s)")
@@ -325,7 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     all_codecs = [c for c in LEARNED_CODECS if learned_available(c)] + [*VIDEO_CODECS, *IMAGE_POINTS]
     codecs = a.codecs.split(",") if a.codecs else all_codecs
-    unknown = set(codecs) - {*LEARNED_CODECS, *VIDEO_CODECS, *IMAGE_POINTS}
+    try:
+        specs = [Spec.parse(c) for c in codecs if c not in IMAGE_POINTS]
+    except ValueError as exc:
+        raise SystemExit(f"aic bench rd: {exc}") from None
+    unknown = {s.codec for s in specs} - {*LEARNED_CODECS, *VIDEO_CODECS, *CONTINUOUS}
     if unknown:
         raise SystemExit(f"aic bench rd: unknown codecs {sorted(unknown)}")
     for s in a.sources:

@@ -18,9 +18,9 @@ from shared.config import BusConfig, CompressorConfig, MetricsConfig, PolicyConf
 from shared.modelstore import DEFAULT_MODELS
 
 DEFAULT_DEMO_SOURCE = "lavfi:testsrc2=size=640x360:rate=30"
-CODEC_HELP = ("auto | hybrid | neural | x264 | x264-psnr | x265 | vp9 | av1 (default auto: hybrid — x264 with "
-              "learned restoration — when its weights are in models/ and torch is installed, else neural, else "
-              "x264); env AIC_CODEC")
+CODEC_HELP = ("auto | hybrid | neural | x264 | x264-psnr | x265 | vp9 | av1 (default auto: x264-psnr, chained "
+              "batches with reordering inside each batch, which measured fewer bytes than the learned codecs' "
+              "closed GOPs; hybrid = x264 with learned restoration, neural = learned intra codec); env AIC_CODEC")
 
 
 def _bus_args(p: argparse.ArgumentParser) -> None:
@@ -68,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="native encoder speed preset, for a native --codec and for --fallback "
                    "(x264/x265: veryfast by default); hybrid's base layer keeps its own")
     p.add_argument("--concurrency", type=int, default=2, help="batches in flight at once (default 2)")
+    p.add_argument("--no-chain", dest="chain", action="store_false",
+                   help="code every batch as a closed GOP (default: x264 and av1 chain each batch to the previous "
+                        "batch's last decoded frame, which receivers hold; see README 'Chained batches')")
+    p.add_argument("--chain-wait-s", type=float, default=float(env_str("AIC_CHAIN_WAIT_S", "2")),
+                   help="how long a batch waits for the previous batch's reference before it starts with a real "
+                        "key frame (default %(default)s; env AIC_CHAIN_WAIT_S)")
+    p.add_argument("--keyframe-every-s", type=float, default=float(env_str("AIC_KEYFRAME_EVERY_S", "10")),
+                   help="a real key frame this often, for receivers that join late (0 = only when one is "
+                        "needed or asked for; default %(default)s; env AIC_KEYFRAME_EVERY_S)")
+    p.add_argument("--no-reorder", dest="reorder", action="store_false",
+                   help="x264: no B-frames inside a batch (default: reorder, which costs no latency beyond the "
+                        "batch itself)")
     p.add_argument(
         "--quality-frames", type=int, default=env_int("AIC_QUALITY_FRAMES", 1),
         help="frames per batch measured for PSNR-RGB and MS-SSIM (-1 all, 0 off; PSNR-Y always covers all; default 1)",
@@ -183,7 +195,8 @@ def cmd_compressor(a: argparse.Namespace) -> int:
     kw["fallback"] = a.fallback
     cfg = CompressorConfig(
         bus=BusConfig.from_env(a.nats_url), codec=a.codec, level=a.level, model=a.model, crf=a.crf, preset=a.preset,
-        concurrency=a.concurrency, quality_frames=a.quality_frames, batch_timeout_s=a.batch_timeout_s, **kw,
+        concurrency=a.concurrency, quality_frames=a.quality_frames, batch_timeout_s=a.batch_timeout_s,
+        chain=a.chain, chain_wait_s=a.chain_wait_s, keyframe_every_s=a.keyframe_every_s, reorder=a.reorder, **kw,
     )  # fmt: skip
     _serve_metrics(a.metrics_port)
     code = run_service(Compressor(cfg).run)
@@ -255,7 +268,10 @@ def cmd_decode(a: argparse.Namespace) -> int:
             await bus.close()
         files = ", ".join(map(str, s.files)) or a.out
         print(f"{files}: {s.frames} frames from {s.batches} batches"
-              + (f", missing batches {_ranges(s.gaps)}" if s.gaps else ""))
+              + (f", missing batches {_ranges(s.gaps)}" if s.gaps else "")
+              + (f", undecodable batches {_ranges(s.undecodable)}" if s.undecodable else "")
+              + (f" ({s.keyframe_requests} key-frame requests: this receiver lacked their reference)"
+                 if s.keyframe_requests else ""))
         if len(s.files) > 1:
             print(f"aic decode: the frame size changed {len(s.files) - 1} time(s): one file per size", file=sys.stderr)
         return 0 if s.batches and not s.errors else 1

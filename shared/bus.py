@@ -11,6 +11,7 @@ AIC_METRICS        aic.metrics.<worker>   limits      ``metrics`` (durable pull)
 AIC_DEADLETTER     aic.deadletter.<s>     limits      operators
 AIC_BLOBS          aic.blobs.<kind>.<s>   limits      direct get by sequence (claim check)
 AIC_CONTROL        aic.control.<s>        last, 30 s  workers read the last per subject at start
+AIC_REFS           aic.refs.<s>.<part>    last, 10 m  the next batch's worker (reference hand-off)
 AIC_ADVISORIES     max-deliveries events  limits      ``exhausted`` (failed batches)
 =================  =====================  ==========  ==========================================
 
@@ -63,6 +64,11 @@ ADVISORY_STREAM = "AIC_ADVISORIES"
 # knows the budget before its first batch instead of after the receiver's next publish.
 CONTROL_STREAM = "AIC_CONTROL"
 INGEST_BUCKET = "aic_ingest"
+# Each chained stream's latest decoded frame, in parts (services/compressor/handoff.py).
+REFS_STREAM = "AIC_REFS"
+REFS_PREFIX = "aic.refs"
+#: A reference older than this is gone: the stream's next batch starts with a real key frame.
+REFS_MAX_AGE_S = 600.0
 EXHAUSTED_SUBJECT = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{FRAMES_STREAM}.{COMPRESSOR_CONSUMER}"
 EXHAUSTED_CONSUMER = "exhausted"
 CLAIM_HEADER = "Aic-Claim"
@@ -201,6 +207,10 @@ class Bus:
                 name=BLOBS_STREAM, subjects=["aic.blobs.>"], max_age=age, duplicate_window=dup, allow_direct=True
             ),
             jsapi.StreamConfig(name=ADVISORY_STREAM, subjects=[EXHAUSTED_SUBJECT], max_age=age),
+            jsapi.StreamConfig(
+                name=REFS_STREAM, subjects=[f"{REFS_PREFIX}.>"], max_msgs_per_subject=1, max_age=REFS_MAX_AGE_S,
+                allow_direct=True,
+            ),
             jsapi.StreamConfig(
                 name=CONTROL_STREAM, subjects=[f"{CONTROL_PREFIX}.>"], max_msgs_per_subject=1,
                 max_age=ESTIMATE_FRESH_S, storage=jsapi.StorageType.MEMORY, allow_direct=True,

@@ -99,8 +99,16 @@ class CompressorConfig:
     quality_frames: int = 1  # frames per batch for PSNR-RGB and MS-SSIM; -1 = all, 0 = off
     limits: Limits = field(default_factory=Limits)
     batch_timeout_s: float = 600.0  # coding a batch longer than this counts as a failed attempt
+    # Reference hand-off (shared/codecs/reference.py): native codecs that can chain code each batch
+    # against the previous batch's last decoded frame.
+    chain: bool = True
+    chain_wait_s: float = 2.0  # how long batch k+1 waits for batch k's reference before a real key frame
+    keyframe_every_s: float = 10.0  # a real key frame this often (late joiners); 0 = only when needed
+    reorder: bool = True  # x264: B-frames and look-ahead inside the batch (no latency beyond the batch)
 
     def __post_init__(self):
+        if self.chain_wait_s < 0 or self.keyframe_every_s < 0:
+            raise ValueError("chain_wait_s and keyframe_every_s must be >= 0")
         if self.concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         if not self.batch_timeout_s > 0:

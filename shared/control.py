@@ -32,6 +32,16 @@ from shared.schemas import MODES, STREAM_ID_RE
 KV_BUCKET = "aic_config"
 #: Receivers and gateways publish bandwidth estimates on ``aic.control.<stream_id>`` as JSON {"kbps": N}.
 CONTROL_PREFIX = "aic.control"
+#: A receiver that cannot decode a chained stream asks for a real key frame on
+#: ``aic.control.<stream_id>.keyframe`` with JSON {"from_batch": N}: the stream's first batch N or later
+#: that a worker codes after the request starts with a key frame (keyframe_reason ``requested``).
+KEYFRAME_SUFFIX = "keyframe"
+
+
+def keyframe_subject(stream_id: str) -> str:
+    return f"{CONTROL_PREFIX}.{stream_id}.{KEYFRAME_SUFFIX}"
+
+
 #: A receiver's estimate older than this no longer applies (and the bus keeps none older).
 ESTIMATE_FRESH_S = 30.0
 DEFAULT_MODE = "adaptive"

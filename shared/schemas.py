@@ -319,6 +319,9 @@ class BatchMetrics:
     baseline_bytes: int | None = None  # native payload at matched quality, on sampled batches
     mode: str | None = None  # the stream's compression mode when the batch was coded
     budget_kbps: float | None = None  # the stream's bandwidth budget when the batch was coded
+    # Chained streams: why this batch starts with a real key frame (KEYFRAME_REASONS); None when it
+    # predicts from the previous batch, or for codecs that code every batch as a closed GOP.
+    keyframe_reason: str | None = None
     extra: dict = field(default_factory=dict)
 
     def pack(self) -> bytes:
@@ -332,6 +335,8 @@ _METRIC_INTS = (
     "level", "baseline_bytes",
 )  # fmt: skip
 FALLBACK_REASONS = ("quality", "size", "latency", "error")
+#: Why a batch of a chained stream starts with a real key frame instead of the previous batch's frame.
+KEYFRAME_REASONS = ("first", "no_reference", "timeout", "periodic", "requested", "resolution", "codec_change")
 #: Per-stream compression modes (see docs/architecture.md).
 MODES = ("conservative", "adaptive", "aggressive", "off")
 _METRIC_BIGINTS = ("batch_seq", "raw_bytes", "compressed_bytes", "baseline_bytes")
@@ -360,6 +365,9 @@ def unpack_batch_metrics(data: bytes) -> BatchMetrics:
     kw["fallback_reason"] = _get(obj, "fallback_reason", str, optional=True)
     if kw["fallback_reason"] not in (None, *FALLBACK_REASONS):
         raise SchemaError("bad_field", f"fallback_reason {kw['fallback_reason']!r} not in {FALLBACK_REASONS}")
+    kw["keyframe_reason"] = _get(obj, "keyframe_reason", str, optional=True)
+    if kw["keyframe_reason"] not in (None, *KEYFRAME_REASONS):
+        raise SchemaError("bad_field", f"keyframe_reason {kw['keyframe_reason']!r} not in {KEYFRAME_REASONS}")
     extra = _get(obj, "extra", dict, optional=True) or {}
     try:
         text = json.dumps(extra)

@@ -103,15 +103,8 @@ def test_demo_json_reports_every_batch(tmp_path):
     assert out["frames"] == 48 and out["compressed_bytes"] < out["raw_bytes"]
     assert 30 < out["psnr_y_mean"] < 100 and 0.9 < out["ms_ssim_mean"] <= 1
     assert 0 < out["latency_p50_ms"] <= out["latency_p99_ms"]
-    # The default: a learned codec whenever its weights ship with the checkout; x264 only as a named fallback.
-    from services.compressor.worker import resolve_codec
-
-    chosen = resolve_codec("auto")
-    if chosen != "x264":
-        assert set(out["codecs"]) <= {chosen, "x264"}
-        assert ("x264" in out["codecs"]) == bool(out["fallbacks"])
-    else:
-        assert out["codecs"] == ["x264"] and out["fallbacks"] == {}
+    # The default: chained x264-psnr, so no fallback (there is no learned path to fall back from).
+    assert out["codecs"] == ["x264-psnr"] and out["fallbacks"] == {}
 
 
 @pytest.mark.slow

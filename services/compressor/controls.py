@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 from shared import bus as busmod
 from shared.aio import pause
-from shared.control import CONTROL_PREFIX, ESTIMATE_FRESH_S, LEVEL_DOWN_MARGIN_DB, ConfigError, StreamConfig
+from shared.control import (
+    CONTROL_PREFIX, ESTIMATE_FRESH_S, KEYFRAME_SUFFIX, LEVEL_DOWN_MARGIN_DB, ConfigError, StreamConfig,
+)
 from shared.logs import get_logger
 from shared.schemas import STREAM_ID_RE
 
@@ -41,6 +43,7 @@ class StreamControls:
         self.configs: dict[str, StreamConfig] = {}
         self.estimates: dict[str, tuple[float, float]] = {}  # stream -> (kbps, monotonic time received)
         self._levels: dict[str, int] = {}
+        self._keyframes: dict[str, int] = {}  # stream -> the batch from which a receiver wants a key frame
         self._lock = threading.Lock()  # decide/observe run in the codec threads, updates on the loop
         self.ready = asyncio.Event()
 
@@ -115,6 +118,29 @@ class StreamControls:
             return
         self.estimates[stream_id] = (kbps, time.monotonic() - max(0.0, age_s))
 
+    def request_keyframe(self, stream_id: str, data: bytes) -> None:
+        """A receiver's key-frame request: JSON ``{"from_batch": N}``."""
+        try:
+            from_batch = int(json.loads(data)["from_batch"])
+            if not 0 <= from_batch < 2**62:
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            log.warning("keyframe_request_invalid", stream_id=stream_id)
+            return
+        with self._lock:
+            if from_batch >= self._keyframes.get(stream_id, -1):
+                self._keyframes[stream_id] = from_batch
+        log.info("keyframe_requested", stream_id=stream_id, from_batch=from_batch)
+
+    def take_keyframe_request(self, stream_id: str, batch: int) -> bool:
+        """Whether ``batch`` answers a pending request (it is then served: the next batches chain)."""
+        with self._lock:
+            want = self._keyframes.get(stream_id)
+            if want is None or batch < want:
+                return False
+            del self._keyframes[stream_id]
+            return True
+
     async def watch(self, bus, stop: asyncio.Event) -> None:
         """Follow the config bucket and the bandwidth estimates until ``stop``; a failure (the bucket
         unreachable, a watcher that breaks) is logged and the watch starts again, so a worker never
@@ -135,12 +161,19 @@ class StreamControls:
             if STREAM_ID_RE.match(sid):
                 self.estimate(sid, msg.data)
 
+        async def on_keyframe(msg):
+            sid = msg.subject.split(".")[-2]
+            if STREAM_ID_RE.match(sid):
+                self.request_keyframe(sid, msg.data)
+
         estimates = await bus.nc.subscribe(f"{CONTROL_PREFIX}.*", cb=on_estimate)
+        keyframes = await bus.nc.subscribe(f"{CONTROL_PREFIX}.*.{KEYFRAME_SUFFIX}", cb=on_keyframe)
         try:
             await self._load_retained_estimates(bus)
             await self._watch_kv(bus, stop)
         finally:
             await estimates.unsubscribe()
+            await keyframes.unsubscribe()
 
     async def _load_retained_estimates(self, bus) -> None:
         """The latest estimate of every stream that has one in the last 30 s (the bus keeps them),

@@ -67,10 +67,12 @@ class Policy:
         self._native_wins: dict[str, tuple[dict, int]] = {}
         self._learned_lock = threading.Lock()
 
-    def code(self, fb: FrameBatch, decision=None) -> Coded:
+    def code(self, fb: FrameBatch, decision=None, reference=None) -> Coded:
         """Code one batch.  ``decision`` (from the stream's live config and bandwidth budget) overrides
         the level and, for the PSNR-Y metric, the target; mode ``off`` codes natively; a budget caps
-        the payload (see :meth:`_fit_budget`)."""
+        the payload (see :meth:`_fit_budget`).  ``reference`` (a native chaining codec only): the
+        previous batch's last decoded frame, which every native coding of this batch predicts from."""
+        ref = {} if reference is None else {"reference": reference}
         level, target = self.level, self.cfg.target
         off = decision is not None and decision.mode == "off"
         if decision is not None:
@@ -79,15 +81,15 @@ class Policy:
                 target = decision.target
         if self.neural is None or off:
             payload, decoded = self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps,
-                                                              None if off else level)
+                                                              None if off else level, **ref)
             coded = Coded(payload, decoded, self.native.name, _level(payload))
         else:
             coded = self._code_learned(fb, level, target)
         if decision is not None and decision.budget_kbps:
-            coded = self._fit_budget(fb, coded, decision.budget_kbps)
+            coded = self._fit_budget(fb, coded, decision.budget_kbps, ref)
         return coded
 
-    def _fit_budget(self, fb: FrameBatch, coded: Coded, budget_kbps: float) -> Coded:
+    def _fit_budget(self, fb: FrameBatch, coded: Coded, budget_kbps: float, ref: dict | None = None) -> Coded:
         """The best payload within the batch's share of the budget.
 
         The learned codec steps down its levels first; if none fits, native goes out at the lowest
@@ -105,11 +107,14 @@ class Policy:
                     return Coded(payload, decoded, self.neural.name, lv, None, f"level {lv} to fit {budget_kbps:g} kbps")
         if not isinstance(self.native, NativeCodec):
             return coded
+        ref = ref or {}
         best = _first_passing(self.native.crf_range[0], self.native.max_crf,
-                              lambda crf: self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, crf=crf),
+                              lambda crf: self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, crf=crf,
+                                                                         **ref),
                               lambda coded: len(coded[0]) <= limit)
         fits = best is not None
-        payload, decoded = best or self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, crf=self.native.max_crf)
+        payload, decoded = best or self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps,
+                                                                  crf=self.native.max_crf, **ref)
         learned = self.neural is not None and coded.codec == self.neural.name
         detail = (f"native CRF {read_header(payload)[0].params['crf']} to fit {budget_kbps:g} kbps"
                   + ("" if fits else " (does not fit even at the highest CRF)"))

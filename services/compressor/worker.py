@@ -1,8 +1,11 @@
 """The compressor worker.
 
-Per batch: validate → encode (one closed GOP) → decode the payload as a receiver
-would → measure quality → publish the CompressedBatch and the BatchMetrics →
-ack.  The ack comes only after both publishes are acknowledged by JetStream,
+Per batch: validate → encode → decode the payload as a receiver would →
+measure quality → publish the CompressedBatch, the reference for the stream's
+next batch (chained streams), and the BatchMetrics → ack.  A native codec
+that can chain (x264, SVT-AV1) codes each batch against the previous batch's
+last decoded frame (:mod:`services.compressor.handoff`); a batch that cannot
+starts with a real key frame, and its row says why (``keyframe_reason``).  The ack comes only after both publishes are acknowledged by JetStream,
 so a worker killed at any point loses nothing: the batch is redelivered, and
 message ids plus the metrics table's primary key make the retry invisible.
 CPU work runs in a thread pool; the event loop only does I/O.
@@ -19,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+
+import numpy as np
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -31,8 +36,9 @@ from shared.bus import Bus, ClaimError
 from shared.bus import unsubscribe as _unsubscribe
 from shared.aio import pause
 from services.compressor.controls import StreamControls
+from services.compressor.handoff import Handed, ReferenceStore
 from services.compressor.policy import Policy
-from shared.codecs import LEARNED_CODECS, create_codec, learned_available, read_header
+from shared.codecs import LEARNED_CODECS, NATIVE_CODECS, create_codec, learned_available, read_header
 from shared.config import CompressorConfig
 from shared.logs import get_logger
 from shared.quality import measure_batch
@@ -71,18 +77,43 @@ class Outcome:
 
     metrics: BatchMetrics
     compressed: CompressedBatch | None = None
+    handoff: np.ndarray | None = None  # chained streams: the frame the next batch predicts from
 
 
-def process_batch(data: bytes, policy: Policy, cfg: CompressorConfig, controls: StreamControls | None = None) -> Outcome:
+def keyframe_every(cfg: CompressorConfig, fps: float, frames: int) -> int:
+    """Batches between periodic real key frames (0: none), the same on every worker."""
+    if not cfg.keyframe_every_s:
+        return 0
+    return max(1, round(cfg.keyframe_every_s * fps / frames))
+
+
+def choose_reference(fb, handed: Handed, cfg: CompressorConfig, controls: StreamControls | None):
+    """(reference, keyframe_reason) for a batch of a chained stream."""
+    if handed.reference is None:
+        return None, handed.reason
+    every = keyframe_every(cfg, fb.fps, fb.frame_count)
+    if controls is not None and controls.take_keyframe_request(fb.stream_id, fb.batch_seq):
+        return None, "requested"
+    if (handed.reference.width, handed.reference.height) != (fb.width, fb.height):
+        return None, "resolution"
+    if every and fb.batch_seq % every == 0:
+        return None, "periodic"
+    return handed.reference, None
+
+
+def process_batch(data: bytes, policy: Policy, cfg: CompressorConfig, controls: StreamControls | None = None,
+                  handed: Handed | None = None) -> Outcome:
     """Validate, code (through the policy and the stream's live config), and measure one batch
-    (CPU work; runs in a thread).
+    (CPU work; runs in a thread).  ``handed``: for a chained stream, what the hand-off found for
+    this batch (its reference, or why there is none).
 
     Raises SchemaError for invalid input; other exceptions mean the codec failed.
     """
     fb = unpack_frame_batch(data, cfg.limits)
     t0 = time.perf_counter()
     decision = controls.decide(fb.stream_id) if controls is not None else None
-    coded = policy.code(fb, decision)
+    reference, keyframe_reason = choose_reference(fb, handed, cfg, controls) if handed is not None else (None, None)
+    coded = policy.code(fb, decision, reference)
     # The reconstruction is exactly what a receiver decodes (tests hold every codec to it).
     payload, decoded = coded.payload, coded.decoded
     t1 = time.perf_counter()
@@ -123,6 +154,7 @@ def process_batch(data: bytes, policy: Policy, cfg: CompressorConfig, controls: 
         baseline_bytes=coded.baseline_bytes,
         mode=decision.mode if decision is not None else None,
         budget_kbps=decision.budget_kbps if decision is not None else None,
+        keyframe_reason=keyframe_reason,
         frames=fb.frame_count,
         width=fb.width,
         height=fb.height,
@@ -137,12 +169,17 @@ def process_batch(data: bytes, policy: Policy, cfg: CompressorConfig, controls: 
         quality_ms=(t2 - t1) * 1000,
         captured_at=fb.captured_at,
     )
-    return Outcome(metrics, compressed)
+    # Only a native codec's decode is the same on every receiver by the standard; the learned ones'
+    # output does not serve as a reference (the next batch says codec_change).
+    handoff = decoded[-1] if handed is not None and coded.codec in NATIVE_CODECS else None
+    return Outcome(metrics, compressed, handoff)
 
 
 def _params_str(params: dict) -> str:
-    # Per-frame sizes and hashes belong to the payload, not to the row.
-    return ",".join(f"{k}={v}" for k, v in sorted(params.items()) if k not in ("sizes", "sha256"))
+    # Per-frame sizes and hashes belong to the payload, not to the row; of a chained batch's hand-off
+    # the row names the batch it predicts from.
+    params = {**params, **({"ref": params["chain"]["batch"]} if isinstance(params.get("chain"), dict) else {})}
+    return ",".join(f"{k}={v}" for k, v in sorted(params.items()) if k not in ("sizes", "sha256", "chain"))
 
 
 class Compressor:
@@ -156,9 +193,13 @@ class Compressor:
             self.policy = Policy(self.codec, native, self.cfg.policy, self.cfg.level)
         else:
             self.policy = Policy(None, self.codec, self.cfg.policy, self.cfg.level)
+        # Chained coding: the worker's own codec is native and can chain (the learned codecs code
+        # closed GOPs; so do the policy's native fallbacks behind them).
+        self.chained = self.cfg.chain and getattr(self.codec, "chains", False) and self.policy.neural is None
         self.pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="codec")
         self.controls = StreamControls()
         self.bus: Bus | None = None
+        self.refs: ReferenceStore | None = None
         self.wedged = False
         self._stop: asyncio.Event | None = None
 
@@ -169,13 +210,15 @@ class Compressor:
         if self.bus is None:
             return 0
         await self.bus.ensure_topology()
+        self.refs = ReferenceStore(self.bus, self.cfg.chain_wait_s)
         sub = await self.bus.pull(busmod.FRAMES_STREAM, busmod.COMPRESSOR_CONSUMER)
         watcher = asyncio.create_task(self.watch_exhausted(stop))
         control = asyncio.create_task(self.controls.watch(self.bus, stop))
         lag = asyncio.create_task(self.watch_pending(stop))
         await asyncio.wait([asyncio.ensure_future(self.controls.ready.wait()), control], timeout=5.0,
                            return_when=asyncio.FIRST_COMPLETED)
-        log.info("compressor_started", worker_id=self.cfg.worker_id, codec=self.codec.name, **self.codec.params)
+        log.info("compressor_started", worker_id=self.cfg.worker_id, codec=self.codec.name, chained=self.chained,
+                 **self.codec.params)
         slots = asyncio.Semaphore(self.cfg.concurrency)
         tasks: set[asyncio.Task] = set()
         try:
@@ -221,7 +264,7 @@ class Compressor:
             try:
                 # The envelope around the frames is small; a claim beyond this is refused unread.
                 data = await self.bus.payload(msg, max_size=self.cfg.limits.max_batch_bytes + (1 << 20))
-                outcome = await self._code(data)
+                outcome = await self._code(data, await self._handed(msg))
             except (SchemaError, ClaimError) as exc:
                 code = getattr(exc, "code", "claim_missing")
                 await self._give_up(msg, "rejected", f"{code}: {getattr(exc, 'reason', str(exc))}", attempts)
@@ -245,7 +288,17 @@ class Compressor:
         finally:
             beat.cancel()
 
-    async def _code(self, data: bytes) -> Outcome:
+    async def _handed(self, msg: Msg) -> Handed | None:
+        """For a chained stream, the previous batch's reference (waiting for it a bounded time, on the
+        event loop: the batch holds no codec thread while it waits)."""
+        if not self.chained:
+            return None
+        sid, seq = _ids_from_msg_id((msg.headers or {}).get(busmod.MSG_ID_HEADER, ""))
+        if sid is None:
+            return None  # not a gateway's batch: validation will say what is wrong with it
+        return await self.refs.for_batch(sid, seq)
+
+    async def _code(self, data: bytes, handed: Handed | None = None) -> Outcome:
         """Run :func:`process_batch` in the pool; the timeout counts from when a thread takes the
         batch, so waiting behind the worker's other batches is not coding time."""
         loop = asyncio.get_running_loop()
@@ -253,7 +306,7 @@ class Compressor:
 
         def job() -> Outcome:
             loop.call_soon_threadsafe(started.set)
-            return process_batch(data, self.policy, self.cfg, self.controls)
+            return process_batch(data, self.policy, self.cfg, self.controls, handed)
 
         future = loop.run_in_executor(self.pool, job)
         waiter = asyncio.ensure_future(started.wait())
@@ -285,8 +338,11 @@ class Compressor:
     async def _deliver(self, msg: Msg, outcome: Outcome, attempts: int) -> None:
         cb = outcome.compressed
         # varies: another worker may have coded this batch differently before it died.
-        await self.bus.publish(busmod.compressed_subject(cb.stream_id), cb.pack(), cb.msg_id, kind="compressed",
-                               varies=True)
+        packed = cb.pack()
+        ack = await self.bus.publish(busmod.compressed_subject(cb.stream_id), packed, cb.msg_id, kind="compressed",
+                                     varies=True)
+        if self.chained:
+            await self._hand_off(outcome, ack, packed)
         now = time.time()
         m = outcome.metrics
         row = replace(m, latency_ms=(now - m.captured_at) * 1000, attempts=attempts, completed_at=now)
@@ -305,6 +361,7 @@ class Compressor:
             codec=row.codec,
             level=row.level,
             fallback=row.fallback_reason,
+            keyframe=row.keyframe_reason,
             frames=row.frames,
             size=f"{row.width}x{row.height}",
             raw_bytes=row.raw_bytes,
@@ -316,6 +373,25 @@ class Compressor:
             latency_ms=round(row.latency_ms, 1),
             attempts=attempts,
         )
+
+    async def _hand_off(self, outcome: Outcome, ack, packed: bytes) -> None:
+        """Publish the reference of the payload that receivers get.  After a redelivery JetStream may
+        keep an earlier coding of this batch (``duplicate``): its reference is this one only if the
+        bytes are the same; otherwise the next batch starts with a key frame rather than drift."""
+        cb = outcome.compressed
+        frame = outcome.handoff
+        if ack.duplicate:
+            try:
+                stored = await self.bus.js.get_msg(busmod.COMPRESSED_STREAM, ack.seq)
+                same = stored.data == packed
+            except Exception:
+                same = False
+            if not same:
+                log.warning("reference_withheld", batch_id=cb.msg_id,
+                            reason="the bus kept another coding of this batch")
+                frame = None
+        await self.refs.publish(cb.stream_id, cb.batch_seq, cb.width, cb.height, frame,
+                                cb.codec if frame is not None or not ack.duplicate else "")
 
     async def _give_up(self, msg: Msg, status: str, reason: str, attempts: int) -> None:
         """Terminate a batch that will never succeed, with a dead letter and a metrics row saying why."""
@@ -441,24 +517,31 @@ def _ids_from_msg_id(msg_id: str) -> tuple[str | None, int | None]:
     return None, None
 
 
-#: ``auto`` prefers these, in order, when their weights and torch are present.
-AUTO_PREFERENCE = ("hybrid", "neural")
+#: What ``auto`` codes with.  Chained x264 (tuned for PSNR, reordering inside the batch) needs far
+#: fewer bytes than any closed-GOP coding (docs/benchmarks.md, "Chained batches"), and the learned
+#: codecs code closed GOPs: the hybrid's restoration is worth about 0.1 point of BD-rate on top of
+#: its base and runs at ~2.6 frames/s at 720p on a CPU, so it could not keep up with a live stream.
+AUTO_CODEC = "x264-psnr"
 
 
 def resolve_codec(name: str) -> str:
-    """``auto`` → the first learned codec of AUTO_PREFERENCE that can run, else ``x264`` (logged, never silent)."""
+    """``auto`` → :data:`AUTO_CODEC` (logged, never silent); any other name as it is."""
     if name != "auto":
         return name
-    chosen = next((c for c in AUTO_PREFERENCE if learned_available(c)), "x264")
-    log.info("codec_auto", chosen=chosen, reason=f"{chosen} weights present" if chosen != "x264"
-             else "no learned codec available (torch, constriction or weights missing)")
-    return chosen
+    learned = [c for c in LEARNED_CODECS if learned_available(c)]
+    log.info("codec_auto", chosen=AUTO_CODEC,
+             reason="chained native coding measured fewer bytes than the closed-GOP learned codecs"
+             + (f" ({', '.join(learned)} available with --codec)" if learned else ""))
+    return AUTO_CODEC
 
 
 def _codec_kwargs(cfg: CompressorConfig) -> dict:
     if cfg.codec in LEARNED_CODECS:
         return {k: v for k, v in (("model", cfg.model), ("level", cfg.level)) if v is not None}
-    return _native_kwargs(cfg)
+    kw = _native_kwargs(cfg)
+    if cfg.chain and cfg.reorder and cfg.codec.startswith("x264"):
+        kw["reorder"] = True
+    return kw
 
 
 def _native_kwargs(cfg: CompressorConfig) -> dict:

@@ -230,6 +230,14 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         "batch_metrics: the stream's bandwidth budget when the batch was coded",
         "ALTER TABLE batch_metrics ADD COLUMN budget_kbps double precision;",
     ),
+    (
+        6,
+        "batch_metrics: why a batch of a chained stream started with a real key frame",
+        """
+        ALTER TABLE batch_metrics ADD COLUMN keyframe_reason text CHECK (keyframe_reason IN
+            ('first', 'no_reference', 'timeout', 'periodic', 'requested', 'resolution', 'codec_change'));
+        """,
+    ),
 ]
 
 

@@ -37,7 +37,8 @@ COLUMNS = (
     "batch_id", "stream_id", "batch_seq", "status", "reason", "worker_id", "codec", "codec_params",
     "frames", "width", "height", "raw_bytes", "compressed_bytes", "kbps", "psnr_y", "psnr_rgb",
     "ms_ssim", "ms_ssim_frames", "encode_ms", "quality_ms", "latency_ms", "attempts",
-    "captured_at", "completed_at", "level", "fallback_reason", "baseline_bytes", "mode", "budget_kbps", "extra", "time",
+    "captured_at", "completed_at", "level", "fallback_reason", "baseline_bytes", "mode", "budget_kbps", "keyframe_reason", "extra",
+    "time",
 )  # fmt: skip
 _TS = {"captured_at", "completed_at"}
 _INSERT_SQL = (

@@ -1,7 +1,8 @@
 """``aic decode``: follow a stream's compressed batches and write the decoded video.
 
 Batches may complete out of order (several workers); they are written in
-``batch_seq`` order.  Output by extension: ``.y4m`` (raw yuv420p) or ``.mkv``
+``batch_seq`` order, and decoded in that order: a chained batch predicts from
+the previous batch's last decoded frame, which the receiver keeps.  Output by extension: ``.y4m`` (raw yuv420p) or ``.mkv``
 (lossless FFV1) for exact comparisons, ``.mp4`` (x264, CRF 16) for viewing.
 A file holds one frame size: when the source changes resolution (the gateway
 starts a new batch there), the frames that follow go to ``NAME.1.EXT``,
@@ -11,6 +12,7 @@ starts a new batch there), the frames that follow go to ``NAME.1.EXT``,
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -22,6 +24,8 @@ from nats.js import api as jsapi
 from shared import bus as busmod
 from shared.bus import Bus, ClaimError
 from shared.codecs import CodecError, decode_payload
+from shared.codecs.reference import Reference, ReferenceMismatch
+from shared.control import keyframe_subject
 from shared.logs import get_logger
 from shared.pixfmt import to_video_frame
 from shared.schemas import SchemaError, unpack_compressed_batch
@@ -80,13 +84,62 @@ class VideoWriter:
 @dataclass
 class DecodeStats:
     stream_id: str
-    batches: int = 0
+    batches: int = 0  # decoded and written
     frames: int = 0
     compressed_bytes: int = 0
     errors: int = 0
     gaps: list[int] = field(default_factory=list)
     held_max: int = 0  # most batches held back at once waiting for a missing one (memory)
     files: list[Path] = field(default_factory=list)  # more than one when the frame size changed
+    undecodable: list[int] = field(default_factory=list)  # batches that arrived but could not be decoded
+    keyframe_requests: int = 0  # times this receiver asked for a key frame (it lacked a reference)
+
+
+class Receiver:
+    """A stream's decoder state: the last decoded frame (the reference chained batches predict
+    from), and the key-frame requests made when a batch needs a reference this receiver lacks."""
+
+    def __init__(self, bus: Bus, stream_id: str, stats: DecodeStats):
+        self.bus, self.stream_id, self.stats = bus, stream_id, stats
+        self.reference: Reference | None = None
+
+    async def decode(self, cb) -> np.ndarray | None:
+        """The batch's frames, or None when it cannot be decoded (logged, counted; a chained batch
+        whose reference is missing also asks the workers for a key frame)."""
+        loop = asyncio.get_running_loop()
+        try:
+            header, frames = await loop.run_in_executor(None, decode_payload, cb.payload, self.reference)
+            if (header.width, header.height, header.frame_count) != (cb.width, cb.height, cb.frame_count):
+                raise CodecError(f"payload is {header.width}x{header.height}x{header.frame_count}, "
+                                 f"the batch says {cb.width}x{cb.height}x{cb.frame_count}")
+        except ReferenceMismatch as exc:
+            self._failed(cb)
+            log.error("reference_missing", stream_id=self.stream_id, batch_seq=cb.batch_seq, needs=exc.needed,
+                      error=str(exc))
+            await self.request_keyframe(cb.batch_seq + 1)
+            return None
+        except CodecError as exc:
+            self._failed(cb)
+            log.error("undecodable_batch", stream_id=self.stream_id, batch_seq=cb.batch_seq, error=str(exc))
+            return None
+        self.reference = Reference(cb.batch_seq, cb.width, cb.height, frames[-1])
+        return frames
+
+    def _failed(self, cb) -> None:
+        self.stats.errors += 1
+        self.stats.undecodable.append(cb.batch_seq)
+        # The next chained batch predicts from this one: without it, only a key frame decodes again.
+        self.reference = None
+
+    async def request_keyframe(self, from_batch: int) -> None:
+        """Ask the workers to start the stream again with a real key frame (batch ``from_batch`` or later)."""
+        self.stats.keyframe_requests += 1
+        try:
+            await self.bus.nc.publish(keyframe_subject(self.stream_id), json.dumps({"from_batch": from_batch}).encode())
+        except Exception as exc:  # the next failing batch asks again
+            log.warning("keyframe_request_failed", stream_id=self.stream_id, error=f"{type(exc).__name__}: {exc}")
+            return
+        log.info("keyframe_request", stream_id=self.stream_id, from_batch=from_batch)
 
 
 async def decode_stream(
@@ -99,20 +152,36 @@ async def decode_stream(
     start_seq: int | None = None,
 ) -> DecodeStats:
     """Decode every compressed batch of a stream, from ``start_seq`` (default: the lowest batch the
-    bus still holds), until ``expect_batches`` arrived or nothing new came for ``idle_timeout`` seconds."""
+    bus still holds), until ``expect_batches`` arrived or nothing new came for ``idle_timeout`` seconds.
+
+    Batches are decoded in ``batch_seq`` order: a chained batch predicts from the previous batch's
+    last decoded frame, which this receiver holds.  One it cannot decode (it joined mid-stream, missed
+    a batch, or has another encoder build) is reported and counted in ``undecodable``, a key frame is
+    requested, and decoding resumes at the stream's next real key frame."""
     stats = DecodeStats(stream_id)
     writer = VideoWriter(out)
+    receiver = Receiver(bus, stream_id, stats)
     sub = await bus.js.subscribe(
         busmod.compressed_subject(stream_id),
         ordered_consumer=True,
         config=jsapi.ConsumerConfig(deliver_policy=jsapi.DeliverPolicy.ALL),
     )
-    pending: dict[int, tuple] = {}
+    pending: dict[int, object] = {}
     next_seq = start_seq
-    loop = asyncio.get_running_loop()
+
+    received = 0  # batches that arrived (decodable or not): what expect_batches counts
+
+    async def emit(c) -> None:
+        frames = await receiver.decode(c)
+        if frames is not None:
+            writer.write(frames, c.width, c.height, Fraction(c.fps_num, c.fps_den))
+            stats.batches += 1
+            stats.frames += c.frame_count
+            stats.compressed_bytes += len(c.payload)
+
     try:
         while stop is None or not stop.is_set():
-            if expect_batches is not None and stats.batches >= expect_batches:
+            if expect_batches is not None and received >= expect_batches:
                 break
             try:
                 msg = await sub.next_msg(timeout=idle_timeout)
@@ -124,20 +193,15 @@ async def decode_stream(
                 raise
             try:
                 cb = unpack_compressed_batch(await bus.payload(msg))
-                header, frames = await loop.run_in_executor(None, decode_payload, cb.payload)
-                if (header.width, header.height, header.frame_count) != (cb.width, cb.height, cb.frame_count):
-                    raise CodecError(f"payload is {header.width}x{header.height}x{header.frame_count}, "
-                                     f"the batch says {cb.width}x{cb.height}x{cb.frame_count}")
-            except (SchemaError, CodecError, ClaimError) as exc:
+            except (SchemaError, ClaimError) as exc:
                 stats.errors += 1
                 log.error("undecodable_batch", subject=msg.subject, error=str(exc))
                 continue
             if cb.batch_seq in pending or (next_seq is not None and cb.batch_seq < next_seq):
                 continue  # duplicate delivery
-            pending[cb.batch_seq] = (cb, frames)
+            pending[cb.batch_seq] = cb
             stats.held_max = max(stats.held_max, len(pending))
-            stats.batches += 1
-            stats.compressed_bytes += len(cb.payload)
+            received += 1
             if next_seq is None and (len(pending) > REORDER_WINDOW or msg.metadata.num_pending == 0):
                 # Batches are stored as workers finish them, a little out of order: the stream's first
                 # is the lowest of what arrived by the time it was read to its end (or a window's worth).
@@ -146,30 +210,25 @@ async def decode_stream(
                 continue
             if len(pending) > REORDER_WINDOW and next_seq not in pending:
                 # The missing batch is not coming (rejected, failed, or lost upstream): skip it
-                # rather than hold every later batch's frames in memory.
+                # rather than hold every later batch in memory.
                 skip_to = min(pending)
                 stats.gaps.extend(range(next_seq, skip_to))
                 log.warning("batches_missing", stream_id=stream_id, first=next_seq, last=skip_to - 1)
                 next_seq = skip_to
             while next_seq in pending:
-                c, f = pending.pop(next_seq)
-                writer.write(f, c.width, c.height, Fraction(c.fps_num, c.fps_den))
-                stats.frames += c.frame_count
+                await emit(pending.pop(next_seq))
                 next_seq += 1
-        # Whatever is left arrived after a gap: write it in order, and say so.
+        # Whatever is left arrived after a gap: decode it in order, and say so.
         if next_seq is None and pending:
             next_seq = min(pending)
         for seq in sorted(pending):
             stats.gaps.extend(range(next_seq, seq))
-            c, f = pending[seq]
-            writer.write(f, c.width, c.height, Fraction(c.fps_num, c.fps_den))
-            stats.frames += c.frame_count
+            await emit(pending[seq])
             next_seq = seq + 1
     finally:
         await sub.unsubscribe()
         writer.close()
         stats.files = writer.files
-    log.info(
-        "decode_done", stream_id=stream_id, batches=stats.batches, frames=stats.frames, gaps=len(stats.gaps), out=str(out)
-    )
+    log.info("decode_done", stream_id=stream_id, batches=stats.batches, frames=stats.frames, gaps=len(stats.gaps),
+             undecodable=len(stats.undecodable), keyframe_requests=stats.keyframe_requests, out=str(out))
     return stats

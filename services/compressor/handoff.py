@@ -1,0 +1,142 @@
+"""The reference hand-off on the bus: each stream's latest decoded frame, for the next batch's worker.
+
+After a worker delivers batch k of a chained stream, it publishes the frame a
+receiver now holds (batch k's last decoded frame) on ``aic.refs.<stream>.<part>``
+(stream ``AIC_REFS``: one message per subject, so only the latest is kept, and
+parts so that a 4K frame fits a stock ``max_payload``).  The worker that gets
+batch k+1 uses it only if it is exactly batch k's: the parts name the batch,
+the frame size and a digest of the pixels.  Its own copy serves first when it
+coded batch k itself; the bus copy serves failover and several workers.
+
+A worker waits a bounded time for batch k's reference (batch k may still be
+coding on another worker), then codes a real key frame and says why
+(``timeout``, ``no_reference``).  All of it is soft state: losing a reference
+costs a key frame, never a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+from nats.js.errors import NotFoundError
+
+from shared import bus as busmod
+from shared.codecs.reference import Reference, frame_digest
+from shared.logs import get_logger
+from shared.pixfmt import frame_size
+
+log = get_logger("compressor")
+
+BATCH_HEADER = "Aic-Ref-Batch"
+SIZE_HEADER = "Aic-Ref-Size"
+PARTS_HEADER = "Aic-Ref-Parts"
+DIGEST_HEADER = "Aic-Ref-Digest"
+CODEC_HEADER = "Aic-Ref-Codec"
+#: How often a waiting worker looks at the bus for the reference it needs.
+POLL_S = 0.02
+#: Streams whose latest reference a worker keeps in memory (a 1080p frame is 3 MB).
+LOCAL_STREAMS = 64
+
+
+def refs_subject(stream_id: str, part: int) -> str:
+    return f"{busmod.REFS_PREFIX}.{stream_id}.{part}"
+
+
+@dataclass(frozen=True)
+class Handed:
+    """What a batch gets from the hand-off: the reference to chain to, or why there is none."""
+
+    reference: Reference | None
+    reason: str | None  # a KEYFRAME_REASONS value when reference is None
+
+
+class ReferenceStore:
+    """Publishes and finds each stream's latest reference: this worker's copy first, then the bus."""
+
+    def __init__(self, bus, wait_s: float):
+        self.bus, self.wait_s = bus, wait_s
+        self._local: OrderedDict[str, tuple[Reference | None, str, int]] = OrderedDict()  # stream -> (ref, codec, batch)
+
+    async def publish(self, stream_id: str, batch: int, width: int, height: int, frame: np.ndarray | None,
+                      codec: str) -> None:
+        """Hand batch ``batch``'s last decoded frame on (``frame`` None: the batch went out with a
+        codec whose output is not a reference, which the next batch learns at once)."""
+        ref = None if frame is None else Reference(batch, width, height, np.array(frame, copy=True))
+        self._remember(stream_id, ref, codec, batch)
+        data = b"" if ref is None else ref.frame.tobytes()
+        chunk = self.bus.max_inline
+        parts = [data[i:i + chunk] for i in range(0, len(data), chunk)] or [b""]
+        headers = {BATCH_HEADER: str(batch), SIZE_HEADER: f"{width}x{height}", PARTS_HEADER: str(len(parts)),
+                   DIGEST_HEADER: "" if ref is None else ref.digest, CODEC_HEADER: codec}
+        # Part 0 last: a reader that sees the new part 0 finds every other part of the same batch.
+        for i in (*range(1, len(parts)), 0):
+            await self.bus.js.publish(refs_subject(stream_id, i), parts[i], headers=headers)
+
+    def _remember(self, stream_id: str, ref: Reference | None, codec: str, batch: int) -> None:
+        self._local[stream_id] = (ref, codec, batch)
+        self._local.move_to_end(stream_id)
+        while len(self._local) > LOCAL_STREAMS:
+            self._local.popitem(last=False)
+
+    def forget(self, stream_id: str) -> None:
+        self._local.pop(stream_id, None)
+
+    async def for_batch(self, stream_id: str, batch: int) -> Handed:
+        """Batch ``batch - 1``'s reference, waiting up to ``wait_s`` for it to appear."""
+        if batch == 0:
+            return Handed(None, "first")
+        deadline = time.monotonic() + self.wait_s
+        seen = None
+        while True:
+            found = self._local.get(stream_id)
+            if found is None or found[2] != batch - 1:
+                found = await self._fetch(stream_id)
+            if found is not None:
+                ref, codec, got = found
+                seen = got
+                if got == batch - 1:
+                    # No frame: the batch went out with a learned codec (codec_change), or the bus kept
+                    # another coding of it than the one this frame came from (no codec named).
+                    return Handed(ref, None) if ref is not None else Handed(None, "codec_change" if codec else "no_reference")
+            if time.monotonic() >= deadline:
+                return Handed(None, "no_reference" if seen is None else "timeout")
+            await asyncio.sleep(POLL_S)
+
+    async def _fetch(self, stream_id: str) -> tuple[Reference | None, str, int] | None:
+        """The bus's latest reference of a stream, or None (none, expired, or caught mid-update)."""
+        try:
+            head = await self.bus.js.get_last_msg(busmod.REFS_STREAM, refs_subject(stream_id, 0), direct=True)
+        except NotFoundError:
+            return None
+        except Exception as exc:  # the bus in trouble: a key frame after the wait, not a failure
+            log.debug("reference_unavailable", stream_id=stream_id, error=f"{type(exc).__name__}: {exc}")
+            return None
+        h = head.headers or {}
+        try:
+            batch, parts = int(h[BATCH_HEADER]), int(h[PARTS_HEADER])
+            width, height = (int(x) for x in h[SIZE_HEADER].split("x"))
+            digest, codec = h[DIGEST_HEADER], h.get(CODEC_HEADER, "")
+        except (KeyError, ValueError):
+            return None
+        if not digest:
+            return None, codec, batch
+        data = [head.data or b""]
+        for i in range(1, parts):
+            try:
+                part = await self.bus.js.get_last_msg(busmod.REFS_STREAM, refs_subject(stream_id, i), direct=True)
+            except Exception:
+                return None
+            if (part.headers or {}).get(DIGEST_HEADER) != digest:
+                return None  # a newer reference is being written: look again
+            data.append(part.data or b"")
+        raw = b"".join(data)
+        if len(raw) != frame_size(width, height):
+            return None
+        frame = np.frombuffer(raw, np.uint8)
+        if frame_digest(frame) != digest:
+            return None
+        return Reference(batch, width, height, frame), codec, batch
