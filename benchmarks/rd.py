@@ -197,7 +197,8 @@ class ContinuousX264:
 
         self.name, self.options, self.crfs = name, CONTINUOUS[name], LEVEL_CRF["x264"]
 
-    def roundtrip(self, level: int, src: Source) -> tuple[int, np.ndarray, float, float]:
+    def roundtrip(self, level: int, src: Source, crf: int | None = None) -> tuple[int, np.ndarray, float, float]:
+        """(bytes, decoded frames, encode s, decode s) at a level's CRF, or at ``crf``."""
         from shared.codecs.native import ENCODER_THREADS
 
         rate = Fraction(src.fps).limit_denominator(1001)
@@ -207,7 +208,7 @@ class ContinuousX264:
         ctx.time_base, ctx.framerate = 1 / rate, rate
         ctx.gop_size = 100_000  # no periodic key frame
         ctx.thread_count = ENCODER_THREADS["x264"]
-        ctx.options = {**self.options, "crf": str(self.crfs[level])}
+        ctx.options = {**self.options, "crf": str(self.crfs[level] if crf is None else crf)}
         packets = []
         for i, f in enumerate(src.frames):
             vf = to_video_frame(f, src.width, src.height)

@@ -118,3 +118,14 @@ def test_codecs_that_cannot_chain_say_so():
         NativeCodec("vp9").encode(frames, W, H, 25.0, reference=ref)
     with pytest.raises(CodecError, match="reference is"):
         NativeCodec("x264").encode(frames, W, H, 25.0, reference=Reference(0, W + 2, H, frames[0]))
+
+
+def test_a_batch_coded_at_another_preset_than_the_receiver_knows_decodes_from_its_header():
+    # The worker picks a preset per batch (services/compressor/speed.py); the seed follows the header.
+    frames = clip(16)
+    codec = NativeCodec("x264-psnr", reorder=True)
+    first, rec0 = codec.encode_reconstruct(frames[:8], W, H, 25.0, 4, preset="superfast")
+    ref = Reference(0, W, H, rec0[-1])
+    second, rec1 = codec.encode_reconstruct(frames[8:], W, H, 25.0, 4, reference=ref, preset="medium")
+    assert read_header(second)[0].params["preset"] == "medium"
+    assert np.array_equal(decode_payload(second, ref)[1], rec1)

@@ -57,9 +57,13 @@ class Handed:
 class ReferenceStore:
     """Publishes and finds each stream's latest reference: this worker's copy first, then the bus."""
 
-    def __init__(self, bus, wait_s: float):
-        self.bus, self.wait_s = bus, wait_s
-        self._local: OrderedDict[str, tuple[Reference | None, str, int]] = OrderedDict()  # stream -> (ref, codec, batch)
+    def __init__(self, bus, wait_s: float, max_wait_s: float = 600.0):
+        self.bus, self.wait_s, self.max_wait_s = bus, wait_s, max_wait_s
+        # Batches this worker holds (waiting or coding): the batch after one of them waits for it as
+        # long as it takes (up to max_wait_s), since it is sure to hand a reference on or fail.
+        self._inflight: set[tuple[str, int]] = set()
+        # stream -> (ref, codec, batch, when): this worker's own hand-offs, which expire as the bus's do
+        self._local: OrderedDict[str, tuple[Reference | None, str, int, float]] = OrderedDict()
 
     async def publish(self, stream_id: str, batch: int, width: int, height: int, frame: np.ndarray | None,
                       codec: str) -> None:
@@ -77,23 +81,31 @@ class ReferenceStore:
             await self.bus.js.publish(refs_subject(stream_id, i), parts[i], headers=headers)
 
     def _remember(self, stream_id: str, ref: Reference | None, codec: str, batch: int) -> None:
-        self._local[stream_id] = (ref, codec, batch)
+        self._local[stream_id] = (ref, codec, batch, time.monotonic())
         self._local.move_to_end(stream_id)
         while len(self._local) > LOCAL_STREAMS:
             self._local.popitem(last=False)
 
-    def forget(self, stream_id: str) -> None:
-        self._local.pop(stream_id, None)
+    def begin(self, stream_id: str, batch: int) -> None:
+        self._inflight.add((stream_id, batch))
+
+    def end(self, stream_id: str, batch: int) -> None:
+        self._inflight.discard((stream_id, batch))
 
     async def for_batch(self, stream_id: str, batch: int) -> Handed:
         """Batch ``batch - 1``'s reference, waiting up to ``wait_s`` for it to appear."""
         if batch == 0:
             return Handed(None, "first")
-        deadline = time.monotonic() + self.wait_s
+        start = time.monotonic()
+        deadline = start + self.wait_s
         seen = None
         while True:
-            found = self._local.get(stream_id)
-            if found is None or found[2] != batch - 1:
+            if (stream_id, batch - 1) in self._inflight:  # this worker is still on it
+                deadline = min(time.monotonic() + self.wait_s, start + self.max_wait_s)
+            local = self._local.get(stream_id)
+            if local is not None and local[2] == batch - 1 and time.monotonic() - local[3] < busmod.REFS_MAX_AGE_S:
+                found = local[:3]
+            else:
                 found = await self._fetch(stream_id)
             if found is not None:
                 ref, codec, got = found

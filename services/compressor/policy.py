@@ -67,12 +67,13 @@ class Policy:
         self._native_wins: dict[str, tuple[dict, int]] = {}
         self._learned_lock = threading.Lock()
 
-    def code(self, fb: FrameBatch, decision=None, reference=None) -> Coded:
+    def code(self, fb: FrameBatch, decision=None, reference=None, preset: str | None = None) -> Coded:
         """Code one batch.  ``decision`` (from the stream's live config and bandwidth budget) overrides
         the level and, for the PSNR-Y metric, the target; mode ``off`` codes natively; a budget caps
         the payload (see :meth:`_fit_budget`).  ``reference`` (a native chaining codec only): the
-        previous batch's last decoded frame, which every native coding of this batch predicts from."""
-        ref = {} if reference is None else {"reference": reference}
+        previous batch's last decoded frame, which every native coding of this batch predicts from;
+        ``preset``: the native encoder's speed preset for this batch (see services.compressor.speed)."""
+        ref = {k: v for k, v in (("reference", reference), ("preset", preset)) if v is not None}
         level, target = self.level, self.cfg.target
         off = decision is not None and decision.mode == "off"
         if decision is not None:

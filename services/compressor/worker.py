@@ -38,6 +38,7 @@ from shared.aio import pause
 from services.compressor.controls import StreamControls
 from services.compressor.handoff import Handed, ReferenceStore
 from services.compressor.policy import Policy
+from services.compressor.speed import PresetGovernor
 from shared.codecs import LEARNED_CODECS, NATIVE_CODECS, create_codec, learned_available, read_header
 from shared.config import CompressorConfig
 from shared.logs import get_logger
@@ -102,7 +103,7 @@ def choose_reference(fb, handed: Handed, cfg: CompressorConfig, controls: Stream
 
 
 def process_batch(data: bytes, policy: Policy, cfg: CompressorConfig, controls: StreamControls | None = None,
-                  handed: Handed | None = None) -> Outcome:
+                  handed: Handed | None = None, speed: PresetGovernor | None = None) -> Outcome:
     """Validate, code (through the policy and the stream's live config), and measure one batch
     (CPU work; runs in a thread).  ``handed``: for a chained stream, what the hand-off found for
     this batch (its reference, or why there is none).
@@ -113,10 +114,13 @@ def process_batch(data: bytes, policy: Policy, cfg: CompressorConfig, controls: 
     t0 = time.perf_counter()
     decision = controls.decide(fb.stream_id) if controls is not None else None
     reference, keyframe_reason = choose_reference(fb, handed, cfg, controls) if handed is not None else (None, None)
-    coded = policy.code(fb, decision, reference)
+    preset = speed.preset(fb.stream_id) if speed is not None else None
+    coded = policy.code(fb, decision, reference, preset)
     # The reconstruction is exactly what a receiver decodes (tests hold every codec to it).
     payload, decoded = coded.payload, coded.decoded
     t1 = time.perf_counter()
+    if speed is not None:
+        speed.observe(fb.stream_id, t1 - t0, fb.frame_count / fb.fps)
     q = measure_batch(fb.frames, decoded, fb.width, fb.height, cfg.quality_frames)
     t2 = time.perf_counter()
     if controls is not None and decision is not None:
@@ -196,6 +200,8 @@ class Compressor:
         # Chained coding: the worker's own codec is native and can chain (the learned codecs code
         # closed GOPs; so do the policy's native fallbacks behind them).
         self.chained = self.cfg.chain and getattr(self.codec, "chains", False) and self.policy.neural is None
+        # The preset per stream, from measured encode times (a fixed --preset turns it off).
+        self.speed = PresetGovernor(self.cfg.codec, self.cfg.preset) if self.chained else None
         self.pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="codec")
         self.controls = StreamControls()
         self.bus: Bus | None = None
@@ -210,7 +216,7 @@ class Compressor:
         if self.bus is None:
             return 0
         await self.bus.ensure_topology()
-        self.refs = ReferenceStore(self.bus, self.cfg.chain_wait_s)
+        self.refs = ReferenceStore(self.bus, self.cfg.chain_wait_s, self.cfg.batch_timeout_s)
         sub = await self.bus.pull(busmod.FRAMES_STREAM, busmod.COMPRESSOR_CONSUMER)
         watcher = asyncio.create_task(self.watch_exhausted(stop))
         control = asyncio.create_task(self.controls.watch(self.bus, stop))
@@ -260,6 +266,9 @@ class Compressor:
         meta = msg.metadata
         attempts = meta.num_delivered or 1
         beat = asyncio.create_task(self._heartbeat(msg))
+        ids = _ids_from_msg_id((msg.headers or {}).get(busmod.MSG_ID_HEADER, ""))
+        if ids[0] is not None:
+            self.refs.begin(*ids)
         try:
             try:
                 # The envelope around the frames is small; a claim beyond this is refused unread.
@@ -287,6 +296,8 @@ class Compressor:
             log.error("batch_unacked", subject=msg.subject, error=f"{type(exc).__name__}: {exc}")
         finally:
             beat.cancel()
+            if ids[0] is not None:
+                self.refs.end(*ids)
 
     async def _handed(self, msg: Msg) -> Handed | None:
         """For a chained stream, the previous batch's reference (waiting for it a bounded time, on the
@@ -306,7 +317,7 @@ class Compressor:
 
         def job() -> Outcome:
             loop.call_soon_threadsafe(started.set)
-            return process_batch(data, self.policy, self.cfg, self.controls, handed)
+            return process_batch(data, self.policy, self.cfg, self.controls, handed, self.speed)
 
         future = loop.run_in_executor(self.pool, job)
         waiter = asyncio.ensure_future(started.wait())
@@ -343,6 +354,10 @@ class Compressor:
                                      varies=True)
         if self.chained:
             await self._hand_off(outcome, ack, packed)
+        else:
+            # No reference from this batch: a chained worker that gets the stream's next batch knows at
+            # once (codec_change) instead of waiting for one.
+            await self.refs.publish(cb.stream_id, cb.batch_seq, cb.width, cb.height, None, cb.codec)
         now = time.time()
         m = outcome.metrics
         row = replace(m, latency_ms=(now - m.captured_at) * 1000, attempts=attempts, completed_at=now)

@@ -119,19 +119,21 @@ class NativeCodec(Codec):
         return min(LEVEL_CRF[self.name]), max(LEVEL_CRF[self.name])
 
     def encode(self, frames: np.ndarray, width: int, height: int, fps: float, level: int | None = None,
-               *, crf: int | None = None, reference: Reference | None = None) -> bytes:
+               *, crf: int | None = None, reference: Reference | None = None, preset: str | None = None) -> bytes:
         """As :meth:`Codec.encode`; ``crf`` (keyword) overrides the level's CRF; with ``reference``
-        (codecs in :data:`CHAINABLE`) the batch is chained to it."""
+        (codecs in :data:`CHAINABLE`) the batch is chained to it; ``preset`` overrides the codec's
+        speed preset for this batch (named in the header)."""
         with normal_scheduling():
-            payload, seed = self._encode(frames, width, height, fps, level, crf, reference)
+            payload, seed = self._encode(frames, width, height, fps, level, crf, reference, preset)
         _last_seed.value = (payload, seed)
         return payload
 
     def encode_reconstruct(self, frames: np.ndarray, width: int, height: int, fps: float, level: int | None = None,
-                           *, crf: int | None = None, reference: Reference | None = None) -> tuple[bytes, np.ndarray]:
+                           *, crf: int | None = None, reference: Reference | None = None,
+                           preset: str | None = None) -> tuple[bytes, np.ndarray]:
         """(payload, what a receiver decodes).  The worker decodes its own seed and packets, which is
         what a receiver's re-created seed gives (tests hold the two to each other)."""
-        payload = self.encode(frames, width, height, fps, level, crf=crf, reference=reference)
+        payload = self.encode(frames, width, height, fps, level, crf=crf, reference=reference, preset=preset)
         header, bitstream = read_header(payload)
         last = getattr(_last_seed, "value", None)
         if "chain" not in header.params:
@@ -143,7 +145,7 @@ class NativeCodec(Codec):
         _last_seed.value = None
         return payload, self._decode_packets(header, bitstream, seed)
 
-    def _encode(self, frames, width, height, fps, level, crf, reference) -> tuple[bytes, bytes | None]:
+    def _encode(self, frames, width, height, fps, level, crf, reference, preset=None) -> tuple[bytes, bytes | None]:
         n = frames.shape[0]
         if crf is None:
             crf = self.crf if level is None else LEVEL_CRF[self.name][self.check_level(level)]
@@ -159,7 +161,7 @@ class NativeCodec(Codec):
         lookahead = n if self.reorder else 0
         isa = "sse2" if self.name.startswith("x264") else "native"
         ctx = self._encoder(width, height, rate, crf, gop=CHAIN_GOP if chained else n, lookahead=lookahead,
-                            threads=self.threads, seeded=reference is not None, isa=isa, preset=None)
+                            threads=self.threads, seeded=reference is not None, isa=isa, preset=preset)
         packets: list[bytes] = []
         try:
             if reference is not None:
@@ -170,6 +172,8 @@ class NativeCodec(Codec):
         except av.FFmpegError as exc:
             raise CodecError(f"{self.encoder} failed: {exc}") from None
         params = {**self.params, "crf": crf, **({} if level is None else {"level": level})}
+        if preset is not None:
+            params["preset" if self.name != "vp9" else "cpu-used"] = str(preset)
         seed = None
         if reference is not None:
             seed, packets = packets[0], packets[1:]
@@ -192,7 +196,7 @@ class NativeCodec(Codec):
         ctx.thread_count = threads
         options = {**self.options, self._qopt: str(crf)}
         if preset is not None:
-            options["preset"] = preset
+            options["preset" if self.name != "vp9" else "cpu-used"] = str(preset)
         if self.name.startswith("x264"):
             x264 = []
             if lookahead:

@@ -1,0 +1,64 @@
+"""Per stream, the slowest encoder preset this worker can afford: fewer bytes where the CPU allows.
+
+A slower x264 preset needs markedly fewer bytes for the same quality (docs/benchmarks.md,
+"Chained batches": medium against veryfast), but a live stream must be coded as fast as it
+arrives.  After each batch the worker compares the wall time its encoder took with the batch's
+duration: above :data:`SLOW_SHARE` of it, the stream's next batch uses the next faster preset; below
+:data:`FAST_SHARE`, the next slower one.  Wall time, not CPU time, so that a loaded machine (more
+streams, other processes) moves every stream to faster presets by itself.  The preset is named in
+each payload's header, so a receiver needs no notice of a change.  Soft state: a new worker starts
+each stream at :data:`START`.
+"""
+
+from __future__ import annotations
+
+import threading
+
+#: Presets from most bytes saved to fastest, per native codec that has a ladder.
+LADDERS = {
+    "x264": ("medium", "fast", "faster", "veryfast", "superfast"),
+    "x264-psnr": ("medium", "fast", "faster", "veryfast", "superfast"),
+    "av1": ("8", "10", "12"),
+}
+#: Where a stream starts: the fastest preset that measured clearly better than veryfast's zerolatency.
+START = {"x264": "faster", "x264-psnr": "faster", "av1": "10"}
+#: Encode wall time as a share of the batch's duration above which the next batch goes one step faster
+#: (leaving the rest of the batch's time for the pipeline's other work and for other streams) ...
+SLOW_SHARE = 0.35
+#: ... and below which it goes one step slower.
+FAST_SHARE = 0.12
+
+
+class PresetGovernor:
+    """Chooses each stream's preset from its last batches' measured encode times."""
+
+    def __init__(self, codec: str, fixed: str | None = None):
+        self.ladder = LADDERS.get(codec, ())
+        self.fixed = fixed  # --preset given: no adaptation
+        self._start = START.get(codec)
+        self._index: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def adaptive(self) -> bool:
+        return bool(self.ladder) and self.fixed is None
+
+    def preset(self, stream_id: str) -> str | None:
+        """The preset for the stream's next batch (None: the codec's own)."""
+        if not self.adaptive:
+            return self.fixed
+        with self._lock:
+            i = self._index.setdefault(stream_id, self.ladder.index(self._start))
+        return self.ladder[i]
+
+    def observe(self, stream_id: str, encode_s: float, duration_s: float) -> None:
+        if not self.adaptive or duration_s <= 0:
+            return
+        share = encode_s / duration_s
+        with self._lock:
+            i = self._index.get(stream_id, self.ladder.index(self._start))
+            if share > SLOW_SHARE:
+                i = min(i + 1, len(self.ladder) - 1)
+            elif share < FAST_SHARE:
+                i = max(i - 1, 0)
+            self._index[stream_id] = i

@@ -1,0 +1,35 @@
+"""The preset governor: each stream gets the slowest preset whose measured encode time the batch's
+duration affords, and moves when the machine gets busier or quieter."""
+
+from services.compressor.speed import FAST_SHARE, LADDERS, SLOW_SHARE, START, PresetGovernor
+
+
+def test_a_stream_starts_at_the_start_preset_and_slows_down_while_coding_is_cheap():
+    g = PresetGovernor("x264-psnr")
+    assert g.preset("s") == START["x264-psnr"]
+    for _ in range(10):
+        g.observe("s", encode_s=0.01, duration_s=0.267)
+    assert g.preset("s") == LADDERS["x264-psnr"][0]  # medium: the most bytes saved
+
+
+def test_a_batch_that_took_too_much_of_its_duration_moves_the_stream_to_a_faster_preset():
+    g = PresetGovernor("x264-psnr")
+    ladder = LADDERS["x264-psnr"]
+    before = ladder.index(g.preset("s"))
+    g.observe("s", encode_s=(SLOW_SHARE + 0.1) * 0.267, duration_s=0.267)
+    assert ladder.index(g.preset("s")) == before + 1
+    for _ in range(10):
+        g.observe("s", encode_s=1.0, duration_s=0.267)
+    assert g.preset("s") == ladder[-1]  # and no further
+    g.observe("s", encode_s=(FAST_SHARE + SLOW_SHARE) / 2 * 0.267, duration_s=0.267)
+    assert g.preset("s") == ladder[-1]  # in between: stays
+
+
+def test_streams_are_governed_apart_and_a_fixed_preset_is_left_alone():
+    g = PresetGovernor("x264")
+    g.observe("busy", encode_s=1.0, duration_s=0.267)
+    assert g.preset("busy") != g.preset("idle")
+    fixed = PresetGovernor("x264", fixed="slow")
+    fixed.observe("s", encode_s=5.0, duration_s=0.267)
+    assert fixed.preset("s") == "slow"
+    assert PresetGovernor("vp9").preset("s") is None  # no ladder: the codec's own preset
