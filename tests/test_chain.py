@@ -10,7 +10,7 @@ from services.ingest import read_batches
 from shared.codecs import CodecError, NativeCodec, decode_payload, read_header
 from shared.codecs.base import pack_payload
 from shared.codecs.native import CHAINABLE
-from shared.codecs.reference import Reference, ReferenceMismatch
+from shared.codecs.reference import ChainInfo, Reference, ReferenceMismatch
 from shared.pixfmt import crop_frame
 
 W, H = 160, 96
@@ -65,7 +65,7 @@ def test_the_seed_is_the_same_whatever_instruction_set_or_thread_count_the_recei
     frames = clip(16, w, h)
     payloads, _, refs = chain(NativeCodec("x264-psnr", reorder=True), frames, w=w, h=h)
     header, _ = read_header(payloads[1])
-    worker_seed = header.params["chain"]["seed"]
+    worker_seed = ChainInfo.from_params(header.params["chain"]).seed
     from shared.codecs.reference import packet_digest
 
     on_c = NativeCodec("x264-psnr").seed_packet(header, refs[1], isa="c")
@@ -95,13 +95,13 @@ def test_a_seed_that_re_creates_differently_is_refused_not_decoded_into_drift():
     frames = clip(16)
     payloads, _, refs = chain(NativeCodec("x264"), frames)
     header, bits = read_header(payloads[1])
-    forged = dataclasses.replace(header, params={**header.params, "chain": {**header.params["chain"], "seed": "0" * 24}})
+    forged = dataclasses.replace(header, params={**header.params, "chain": {**header.params["chain"], "s": bytes(8)}})
     with pytest.raises(ReferenceMismatch, match="re-created seed differs"):
         decode_payload(pack_payload(forged, bytes(bits)), refs[1])
 
 
-@pytest.mark.parametrize("change", [{"threads": 999}, {"lookahead": -1}, {"isa": "avx512"}, {"fps": "x"},
-                                    {"gop": None}])
+@pytest.mark.parametrize("change", [{"t": 999}, {"l": -1}, {"i": "avx512"}, {"r": "x"}, {"g": None},
+                                    {"f": "not bytes"}])
 def test_a_forged_chain_block_is_refused_before_any_encoder_runs(change):
     frames = clip(16)
     payloads, _, refs = chain(NativeCodec("x264"), frames)

@@ -62,6 +62,7 @@ class ReferenceStore:
         # Batches this worker holds (waiting or coding): the batch after one of them waits for it as
         # long as it takes (up to max_wait_s), since it is sure to hand a reference on or fail.
         self._inflight: set[tuple[str, int]] = set()
+        self._published: dict[str, int] = {}  # stream -> the latest batch whose reference this worker published
         # stream -> (ref, codec, batch, when): this worker's own hand-offs, which expire as the bus's do
         self._local: OrderedDict[str, tuple[Reference | None, str, int, float]] = OrderedDict()
 
@@ -69,8 +70,10 @@ class ReferenceStore:
                       codec: str) -> None:
         """Hand batch ``batch``'s last decoded frame on (``frame`` None: the batch went out with a
         codec whose output is not a reference, which the next batch learns at once)."""
-        ref = None if frame is None else Reference(batch, width, height, np.array(frame, copy=True))
-        self._remember(stream_id, ref, codec, batch)
+        ref = self.remember(stream_id, batch, width, height, frame, codec)
+        if batch < self._published.get(stream_id, -1):
+            return  # a later batch of the stream (coded meanwhile) is on the bus: latest only, never older
+        self._published[stream_id] = batch
         data = b"" if ref is None else ref.frame.tobytes()
         chunk = self.bus.max_inline
         parts = [data[i:i + chunk] for i in range(0, len(data), chunk)] or [b""]
@@ -80,11 +83,21 @@ class ReferenceStore:
         for i in (*range(1, len(parts)), 0):
             await self.bus.js.publish(refs_subject(stream_id, i), parts[i], headers=headers)
 
-    def _remember(self, stream_id: str, ref: Reference | None, codec: str, batch: int) -> None:
+    def remember(self, stream_id: str, batch: int, width: int, height: int, frame: np.ndarray | None,
+                 codec: str) -> Reference | None:
+        """Keep batch ``batch``'s reference for this worker's next batch of the stream, which may then
+        start coding while this one is still measured and published (call on the event loop)."""
+        ref = None if frame is None else Reference(batch, width, height, np.array(frame, copy=True))
+        held = self._local.get(stream_id)
+        if held is not None and held[2] > batch:
+            return ref  # batches finished out of order: the later one's stays
         self._local[stream_id] = (ref, codec, batch, time.monotonic())
         self._local.move_to_end(stream_id)
         while len(self._local) > LOCAL_STREAMS:
             self._local.popitem(last=False)
+        while len(self._published) > 16 * LOCAL_STREAMS:
+            self._published.pop(next(iter(self._published)))
+        return ref
 
     def begin(self, stream_id: str, batch: int) -> None:
         self._inflight.add((stream_id, batch))

@@ -103,10 +103,12 @@ def choose_reference(fb, handed: Handed, cfg: CompressorConfig, controls: Stream
 
 
 def process_batch(data: bytes, policy: Policy, cfg: CompressorConfig, controls: StreamControls | None = None,
-                  handed: Handed | None = None, speed: PresetGovernor | None = None) -> Outcome:
+                  handed: Handed | None = None, speed: PresetGovernor | None = None, on_handoff=None) -> Outcome:
     """Validate, code (through the policy and the stream's live config), and measure one batch
     (CPU work; runs in a thread).  ``handed``: for a chained stream, what the hand-off found for
-    this batch (its reference, or why there is none).
+    this batch (its reference, or why there is none); ``on_handoff(fb, frame, codec)`` is called as
+    soon as the batch is coded, so that the stream's next batch can start while this one is measured
+    and published (frame None: nothing to chain to).
 
     Raises SchemaError for invalid input; other exceptions mean the codec failed.
     """
@@ -119,6 +121,11 @@ def process_batch(data: bytes, policy: Policy, cfg: CompressorConfig, controls: 
     # The reconstruction is exactly what a receiver decodes (tests hold every codec to it).
     payload, decoded = coded.payload, coded.decoded
     t1 = time.perf_counter()
+    # Only a native codec's decode is the same on every receiver by the standard; the learned ones'
+    # output does not serve as a reference (the next batch says codec_change).
+    handoff = decoded[-1] if handed is not None and coded.codec in NATIVE_CODECS else None
+    if on_handoff is not None:
+        on_handoff(fb, handoff, coded.codec)
     if speed is not None:
         speed.observe(fb.stream_id, t1 - t0, fb.frame_count / fb.fps)
     q = measure_batch(fb.frames, decoded, fb.width, fb.height, cfg.quality_frames)
@@ -173,16 +180,13 @@ def process_batch(data: bytes, policy: Policy, cfg: CompressorConfig, controls: 
         quality_ms=(t2 - t1) * 1000,
         captured_at=fb.captured_at,
     )
-    # Only a native codec's decode is the same on every receiver by the standard; the learned ones'
-    # output does not serve as a reference (the next batch says codec_change).
-    handoff = decoded[-1] if handed is not None and coded.codec in NATIVE_CODECS else None
     return Outcome(metrics, compressed, handoff)
 
 
 def _params_str(params: dict) -> str:
     # Per-frame sizes and hashes belong to the payload, not to the row; of a chained batch's hand-off
     # the row names the batch it predicts from.
-    params = {**params, **({"ref": params["chain"]["batch"]} if isinstance(params.get("chain"), dict) else {})}
+    params = {**params, **({"ref": params["chain"].get("b")} if isinstance(params.get("chain"), dict) else {})}
     return ",".join(f"{k}={v}" for k, v in sorted(params.items()) if k not in ("sizes", "sha256", "chain"))
 
 
@@ -315,9 +319,14 @@ class Compressor:
         loop = asyncio.get_running_loop()
         started = asyncio.Event()
 
+        def handoff(fb, frame, codec) -> None:
+            loop.call_soon_threadsafe(self.refs.remember, fb.stream_id, fb.batch_seq, fb.width, fb.height, frame,
+                                      codec)
+
         def job() -> Outcome:
             loop.call_soon_threadsafe(started.set)
-            return process_batch(data, self.policy, self.cfg, self.controls, handed, self.speed)
+            return process_batch(data, self.policy, self.cfg, self.controls, handed, self.speed,
+                                 handoff if handed is not None else None)
 
         future = loop.run_in_executor(self.pool, job)
         waiter = asyncio.ensure_future(started.wait())
@@ -402,6 +411,9 @@ class Compressor:
             except Exception:
                 same = False
             if not same:
+                # (A batch of this stream that this worker coded meanwhile from its own copy of the
+                # reference will not decode at receivers: they ask for a key frame.  Rare: a
+                # redelivered batch is coded again from the same reference, to the same bytes.)
                 log.warning("reference_withheld", batch_id=cb.msg_id,
                             reason="the bus kept another coding of this batch")
                 frame = None

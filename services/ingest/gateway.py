@@ -10,6 +10,7 @@ instead of filling memory.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 import threading
 import time
@@ -294,6 +295,9 @@ async def ingest(
                 # Pace on the source clock: a batch leaves when its last frame would have been captured.
                 due = t0 + (fb.first_pts + fb.frame_count) / fb.fps
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
+                # The source is read ahead of the clock: the batch is captured when it leaves, so that
+                # latency counts from its last frame's (paced) capture, as a live camera's would.
+                fb = dataclasses.replace(fb, captured_at=time.time())
             await slots.acquire()
             # Reserved before publishing, in order: a restart never reuses a number (a crash may
             # leave one unused, a gap receivers skip).

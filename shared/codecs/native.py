@@ -206,7 +206,7 @@ class NativeCodec(Codec):
                     options["tune"] = tune
                 x264 += [f"rc-lookahead={lookahead}", "mbtree=0"]
             if seeded:
-                x264 += [f"ipratio={SEED_IPRATIO:g}", f"asm={ISA_LEVELS[isa]}"]
+                x264 += [f"ipratio={SEED_IPRATIO:g}"] + ([f"asm={ISA_LEVELS[isa]}"] if ISA_LEVELS[isa] else [])
             if x264:
                 options["x264-params"] = ":".join(x264)
         ctx.options = options

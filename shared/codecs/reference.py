@@ -29,11 +29,16 @@ from shared.codecs.base import CodecError
 
 def frame_digest(frame: np.ndarray) -> str:
     """A short digest of a frame's pixels: what a receiver compares to know it holds the reference."""
-    return hashlib.blake2b(np.ascontiguousarray(frame).data, digest_size=12).hexdigest()
+    return hashlib.blake2b(np.ascontiguousarray(frame).data, digest_size=DIGEST_BYTES).hexdigest()
 
 
 def packet_digest(packet: bytes) -> str:
-    return hashlib.blake2b(packet, digest_size=12).hexdigest()
+    return hashlib.blake2b(packet, digest_size=DIGEST_BYTES).hexdigest()
+
+
+#: Digests tell a held reference from another and a re-created seed from a different one: a mismatch
+#: detector, not a signature (payload integrity is the bus's business), so 8 bytes do.
+DIGEST_BYTES = 8
 
 
 @dataclass(frozen=True)
@@ -81,15 +86,17 @@ class ChainInfo:
     fps: str  # "num/den": rate control reads the frame rate
 
     def to_params(self) -> dict:
-        return {"batch": self.batch, "frame": self.frame, "seed": self.seed, "threads": self.threads,
-                "isa": self.isa, "lookahead": self.lookahead, "gop": self.gop, "fps": self.fps}
+        # Short keys and binary digests: the block rides on every chained payload (~60 bytes).
+        return {"b": self.batch, "f": bytes.fromhex(self.frame), "s": bytes.fromhex(self.seed), "t": self.threads,
+                "i": self.isa, "l": self.lookahead, "g": self.gop, "r": self.fps}
 
     @classmethod
     def from_params(cls, p) -> "ChainInfo":
         try:
-            info = cls(batch=int(p["batch"]), frame=str(p["frame"]), seed=str(p["seed"]),
-                       threads=int(p["threads"]), isa=str(p["isa"]), lookahead=int(p["lookahead"]),
-                       gop=int(p["gop"]), fps=str(p["fps"]))
+            if not (isinstance(p["f"], bytes) and isinstance(p["s"], bytes)):
+                raise TypeError
+            info = cls(batch=int(p["b"]), frame=p["f"].hex(), seed=p["s"].hex(), threads=int(p["t"]),
+                       isa=str(p["i"]), lookahead=int(p["l"]), gop=int(p["g"]), fps=str(p["r"]))
             num, den = (int(x) for x in info.fps.split("/"))
         except (KeyError, TypeError, ValueError, AttributeError):
             raise CodecError("chained payload header has a malformed chain block") from None
