@@ -154,6 +154,10 @@ class FrameBatch:
     captured_at: float
     frames: np.ndarray  # (n, frame_size) uint8, packed yuv420p
     pix_fmt: str = "yuv420p"
+    # A live source (paced at its frame rate, or a camera/network feed) must be coded as fast as it
+    # arrives; a recorded file published at full speed has no such deadline (the worker then spends
+    # what it takes for the fewest bytes: services/compressor/speed.py).  Absent: live.
+    live: bool = True
 
     @property
     def frame_count(self) -> int:
@@ -185,6 +189,7 @@ class FrameBatch:
                 "fps_den": self.fps_den,
                 "first_pts": self.first_pts,
                 "captured_at": self.captured_at,
+                "live": self.live,
                 "frame_count": self.frame_count,
                 # Packed as bin from the array's own rows: one copy of the batch fewer.
                 "frames": [memoryview(f) for f in np.ascontiguousarray(self.frames)],
@@ -228,7 +233,9 @@ def unpack_frame_batch(data: bytes, limits: Limits = Limits()) -> FrameBatch:
                 "bad_frame_size", f"frame {i} has {len(f)} bytes; {width}x{height} {pix_fmt} needs {fsize}"
             )
     arr = np.frombuffer(b"".join(frames), np.uint8).reshape(count, fsize)
-    return FrameBatch(sid, seq, width, height, fps_num, fps_den, first_pts, captured_at, arr, pix_fmt)
+    live = _get(obj, "live", bool, optional=True)
+    return FrameBatch(sid, seq, width, height, fps_num, fps_den, first_pts, captured_at, arr, pix_fmt,
+                      True if live is None else live)
 
 
 # --------------------------------------------------------------------------- CompressedBatch

@@ -64,6 +64,7 @@ async def running(*services):
 
 def compressor(bus_cfg: BusConfig, **kw) -> Compressor:
     kw.setdefault("codec", "x264")  # fast; the neural path has its own tests
+    kw.setdefault("quality_every", 1)  # every row measured, so tests can hold each to its frames
     return Compressor(CompressorConfig(bus=bus_cfg, worker_id=kw.pop("worker_id", unique("w")), **kw))
 
 

@@ -54,6 +54,8 @@ async def test_two_workers_at_concurrency_two_chain_a_stream_that_decodes_exactl
     kf = reasons(rows)
     assert kf[0] == "first" and kf[1:].count(None) >= 13, kf  # chained, but for a rare timeout
     assert all("ref=" in r["codec_params"] for r in rows if r["keyframe_reason"] is None)
+    # A file published at full speed is no live stream: no deadline, the fewest-bytes preset.
+    assert all("preset=medium" in r["codec_params"] for r in rows)
     assert got.undecodable == [] and got.frames == 128
     source = np.concatenate([b.frames for b in read_batches(SOURCE, "ref", 8, 128)])
     assert_decoded_exactly(rows, np.stack(read_video(out)), source, 320, 240)

@@ -13,7 +13,7 @@ from shared.codecs.native import LEVEL_CRF
 from shared.config import CompressorConfig, PolicyConfig
 from shared.schemas import unpack_batch_metrics
 
-CFG = CompressorConfig(codec="x264", quality_frames=1)
+CFG = CompressorConfig(codec="x264", quality_frames=1, quality_every=1)
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +218,12 @@ def test_waiting_behind_another_batch_is_not_counted_as_coding_time(batch):
     with ThreadPoolExecutor(2) as pool:
         coded = list(pool.map(lambda fb: policy.code(fb), [batch, replace(batch, batch_seq=batch.batch_seq + 1)]))
     assert [c.fallback_reason for c in coded] == [None, None]
+
+
+def test_the_costly_metrics_are_measured_on_one_batch_in_quality_every_and_psnr_y_on_all(batch):
+    cfg = CompressorConfig(codec="x264", quality_frames=1, quality_every=4)
+    policy = Policy(None, NativeCodec("x264"), PolicyConfig())
+    rows = {seq: process_batch(replace(batch, batch_seq=seq).pack(), policy, cfg).metrics for seq in (3, 4, 5, 8)}
+    assert all(r.psnr_y > 30 for r in rows.values())
+    assert [seq for seq, r in rows.items() if r.ms_ssim is not None] == [4, 8]
+    assert all((r.psnr_rgb is None) == (r.ms_ssim is None) for r in rows.values())

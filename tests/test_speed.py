@@ -33,3 +33,22 @@ def test_streams_are_governed_apart_and_a_fixed_preset_is_left_alone():
     fixed.observe("s", encode_s=5.0, duration_s=0.267)
     assert fixed.preset("s") == "slow"
     assert PresetGovernor("vp9").preset("s") is None  # no ladder: the codec's own preset
+
+
+def test_a_recorded_file_at_full_speed_has_no_deadline_and_gets_the_fewest_bytes_preset():
+    g = PresetGovernor("x264-psnr")
+    g.observe("file", encode_s=5.0, duration_s=0.267, live=False)  # slow, but nobody waits live
+    assert g.preset("file", live=False) == LADDERS["x264-psnr"][0]
+    assert g.preset("file") == START["x264-psnr"]  # its live state untouched
+
+
+def test_the_gateway_marks_paced_and_network_sources_live_and_files_at_full_speed_not():
+    from services.ingest.gateway import LIVE_SCHEMES
+    from shared.schemas import FrameBatch, unpack_frame_batch
+    import numpy as np
+
+    fb = FrameBatch("s", 0, 16, 16, 25, 1, 0, 0.0, np.zeros((1, 384), np.uint8), live=False)
+    assert unpack_frame_batch(fb.pack()).live is False
+    legacy = FrameBatch("s", 0, 16, 16, 25, 1, 0, 0.0, np.zeros((1, 384), np.uint8))
+    assert unpack_frame_batch(legacy.pack()).live is True
+    assert "rtsp" in LIVE_SCHEMES and "file" not in LIVE_SCHEMES

@@ -7,7 +7,8 @@ duration: above :data:`SLOW_SHARE` of it, the stream's next batch uses the next 
 :data:`FAST_SHARE`, the next slower one.  Wall time, not CPU time, so that a loaded machine (more
 streams, other processes) moves every stream to faster presets by itself.  The preset is named in
 each payload's header, so a receiver needs no notice of a change.  Soft state: a new worker starts
-each stream at :data:`START`.
+each stream at :data:`START`.  Batches that are not live (a recorded file published at full speed,
+``FrameBatch.live``) have no deadline and get the slowest preset of the ladder.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import threading
 
 #: Presets from most bytes saved to fastest, per native codec that has a ladder.
 LADDERS = {
-    "x264": ("medium", "fast", "faster", "veryfast", "superfast"),
-    "x264-psnr": ("medium", "fast", "faster", "veryfast", "superfast"),
+    "x264": ("medium", "fast", "faster", "veryfast", "superfast", "ultrafast"),
+    "x264-psnr": ("medium", "fast", "faster", "veryfast", "superfast", "ultrafast"),
     "av1": ("8", "10", "12"),
 }
-#: Where a stream starts: the fastest preset that measured clearly better than veryfast's zerolatency.
-START = {"x264": "faster", "x264-psnr": "faster", "av1": "10"}
+#: Where a stream starts: veryfast, x264's usual live preset; the stream moves from there in a few
+#: batches (starting slower built a backlog of seconds on a 2-core machine at 720p30).
+START = {"x264": "veryfast", "x264-psnr": "veryfast", "av1": "10"}
 #: Encode wall time as a share of the batch's duration above which the next batch goes one step faster
 #: (leaving the rest of the batch's time for the pipeline's other work and for other streams) ...
 SLOW_SHARE = 0.35
@@ -43,16 +45,19 @@ class PresetGovernor:
     def adaptive(self) -> bool:
         return bool(self.ladder) and self.fixed is None
 
-    def preset(self, stream_id: str) -> str | None:
-        """The preset for the stream's next batch (None: the codec's own)."""
+    def preset(self, stream_id: str, live: bool = True) -> str | None:
+        """The preset for the stream's next batch (None: the codec's own).  A batch that is not
+        live (a recorded file at full speed) has no deadline: the slowest preset, fewest bytes."""
         if not self.adaptive:
             return self.fixed
+        if not live:
+            return self.ladder[0]
         with self._lock:
             i = self._index.setdefault(stream_id, self.ladder.index(self._start))
         return self.ladder[i]
 
-    def observe(self, stream_id: str, encode_s: float, duration_s: float) -> None:
-        if not self.adaptive or duration_s <= 0:
+    def observe(self, stream_id: str, encode_s: float, duration_s: float, live: bool = True) -> None:
+        if not self.adaptive or duration_s <= 0 or not live:
             return
         share = encode_s / duration_s
         with self._lock:

@@ -116,7 +116,7 @@ def process_batch(data: bytes, policy: Policy, cfg: CompressorConfig, controls: 
     t0 = time.perf_counter()
     decision = controls.decide(fb.stream_id) if controls is not None else None
     reference, keyframe_reason = choose_reference(fb, handed, cfg, controls) if handed is not None else (None, None)
-    preset = speed.preset(fb.stream_id) if speed is not None else None
+    preset = speed.preset(fb.stream_id, fb.live) if speed is not None else None
     coded = policy.code(fb, decision, reference, preset)
     # The reconstruction is exactly what a receiver decodes (tests hold every codec to it).
     payload, decoded = coded.payload, coded.decoded
@@ -127,8 +127,9 @@ def process_batch(data: bytes, policy: Policy, cfg: CompressorConfig, controls: 
     if on_handoff is not None:
         on_handoff(fb, handoff, coded.codec)
     if speed is not None:
-        speed.observe(fb.stream_id, t1 - t0, fb.frame_count / fb.fps)
-    q = measure_batch(fb.frames, decoded, fb.width, fb.height, cfg.quality_frames)
+        speed.observe(fb.stream_id, t1 - t0, fb.frame_count / fb.fps, fb.live)
+    sampled = fb.batch_seq % cfg.quality_every == 0
+    q = measure_batch(fb.frames, decoded, fb.width, fb.height, cfg.quality_frames if sampled else 0)
     t2 = time.perf_counter()
     if controls is not None and decision is not None:
         controls.observe(fb.stream_id, decision, q.psnr_y, learned=coded.fallback_reason is None,

@@ -45,6 +45,9 @@ class SourceError(RuntimeError):
     """A source that cannot be opened or holds no video."""
 
 
+LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "srt", "udp", "rtp", "tcp")
+
+
 def open_source(source: str) -> av.container.InputContainer:
     """Open a PyAV input: a path, a URL, or ``lavfi:<filtergraph>``."""
     try:
@@ -262,6 +265,9 @@ async def ingest(
         raise BatchNumberError(f"batches 0..{next_free - 1} of stream {stream_id!r} were published already; "
                                f"use --start-seq {next_free} or more (or leave it out), or a new stream id")
     subject = busmod.frames_subject(stream_id)
+    # A network or device source is live whatever the pacing; a file or generator read at full speed
+    # is a backlog without a deadline.
+    live = realtime or source.split("://", 1)[0].lower() in LIVE_SCHEMES
     slots = asyncio.Semaphore(in_flight)
     pending: set[asyncio.Task] = set()
     errors: list[BaseException] = []
@@ -298,6 +304,8 @@ async def ingest(
                 # The source is read ahead of the clock: the batch is captured when it leaves, so that
                 # latency counts from its last frame's (paced) capture, as a live camera's would.
                 fb = dataclasses.replace(fb, captured_at=time.time())
+            elif not live:
+                fb = dataclasses.replace(fb, live=False)
             await slots.acquire()
             # Reserved before publishing, in order: a restart never reuses a number (a crash may
             # leave one unused, a gap receivers skip).
