@@ -38,8 +38,10 @@ DIGEST_HEADER = "Aic-Ref-Digest"
 CODEC_HEADER = "Aic-Ref-Codec"
 #: How often a waiting worker looks at the bus for the reference it needs.
 POLL_S = 0.02
-#: Streams whose latest reference a worker keeps in memory (a 1080p frame is 3 MB).
+#: Streams whose latest reference a worker keeps in memory, and the bytes they may take (a 1080p
+#: frame is 3 MB, a 4K one 12 MB); past either, the oldest go (their next batch reads the bus copy).
 LOCAL_STREAMS = 64
+LOCAL_BYTES = 256 << 20
 
 
 def refs_subject(stream_id: str, part: int) -> str:
@@ -93,7 +95,8 @@ class ReferenceStore:
             return ref  # batches finished out of order: the later one's stays
         self._local[stream_id] = (ref, codec, batch, time.monotonic())
         self._local.move_to_end(stream_id)
-        while len(self._local) > LOCAL_STREAMS:
+        while len(self._local) > LOCAL_STREAMS or (
+                len(self._local) > 1 and sum(r.frame.nbytes for r, *_ in self._local.values() if r) > LOCAL_BYTES):
             self._local.popitem(last=False)
         while len(self._published) > 16 * LOCAL_STREAMS:
             self._published.pop(next(iter(self._published)))

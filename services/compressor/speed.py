@@ -21,9 +21,10 @@ LADDERS = {
     "x264-psnr": ("medium", "fast", "faster", "veryfast", "superfast", "ultrafast"),
     "av1": ("8", "10", "12"),
 }
-#: Where a stream starts: veryfast, x264's usual live preset; the stream moves from there in a few
-#: batches (starting slower built a backlog of seconds on a 2-core machine at 720p30).
-START = {"x264": "veryfast", "x264-psnr": "veryfast", "av1": "10"}
+#: Where a live stream starts: the fastest preset, climbing one step per batch while the measured
+#: encode time affords it (five batches, 1.3 s at 30 fps, to medium).  Starting slower built a backlog
+#: of seconds on a 2-core machine at 720p30 that took a minute to drain.
+START = {"x264": "ultrafast", "x264-psnr": "ultrafast", "av1": "12"}
 #: Encode wall time as a share of the batch's duration above which the next batch goes one step faster
 #: (leaving the rest of the batch's time for the pipeline's other work and for other streams) ...
 SLOW_SHARE = 0.35
