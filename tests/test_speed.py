@@ -19,6 +19,10 @@ def test_a_batch_that_took_too_much_of_its_duration_moves_the_stream_to_a_faster
         g.observe("s", encode_s=0.01, duration_s=0.267)  # climbs from the fastest start
     before = ladder.index(g.preset("s"))
     assert before == len(ladder) - 4
+    g.observe("s", encode_s=0.01, duration_s=0.267, lag_s=0.5)  # cheap, but it came late: the worker is behind
+    assert ladder.index(g.preset("s")) == before + 1
+    g.observe("s", encode_s=0.01, duration_s=0.267)
+    assert ladder.index(g.preset("s")) == before
     g.observe("s", encode_s=(SLOW_SHARE + 0.1) * 0.267, duration_s=0.267)
     assert ladder.index(g.preset("s")) == before + 1
     for _ in range(10):

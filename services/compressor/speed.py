@@ -3,8 +3,9 @@
 A slower x264 preset needs markedly fewer bytes for the same quality (docs/benchmarks.md,
 "Chained batches": medium against veryfast), but a live stream must be coded as fast as it
 arrives.  After each batch the worker compares the wall time its encoder took with the batch's
-duration: above :data:`SLOW_SHARE` of it, the stream's next batch uses the next faster preset; below
-:data:`FAST_SHARE`, the next slower one.  Wall time, not CPU time, so that a loaded machine (more
+duration: above :data:`SLOW_SHARE` of it, or when the batch reached the encoder late (the worker is
+behind), the stream's next batch uses the next faster preset; below :data:`FAST_SHARE`, the next
+slower one.  Wall time, not CPU time, so that a loaded machine (more
 streams, other processes) moves every stream to faster presets by itself.  The preset is named in
 each payload's header, so a receiver needs no notice of a change.  Soft state: a new worker starts
 each stream at :data:`START`.  Batches that are not live (a recorded file published at full speed,
@@ -27,9 +28,12 @@ LADDERS = {
 START = {"x264": "ultrafast", "x264-psnr": "ultrafast", "av1": "12"}
 #: Encode wall time as a share of the batch's duration above which the next batch goes one step faster
 #: (leaving the rest of the batch's time for the pipeline's other work and for other streams) ...
-SLOW_SHARE = 0.35
-#: ... and below which it goes one step slower.
-FAST_SHARE = 0.12
+SLOW_SHARE = 0.6
+#: ... and below which it goes one step slower, unless the batch was late.
+FAST_SHARE = 0.3
+#: A batch that reached its encoder more than this many batch durations after its capture was late: the
+#: worker is behind (CPU taken by other streams, the bus, quality measurement), so the next goes faster.
+LATE_BATCHES = 1.0
 
 
 class PresetGovernor:
@@ -57,13 +61,17 @@ class PresetGovernor:
             i = self._index.setdefault(stream_id, self.ladder.index(self._start))
         return self.ladder[i]
 
-    def observe(self, stream_id: str, encode_s: float, duration_s: float, live: bool = True) -> None:
+    def observe(self, stream_id: str, encode_s: float, duration_s: float, live: bool = True,
+                lag_s: float = 0.0) -> None:
+        """After a batch: ``encode_s`` its encoder's wall time, ``lag_s`` how long after its capture
+        it reached the encoder (queueing, transfer, waiting for the previous batch)."""
         if not self.adaptive or duration_s <= 0 or not live:
             return
         share = encode_s / duration_s
+        late = lag_s > LATE_BATCHES * duration_s
         with self._lock:
             i = self._index.get(stream_id, self.ladder.index(self._start))
-            if share > SLOW_SHARE:
+            if share > SLOW_SHARE or late:
                 i = min(i + 1, len(self.ladder) - 1)
             elif share < FAST_SHARE:
                 i = max(i - 1, 0)

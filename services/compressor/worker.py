@@ -114,6 +114,7 @@ def process_batch(data: bytes, policy: Policy, cfg: CompressorConfig, controls: 
     """
     fb = unpack_frame_batch(data, cfg.limits)
     t0 = time.perf_counter()
+    lag_s = max(0.0, time.time() - fb.captured_at)
     decision = controls.decide(fb.stream_id) if controls is not None else None
     reference, keyframe_reason = choose_reference(fb, handed, cfg, controls) if handed is not None else (None, None)
     preset = speed.preset(fb.stream_id, fb.live) if speed is not None else None
@@ -127,7 +128,7 @@ def process_batch(data: bytes, policy: Policy, cfg: CompressorConfig, controls: 
     if on_handoff is not None:
         on_handoff(fb, handoff, coded.codec)
     if speed is not None:
-        speed.observe(fb.stream_id, t1 - t0, fb.frame_count / fb.fps, fb.live)
+        speed.observe(fb.stream_id, t1 - t0, fb.frame_count / fb.fps, fb.live, lag_s)
     sampled = fb.batch_seq % cfg.quality_every == 0
     q = measure_batch(fb.frames, decoded, fb.width, fb.height, cfg.quality_frames if sampled else 0)
     t2 = time.perf_counter()
