@@ -55,6 +55,17 @@ def measure(src, preset: str, batch: int = 8, level: int = 4) -> dict:
                            ("chained_bytes", len(chained))):
                 rows[key].append(v)
         ref = Reference(k, w, h, rec[-1])
+    # What pinning the seeded batches to x264's SSE2 path costs: the same chained batches with every
+    # instruction set this CPU has (a bitstream only this CPU model could re-create: timing only).
+    unpinned = NativeCodec("x264-psnr", reorder=True, preset=preset, seed_isa="native")
+    ref, pinned_ms, native_ms = None, [], []
+    for k, s in enumerate(range(0, len(src.frames), batch)):
+        frames = src.frames[s:s + batch]
+        if ref is not None:
+            native_ms.append(cpu_ms(lambda: unpinned.encode(frames, w, h, fps, level, reference=ref))[1])
+            pinned_ms.append(cpu_ms(lambda: codec.encode(frames, w, h, fps, level, reference=ref))[1])
+        ref = Reference(k, w, h, codec.encode_reconstruct(frames, w, h, fps, level, reference=ref)[1][-1])
+    rows["pinned_encode"], rows["native_encode"] = pinned_ms, native_ms
     med = {k: float(np.median(v)) for k, v in rows.items()}
     ref_bytes = frame_size(w, h)
     return {
@@ -64,6 +75,8 @@ def measure(src, preset: str, batch: int = 8, level: int = 4) -> dict:
         "receiver_ms": {"closed": med["closed_decode"], "chained": med["chained_decode"],
                         "extra": med["chained_decode"] - med["closed_decode"], "seed": med["seed"]},
         "payload_bytes": {"closed": med["closed_bytes"], "chained": med["chained_bytes"]},
+        "seed_pin_ms": {"sse2": med["pinned_encode"], "native": med["native_encode"],
+                        "cost": med["pinned_encode"] / med["native_encode"] - 1},
         "bus_bytes_per_batch": {"reference": ref_bytes, "raw_batch": batch * ref_bytes,
                                 "reference_vs_raw": ref_bytes / (batch * ref_bytes),
                                 "reference_vs_chained_payload": ref_bytes / med["chained_bytes"]},
@@ -91,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
               f"chained ({wk['extra']:+.1f}); receiver decode {rx['closed']:.1f} / {rx['chained']:.1f} "
               f"({rx['extra']:+.1f}; seed alone {rx['seed']:.1f}); payload {r['payload_bytes']['closed']:.0f} / "
               f"{r['payload_bytes']['chained']:.0f} B")
+        pin = r["seed_pin_ms"]
+        print(f"    chained encode pinned to SSE2 {pin['sse2']:.1f} ms vs every instruction set {pin['native']:.1f} ms "
+              f"({100 * pin['cost']:+.0f} %)")
         print(f"    hand-off on the bus: {b['reference']} B per batch = {100 * b['reference_vs_raw']:.1f} % of the "
               f"raw batch, {b['reference_vs_chained_payload']:.0f}x the chained payload")
     return 0

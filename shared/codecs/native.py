@@ -85,10 +85,15 @@ class NativeCodec(Codec):
     version = 1
 
     def __init__(self, name: str = "x264", crf: int | None = None, preset: str | None = None, threads: int = 0,
-                 reorder: bool = False):
+                 reorder: bool = False, seed_isa: str = "sse2"):
         if name not in NATIVE_CODECS:
             raise ValueError(f"unknown native codec {name!r}")
+        if seed_isa not in ISA_LEVELS:
+            raise ValueError(f"seed_isa must be one of {sorted(ISA_LEVELS)}")
         self.name = name
+        # x264's instruction sets for seeded batches: "sse2" (= its C output) re-creates on any CPU;
+        # "native" only on the same CPU model (benchmarks time what the pin costs with it).
+        self.seed_isa = seed_isa
         self.reorder = bool(reorder) and name.startswith("x264")
         self.encoder, self.decoder, opts, self._qopt = NATIVE_CODECS[name]
         self.crf = DEFAULT_CRF[name] if crf is None else int(crf)
@@ -159,7 +164,7 @@ class NativeCodec(Codec):
         rate = Fraction(fps).limit_denominator(1001)
         chained = reference is not None or self.reorder
         lookahead = n if self.reorder else 0
-        isa = "sse2" if self.name.startswith("x264") else "native"
+        isa = self.seed_isa if self.name.startswith("x264") else "native"
         ctx = self._encoder(width, height, rate, crf, gop=CHAIN_GOP if chained else n, lookahead=lookahead,
                             threads=self.threads, seeded=reference is not None, isa=isa, preset=preset)
         packets: list[bytes] = []
