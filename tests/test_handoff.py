@@ -95,3 +95,35 @@ async def test_a_worker_keeps_a_bounded_number_of_local_references(bus, stream_c
     for i in range(stream_count):
         await store.publish(f"s{i}", 0, 16, 16, frame(16, 16, i), "x264")
     assert len(store._local) <= 64
+
+
+async def test_after_a_redelivery_the_reference_is_handed_on_only_if_the_bus_kept_these_very_bytes(
+        bus, bus_cfg, monkeypatch):
+    # Claim-checked payloads too (a 4K batch's payload can pass max_payload): compared chunk by chunk.
+    monkeypatch.setattr(type(bus), "max_inline", property(lambda self: 4096))
+    from services.compressor.worker import Outcome
+    from shared.schemas import BatchMetrics, CompressedBatch
+    from tests.conftest import compressor
+
+    sid = unique()
+    worker = compressor(bus_cfg)
+    worker.bus, worker.refs = bus, ReferenceStore(bus, wait_s=0.2)
+
+    def outcome(payload: bytes) -> Outcome:
+        cb = CompressedBatch(sid, 3, "x264", 64, 48, 8, 25, 1, 0, 0.0, 0.0, "w", payload)
+        return Outcome(BatchMetrics(f"{sid}:3", sid, "ok", "w", 0.0), cb, frame(64, 48))
+
+    first = outcome(b"A" * 20000)
+    await bus.publish(busmod.compressed_subject(sid), first.compressed.pack(), first.compressed.msg_id, varies=True)
+    again = await bus.publish(busmod.compressed_subject(sid), first.compressed.pack(), first.compressed.msg_id,
+                              varies=True)
+    assert again.duplicate
+    await worker._hand_off(first, again, first.compressed.pack())  # the same coding: its frame serves
+    assert (await ReferenceStore(bus, wait_s=0.2).for_batch(sid, 4)).reason is None
+
+    other = outcome(b"B" * 20000)  # coded differently on the retry (another reference, say)
+    ack = await bus.publish(busmod.compressed_subject(sid), other.compressed.pack(), other.compressed.msg_id,
+                            varies=True)
+    assert ack.duplicate
+    await worker._hand_off(other, ack, other.compressed.pack())
+    assert (await ReferenceStore(bus, wait_s=0.2).for_batch(sid, 4)).reason == "no_reference"

@@ -409,7 +409,8 @@ class Compressor:
         if ack.duplicate:
             try:
                 stored = await self.bus.js.get_msg(busmod.COMPRESSED_STREAM, ack.seq)
-                same = stored.data == packed
+                # (a claim-checked payload is reassembled from its chunks, each checked as its own)
+                same = await self.bus.payload(stored, max_size=len(packed)) == packed
             except Exception:
                 same = False
             if not same:
