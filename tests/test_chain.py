@@ -129,3 +129,13 @@ def test_a_batch_coded_at_another_preset_than_the_receiver_knows_decodes_from_it
     second, rec1 = codec.encode_reconstruct(frames[8:], W, H, 25.0, 4, reference=ref, preset="medium")
     assert read_header(second)[0].params["preset"] == "medium"
     assert np.array_equal(decode_payload(second, ref)[1], rec1)
+
+
+def test_a_chain_block_on_a_codec_that_cannot_chain_is_refused_before_any_encoder_runs():
+    frames = clip(16)
+    payloads, _, refs = chain(NativeCodec("x264"), frames)
+    header, bits = read_header(payloads[1])
+    for codec in ("x265", "vp9", "neural", "hybrid"):
+        forged = dataclasses.replace(header, codec=codec)
+        with pytest.raises(CodecError, match="cannot be chained"):
+            decode_payload(pack_payload(forged, bytes(bits)), refs[1])

@@ -173,3 +173,19 @@ async def test_kill_9_of_one_of_two_workers_mid_stream_loses_nothing_and_the_str
     for i, r in enumerate(kept):  # the decoded file holds the kept batches back to back
         q = measure_batch(frames[8 * r["batch_seq"]:8 * r["batch_seq"] + 8], decoded[8 * i:8 * i + 8], 640, 360, 0)
         assert q.psnr_y == pytest.approx(r["psnr_y"], abs=1e-9), f"batch {r['batch_seq']}"
+
+
+async def test_a_hand_off_the_bus_refuses_costs_a_key_frame_never_the_batch(bus, bus_cfg, postgres, monkeypatch):
+    from services.compressor.handoff import ReferenceStore
+
+    async def refused(self, *a, **kw):
+        raise TimeoutError("nats: timeout")
+
+    monkeypatch.setattr(ReferenceStore, "publish", refused)
+    sid = unique("refused")
+    async with running(compressor(bus_cfg, codec="x264-psnr", chain_wait_s=0.3), metrics_writer(bus_cfg, postgres.url)):
+        await ingest(bus, SOURCE, sid, 8, 24, progress=False)
+        rows = await wait_rows(postgres.url, [sid], 3)
+        await asyncio.sleep(1)
+        rows = await wait_rows(postgres.url, [sid], 3)
+    assert len(rows) == 3 and all(r["status"] == "ok" and r["attempts"] == 1 for r in rows)

@@ -54,6 +54,7 @@ class Handed:
 
     reference: Reference | None
     reason: str | None  # a KEYFRAME_REASONS value when reference is None
+    batch: tuple[str, int] | None = None  # (stream, batch) it was found for, checked against the batch itself
 
 
 class ReferenceStore:
@@ -65,6 +66,7 @@ class ReferenceStore:
         # long as it takes (up to max_wait_s), since it is sure to hand a reference on or fail.
         self._inflight: set[tuple[str, int]] = set()
         self._published: dict[str, int] = {}  # stream -> the latest batch whose reference this worker published
+        self._locks: dict[str, asyncio.Lock] = {}
         # stream -> (ref, codec, batch, when): this worker's own hand-offs, which expire as the bus's do
         self._local: OrderedDict[str, tuple[Reference | None, str, int, float]] = OrderedDict()
 
@@ -73,9 +75,17 @@ class ReferenceStore:
         """Hand batch ``batch``'s last decoded frame on (``frame`` None: the batch went out with a
         codec whose output is not a reference, which the next batch learns at once)."""
         ref = self.remember(stream_id, batch, width, height, frame, codec)
-        if batch < self._published.get(stream_id, -1):
-            return  # a later batch of the stream (coded meanwhile) is on the bus: latest only, never older
-        self._published[stream_id] = batch
+        lock = self._locks.setdefault(stream_id, asyncio.Lock())
+        async with lock:  # one writer per stream at a time, so parts of two batches never mix
+            if batch < self._published.get(stream_id, -1):
+                return  # a later batch of the stream (coded meanwhile) is on the bus: latest only, never older
+            self._published[stream_id] = batch
+            await self._write(stream_id, batch, width, height, ref, codec)
+        if not lock.locked() and len(self._locks) > 4 * LOCAL_STREAMS:
+            self._locks.pop(stream_id, None)
+
+    async def _write(self, stream_id: str, batch: int, width: int, height: int, ref: Reference | None,
+                     codec: str) -> None:
         data = b"" if ref is None else ref.frame.tobytes()
         chunk = self.bus.max_inline
         parts = [data[i:i + chunk] for i in range(0, len(data), chunk)] or [b""]
@@ -108,6 +118,13 @@ class ReferenceStore:
     def end(self, stream_id: str, batch: int) -> None:
         self._inflight.discard((stream_id, batch))
 
+    def drop(self, stream_id: str, batch: int) -> None:
+        """Forget this worker's copy of batch ``batch``'s reference: its delivery failed, and the
+        coding that receivers get (after a redelivery) may be another."""
+        held = self._local.get(stream_id)
+        if held is not None and held[2] == batch:
+            del self._local[stream_id]
+
     async def for_batch(self, stream_id: str, batch: int) -> Handed:
         """Batch ``batch - 1``'s reference, waiting up to ``wait_s`` for it to appear."""
         if batch == 0:
@@ -121,8 +138,10 @@ class ReferenceStore:
             local = self._local.get(stream_id)
             if local is not None and local[2] == batch - 1 and time.monotonic() - local[3] < busmod.REFS_MAX_AGE_S:
                 found = local[:3]
+            elif (stream_id, batch - 1) in self._inflight:
+                found = None  # it will be this worker's own copy: no need to read the bus meanwhile
             else:
-                found = await self._fetch(stream_id)
+                found = await self._fetch(stream_id, batch - 1)
             if found is not None:
                 ref, codec, got = found
                 seen = got
@@ -134,8 +153,9 @@ class ReferenceStore:
                 return Handed(None, "no_reference" if seen is None else "timeout")
             await asyncio.sleep(POLL_S)
 
-    async def _fetch(self, stream_id: str) -> tuple[Reference | None, str, int] | None:
-        """The bus's latest reference of a stream, or None (none, expired, or caught mid-update)."""
+    async def _fetch(self, stream_id: str, want: int | None = None) -> tuple[Reference | None, str, int] | None:
+        """The bus's latest reference of a stream, or None (none, expired, or caught mid-update).
+        When it is not batch ``want``, only its header is read (the caller just learns which it is)."""
         try:
             head = await self.bus.js.get_last_msg(busmod.REFS_STREAM, refs_subject(stream_id, 0), direct=True)
         except NotFoundError:
@@ -150,7 +170,7 @@ class ReferenceStore:
             digest, codec = h[DIGEST_HEADER], h.get(CODEC_HEADER, "")
         except (KeyError, ValueError):
             return None
-        if not digest:
+        if not digest or (want is not None and batch != want):
             return None, codec, batch
         data = [head.data or b""]
         for i in range(1, parts):

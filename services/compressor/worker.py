@@ -116,6 +116,8 @@ def process_batch(data: bytes, policy: Policy, cfg: CompressorConfig, controls: 
     t0 = time.perf_counter()
     lag_s = max(0.0, time.time() - fb.captured_at)
     decision = controls.decide(fb.stream_id) if controls is not None else None
+    if handed is not None and handed.batch is not None and (fb.stream_id, fb.batch_seq) != handed.batch:
+        handed = Handed(None, "no_reference")  # the envelope's id and the batch disagree: trust neither's reference
     reference, keyframe_reason = choose_reference(fb, handed, cfg, controls) if handed is not None else (None, None)
     preset = speed.preset(fb.stream_id, fb.live) if speed is not None else None
     coded = policy.code(fb, decision, reference, preset)
@@ -300,6 +302,8 @@ class Compressor:
         except Exception as exc:
             # Publishing failed (server down, timeout): no ack, so JetStream redelivers.
             log.error("batch_unacked", subject=msg.subject, error=f"{type(exc).__name__}: {exc}")
+            if ids[0] is not None:
+                self.refs.drop(*ids)  # the coding receivers get, after the redelivery, may be another
         finally:
             beat.cancel()
             if ids[0] is not None:
@@ -313,7 +317,8 @@ class Compressor:
         sid, seq = _ids_from_msg_id((msg.headers or {}).get(busmod.MSG_ID_HEADER, ""))
         if sid is None:
             return None  # not a gateway's batch: validation will say what is wrong with it
-        return await self.refs.for_batch(sid, seq)
+        handed = await self.refs.for_batch(sid, seq)
+        return replace(handed, batch=(sid, seq))
 
     async def _code(self, data: bytes, handed: Handed | None = None) -> Outcome:
         """Run :func:`process_batch` in the pool; the timeout counts from when a thread takes the
@@ -363,12 +368,15 @@ class Compressor:
         packed = cb.pack()
         ack = await self.bus.publish(busmod.compressed_subject(cb.stream_id), packed, cb.msg_id, kind="compressed",
                                      varies=True)
-        if self.chained:
-            await self._hand_off(outcome, ack, packed)
-        else:
-            # No reference from this batch: a chained worker that gets the stream's next batch knows at
-            # once (codec_change) instead of waiting for one.
-            await self.refs.publish(cb.stream_id, cb.batch_seq, cb.width, cb.height, None, cb.codec)
+        try:
+            if self.chained:
+                await self._hand_off(outcome, ack, packed)
+            else:
+                # No reference from this batch: a chained worker that gets the stream's next batch knows
+                # at once (codec_change) instead of waiting for one.
+                await self.refs.publish(cb.stream_id, cb.batch_seq, cb.width, cb.height, None, cb.codec)
+        except Exception as exc:  # the payload is out: a lost hand-off costs the next batch a key frame
+            log.warning("reference_not_published", batch_id=cb.msg_id, error=f"{type(exc).__name__}: {exc}")
         now = time.time()
         m = outcome.metrics
         row = replace(m, latency_ms=(now - m.captured_at) * 1000, attempts=attempts, completed_at=now)

@@ -151,7 +151,14 @@ def decode_payload(payload: bytes, reference=None) -> tuple[PayloadHeader, np.nd
         decode = bitstream_decoder(header.codec)
     except ValueError as exc:
         raise CodecError(str(exc)) from None
-    frames = decode(header, bitstream, reference) if "chain" in header.params else decode(header, bitstream)
+    if "chain" in header.params:
+        from shared.codecs.native import CHAINABLE
+
+        if header.codec not in CHAINABLE:  # a forged header: only these codecs' seeds are re-created
+            raise CodecError(f"a {header.codec} payload cannot be chained (chainable: {', '.join(CHAINABLE)})")
+        frames = decode(header, bitstream, reference=reference)
+    else:
+        frames = decode(header, bitstream)
     expected = (header.frame_count, frame_size(header.width, header.height, header.pix_fmt))
     if frames.shape != expected:
         raise CodecError(f"decoded {frames.shape}, header promised {expected}")

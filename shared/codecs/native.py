@@ -255,6 +255,8 @@ class NativeCodec(Codec):
         return self._decode_packets(header, bitstream, seed)
 
     def _verified_seed(self, header: PayloadHeader, reference: Reference | None) -> bytes:
+        if not self.chains:
+            raise CodecError(f"a {self.name} payload cannot be chained")
         info = ChainInfo.from_params(header.params["chain"])
         if reference is None:
             raise ReferenceMismatch(f"chained payload predicts from batch {info.batch}, and no reference is held",
