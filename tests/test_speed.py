@@ -59,3 +59,18 @@ def test_the_gateway_marks_paced_and_network_sources_live_and_files_at_full_spee
     legacy = FrameBatch("s", 0, 16, 16, 25, 1, 0, 0.0, np.zeros((1, 384), np.uint8))
     assert unpack_frame_batch(legacy.pack()).live is True
     assert "rtsp" in LIVE_SCHEMES and "file" not in LIVE_SCHEMES
+
+
+def test_what_a_worker_remembers_per_stream_is_bounded():
+    from services.compressor import speed
+    from services.compressor.controls import MAX_KEYFRAME_REQUESTS, StreamControls
+
+    g = PresetGovernor("x264")
+    for i in range(speed.MAX_STREAMS + 10):
+        g.observe(f"s{i}", encode_s=0.01, duration_s=0.267)
+    assert len(g._index) == speed.MAX_STREAMS
+    controls = StreamControls()
+    for i in range(MAX_KEYFRAME_REQUESTS + 10):
+        controls.request_keyframe(f"s{i}", b'{"from_batch": 1}')
+    assert len(controls._keyframes) == MAX_KEYFRAME_REQUESTS
+    assert controls.take_keyframe_request(f"s{MAX_KEYFRAME_REQUESTS + 9}", 1)

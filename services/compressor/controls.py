@@ -28,6 +28,10 @@ from shared.schemas import STREAM_ID_RE
 log = get_logger("compressor")
 
 
+#: Pending key-frame requests a worker keeps (any bus client may ask for any stream id).
+MAX_KEYFRAME_REQUESTS = 4096
+
+
 @dataclass(frozen=True)
 class Decision:
     """How to code one batch of a stream."""
@@ -130,6 +134,8 @@ class StreamControls:
         with self._lock:
             if from_batch >= self._keyframes.get(stream_id, -1):
                 self._keyframes[stream_id] = from_batch
+            while len(self._keyframes) > MAX_KEYFRAME_REQUESTS:  # requests for streams that never came
+                self._keyframes.pop(next(iter(self._keyframes)))
         log.info("keyframe_requested", stream_id=stream_id, from_batch=from_batch)
 
     def take_keyframe_request(self, stream_id: str, batch: int) -> bool:

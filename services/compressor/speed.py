@@ -15,6 +15,10 @@ each stream at :data:`START`.  Batches that are not live (a recorded file publis
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
+
+#: Streams whose preset a worker remembers (the least recently coded go first; they restart at START).
+MAX_STREAMS = 4096
 
 #: Presets from most bytes saved to fastest, per native codec that has a ladder.
 LADDERS = {
@@ -43,7 +47,7 @@ class PresetGovernor:
         self.ladder = LADDERS.get(codec, ())
         self.fixed = fixed  # --preset given: no adaptation
         self._start = START.get(codec)
-        self._index: dict[str, int] = {}
+        self._index: OrderedDict[str, int] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -76,3 +80,6 @@ class PresetGovernor:
             elif share < FAST_SHARE:
                 i = max(i - 1, 0)
             self._index[stream_id] = i
+            self._index.move_to_end(stream_id)
+            while len(self._index) > MAX_STREAMS:
+                self._index.popitem(last=False)
