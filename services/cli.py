@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-budget-ms", type=float, default=0.0,
                    help="neural coding time per batch above which native goes out (default 0 = no limit)")
     p.add_argument("--fallback", default="x264", help="native codec for fallbacks (default x264)")
-    p.add_argument("--preset", help="native encoder speed preset, for a native --codec and for --fallback "
-                   "(x264/x265: veryfast by default); hybrid's base layer keeps its own")
+    p.add_argument("--preset", help="native encoder speed preset, for a native --codec and for --fallback; "
+                   "fixes it (default: a chained x264 or av1 stream gets the slowest preset its measured encode "
+                   "times afford, medium for a file at full speed; others veryfast); hybrid's base layer keeps its own")
     p.add_argument("--concurrency", type=int, default=2, help="batches in flight at once (default 2)")
     p.add_argument("--no-chain", dest="chain", action="store_false",
                    help="code every batch as a closed GOP (default: x264 and av1 chain each batch to the previous "
