@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--quality-every", type=int, default=env_int("AIC_QUALITY_EVERY", 4),
                    help="measure PSNR-RGB and MS-SSIM on 1 batch in N of each stream (default 4; env "
-                        "AIC_QUALITY_EVERY): MS-SSIM of a 720p frame costs ~90 ms of CPU")
+                        "AIC_QUALITY_EVERY): they are most of the quality measurement's CPU")
     p.add_argument("--batch-timeout-s", type=float, default=float(env_str("AIC_BATCH_TIMEOUT_S", "600")),
                    help="coding one batch longer than this counts as a failed attempt: retried, then a "
                         "'failed' row (default %(default)s; env AIC_BATCH_TIMEOUT_S)")

@@ -97,8 +97,9 @@ class CompressorConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     concurrency: int = 2
     quality_frames: int = 1  # frames per batch for PSNR-RGB and MS-SSIM; -1 = all, 0 = off
-    # ... on 1 batch in N of each stream (batch_seq % N == 0): MS-SSIM of one 720p frame costs ~90 ms
-    # here, a third of a live 720p30 batch's time; PSNR-Y is measured on every frame of every batch.
+    # ... on 1 batch in N of each stream (batch_seq % N == 0): with them, quality took 91 ms a 720p batch
+    # here (docs/benchmarks.md, pipeline efficiency), a third of a live 720p30 batch's time; PSNR-Y is
+    # measured on every frame of every batch.
     quality_every: int = 4
     limits: Limits = field(default_factory=Limits)
     batch_timeout_s: float = 600.0  # coding a batch longer than this counts as a failed attempt

@@ -99,8 +99,10 @@ class ReferenceStore:
                  codec: str) -> Reference | None:
         """Keep batch ``batch``'s reference for this worker's next batch of the stream, which may then
         start coding while this one is still measured and published (call on the event loop)."""
-        ref = None if frame is None else Reference(batch, width, height, np.array(frame, copy=True))
         held = self._local.get(stream_id)
+        if held is not None and held[2] == batch and held[1] == codec and (held[0] is None) == (frame is None):
+            return held[0]  # kept when the batch was coded; publishing it needs no second copy
+        ref = None if frame is None else Reference(batch, width, height, np.array(frame, copy=True))
         if held is not None and held[2] > batch:
             return ref  # batches finished out of order: the later one's stays
         self._local[stream_id] = (ref, codec, batch, time.monotonic())
@@ -133,12 +135,13 @@ class ReferenceStore:
         deadline = start + self.wait_s
         seen = None
         while True:
-            if (stream_id, batch - 1) in self._inflight:  # this worker is still on it
+            here = (stream_id, batch - 1) in self._inflight  # this worker is still on it
+            if here:
                 deadline = min(time.monotonic() + self.wait_s, start + self.max_wait_s)
             local = self._local.get(stream_id)
             if local is not None and local[2] == batch - 1 and time.monotonic() - local[3] < busmod.REFS_MAX_AGE_S:
                 found = local[:3]
-            elif (stream_id, batch - 1) in self._inflight:
+            elif here:
                 found = None  # it will be this worker's own copy: no need to read the bus meanwhile
             else:
                 found = await self._fetch(stream_id, batch - 1)

@@ -5,7 +5,8 @@ measure quality → publish the CompressedBatch, the reference for the stream's
 next batch (chained streams), and the BatchMetrics → ack.  A native codec
 that can chain (x264, SVT-AV1) codes each batch against the previous batch's
 last decoded frame (:mod:`services.compressor.handoff`); a batch that cannot
-starts with a real key frame, and its row says why (``keyframe_reason``).  The ack comes only after both publishes are acknowledged by JetStream,
+starts with a real key frame, and its row says why (``keyframe_reason``).  The
+ack comes only after the payload and the row are acknowledged by JetStream,
 so a worker killed at any point loses nothing: the batch is redelivered, and
 message ids plus the metrics table's primary key make the retry invisible.
 CPU work runs in a thread pool; the event loop only does I/O.
@@ -22,10 +23,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-
-import numpy as np
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+
+import numpy as np
 
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
@@ -281,7 +282,7 @@ class Compressor:
             try:
                 # The envelope around the frames is small; a claim beyond this is refused unread.
                 data = await self.bus.payload(msg, max_size=self.cfg.limits.max_batch_bytes + (1 << 20))
-                outcome = await self._code(data, await self._handed(msg))
+                outcome = await self._code(data, await self._handed(*ids))
             except (SchemaError, ClaimError) as exc:
                 code = getattr(exc, "code", "claim_missing")
                 await self._give_up(msg, "rejected", f"{code}: {getattr(exc, 'reason', str(exc))}", attempts)
@@ -309,12 +310,11 @@ class Compressor:
             if ids[0] is not None:
                 self.refs.end(*ids)
 
-    async def _handed(self, msg: Msg) -> Handed | None:
+    async def _handed(self, sid: str | None, seq: int | None) -> Handed | None:
         """For a chained stream, the previous batch's reference (waiting for it a bounded time, on the
-        event loop: the batch holds no codec thread while it waits)."""
+        event loop: the batch holds no codec thread while it waits).  ``sid``, ``seq``: the message id's."""
         if not self.chained:
             return None
-        sid, seq = _ids_from_msg_id((msg.headers or {}).get(busmod.MSG_ID_HEADER, ""))
         if sid is None:
             return None  # not a gateway's batch: validation will say what is wrong with it
         handed = await self.refs.for_batch(sid, seq)

@@ -21,7 +21,7 @@ import av
 import numpy as np
 
 from shared.codecs.base import Codec, CodecError, PayloadHeader, pack_payload, read_header
-from shared.codecs.reference import ISA_LEVELS, ChainInfo, Reference, ReferenceMismatch, frame_digest, packet_digest
+from shared.codecs.reference import ISA_LEVELS, ChainInfo, Reference, ReferenceMismatch, packet_digest
 from shared.pixfmt import crop_frame, frame_size, from_video_frame, split_planes, to_video_frame
 
 # SVT-AV1 prints its banner on stdout unless told otherwise.
@@ -65,8 +65,8 @@ MAX_CRF = {"x264": 51, "x264-psnr": 51, "x265": 51, "vp9": 63, "av1": 63}
 CHAINABLE = ("x264", "x264-psnr", "av1")
 #: The seed key frame is coded with I-frame quantiser ratio 6 (about 15 QP finer than the P frames):
 #: it is never sent, so its bits are free, and the batch that predicts from it starts from a picture
-#: close to the reference itself.  Measured on the three clips of ../shared/media (docs/benchmarks.md):
-#: chained zerolatency x264 went from +3.5..+61 % to +0.7..+1.1 % bytes against one continuous encoder.
+#: close to the reference itself: chained zerolatency x264 comes within 1-2 % of one continuous encoder
+#: (docs/benchmarks.md, "Chained batches").
 SEED_IPRATIO = 6.0
 #: The key-frame interval of chained encoders: larger than any batch plus its seed.  It shapes the
 #: bitstream's headers, so the receiver's seed encoder uses the same.
@@ -99,9 +99,13 @@ class NativeCodec(Codec):
         self.crf = DEFAULT_CRF[name] if crf is None else int(crf)
         self.options = dict(opts)
         if preset is not None:
-            self.options["preset" if name != "vp9" else "cpu-used"] = str(preset)
+            self.options[self._preset_key] = str(preset)
         # 0 = the encoder decides, except where that changes the bits: see ENCODER_THREADS.
         self.threads = threads or ENCODER_THREADS.get(name, 0)
+
+    @property
+    def _preset_key(self) -> str:
+        return "cpu-used" if self.name == "vp9" else "preset"  # libvpx names its speed knob so
 
     @property
     def chains(self) -> bool:
@@ -178,7 +182,7 @@ class NativeCodec(Codec):
             raise CodecError(f"{self.encoder} failed: {exc}") from None
         params = {**self.params, "crf": crf, **({} if level is None else {"level": level})}
         if preset is not None:
-            params["preset" if self.name != "vp9" else "cpu-used"] = str(preset)
+            params[self._preset_key] = str(preset)
         seed = None
         if reference is not None:
             seed, packets = packets[0], packets[1:]
@@ -201,7 +205,7 @@ class NativeCodec(Codec):
         ctx.thread_count = threads
         options = {**self.options, self._qopt: str(crf)}
         if preset is not None:
-            options["preset" if self.name != "vp9" else "cpu-used"] = str(preset)
+            options[self._preset_key] = str(preset)
         if self.name.startswith("x264"):
             x264 = []
             if lookahead:
@@ -274,20 +278,13 @@ class NativeCodec(Codec):
         width, height = header.width, header.height
         out = np.empty((header.frame_count, frame_size(width, height)), np.uint8)
         n = 0
-        skip = seed is not None  # the seed's picture is the reference, not a frame of this batch
         try:
             ctx = av.CodecContext.create(self.decoder, "r")
             ctx.thread_count = self.threads
-            for pkt_bytes in ([seed] if seed is not None else []) + list(_packets(bitstream)):
-                for vf in ctx.decode(av.Packet(pkt_bytes)):
-                    if skip:
-                        skip = False
-                        continue
-                    n = _store(out, n, vf, width, height)
-            for vf in ctx.decode(None):
-                if skip:
-                    skip = False
-                    continue
+            pictures = _decoded(ctx, ([seed] if seed is not None else []) + list(_packets(bitstream)))
+            if seed is not None:
+                next(pictures, None)  # the seed's picture is the reference, not a frame of this batch
+            for vf in pictures:
                 n = _store(out, n, vf, width, height)
         except av.FFmpegError as exc:
             raise CodecError(f"{self.decoder} could not decode the payload: {exc}") from None
@@ -347,6 +344,13 @@ def _store(out: np.ndarray, n: int, vf: av.VideoFrame, width: int, height: int) 
     else:
         out[n] = crop_frame(from_video_frame(vf), vf.width, vf.height, width, height)
     return n + 1
+
+
+def _decoded(ctx: av.CodecContext, packets: list[bytes]):
+    """Every picture a decoder gives for these packets, in display order, the buffered ones last."""
+    for pkt in packets:
+        yield from ctx.decode(av.Packet(pkt))
+    yield from ctx.decode(None)
 
 
 def _encode_frame(ctx: av.CodecContext, frame: np.ndarray, width: int, height: int, pts: int,
