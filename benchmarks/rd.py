@@ -172,8 +172,8 @@ class Spec:
                 kw["preset"] = value
             else:
                 raise ValueError(f"codec spec {spec!r}: unknown option {o!r} (chain, reorder, preset=P)")
-        if (kw.get("chain") or kw.get("reorder") or kw.get("preset")) and name not in VIDEO_CODECS:
-            raise ValueError(f"codec spec {spec!r}: options apply to native video codecs only")
+        if (kw.get("chain") or kw.get("reorder") or kw.get("preset")) and name not in (*VIDEO_CODECS, "hybrid"):
+            raise ValueError(f"codec spec {spec!r}: options apply to native video codecs and hybrid only")
         return cls(name, **kw)
 
     def create(self, models: dict | None):
@@ -184,6 +184,8 @@ class Spec:
             kw["reorder"] = True
         if self.preset:
             kw["preset"] = self.preset
+        if self.chain and self.codec == "hybrid":
+            kw["hand_off"] = True  # its batches' last frames stay the base decode, the next seed's source
         return create_codec(self.codec, **kw)
 
 

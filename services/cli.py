@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keyframe-every-s", type=float, default=float(env_str("AIC_KEYFRAME_EVERY_S", "10")),
                    help="a real key frame this often, for receivers that join late (0 = only when one is "
                         "needed or asked for; default %(default)s; env AIC_KEYFRAME_EVERY_S)")
+    p.add_argument("--segment-batches", type=int, default=env_int("AIC_SEGMENT_BATCHES", 0),
+                   help="a stream that is not live (a file published at full speed) is coded in parallel segments, "
+                        "cut at its periodic key frames; N > 0 also starts one with a real key frame every N "
+                        "batches, for more parallelism at a cost in bytes (default %(default)s: periodic key "
+                        "frames only; env AIC_SEGMENT_BATCHES; see docs/benchmarks.md 'Segments')")
+    p.add_argument("--max-waiting", type=int, default=env_int("AIC_MAX_WAITING", 16),
+                   help="batches a worker holds, beyond --concurrency, while they wait for the reference of a "
+                        "batch still being coded (default %(default)s; env AIC_MAX_WAITING)")
     p.add_argument("--no-reorder", dest="reorder", action="store_false",
                    help="x264: no B-frames inside a batch (default: reorder, which costs no latency beyond the "
                         "batch itself)")
@@ -201,7 +209,8 @@ def cmd_compressor(a: argparse.Namespace) -> int:
         bus=BusConfig.from_env(a.nats_url), codec=a.codec, level=a.level, model=a.model, crf=a.crf, preset=a.preset,
         concurrency=a.concurrency, quality_frames=a.quality_frames, quality_every=a.quality_every,
         batch_timeout_s=a.batch_timeout_s,
-        chain=a.chain, chain_wait_s=a.chain_wait_s, keyframe_every_s=a.keyframe_every_s, reorder=a.reorder, **kw,
+        chain=a.chain, chain_wait_s=a.chain_wait_s, keyframe_every_s=a.keyframe_every_s, reorder=a.reorder,
+        segment_batches=a.segment_batches, max_waiting=a.max_waiting, **kw,
     )  # fmt: skip
     _serve_metrics(a.metrics_port)
     code = run_service(Compressor(cfg).run)

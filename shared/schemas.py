@@ -343,7 +343,10 @@ _METRIC_INTS = (
 )  # fmt: skip
 FALLBACK_REASONS = ("quality", "size", "latency", "error")
 #: Why a batch of a chained stream starts with a real key frame instead of the previous batch's frame.
-KEYFRAME_REASONS = ("first", "no_reference", "timeout", "periodic", "requested", "resolution", "codec_change")
+#: ``segment``: a batch that is not live starts a new segment of its stream (``--segment-batches``), so
+#: that several workers can code one recorded file's backlog at once.
+KEYFRAME_REASONS = ("first", "no_reference", "timeout", "periodic", "requested", "resolution", "codec_change",
+                    "segment")
 #: Per-stream compression modes (see docs/architecture.md).
 MODES = ("conservative", "adaptive", "aggressive", "off")
 _METRIC_BIGINTS = ("batch_seq", "raw_bytes", "compressed_bytes", "baseline_bytes")

@@ -189,3 +189,28 @@ async def test_a_hand_off_the_bus_refuses_costs_a_key_frame_never_the_batch(bus,
         await asyncio.sleep(1)
         rows = await wait_rows(postgres.url, [sid], 3)
     assert len(rows) == 3 and all(r["status"] == "ok" and r["attempts"] == 1 for r in rows)
+
+
+@pytest.mark.parametrize("target,codec", [(30.0, "hybrid"), (99.0, "x264")], ids=["hybrid", "native-fallback"])
+async def test_the_hybrid_chains_on_its_base_and_its_native_fallbacks_chain_too(
+    bus, bus_cfg, postgres, tmp_path, tiny_model, target, codec
+):
+    pytest.importorskip("torch")
+    from shared.config import PolicyConfig
+
+    sid = unique("hybrid")
+    # A target the (untrained) restoration meets, or one nothing meets: then native goes out, chained
+    # like the hybrid's own batches, so the stream is one chain whichever codec a batch took.
+    worker = compressor(bus_cfg, codec="hybrid", model="tiny-restore", keyframe_every_s=0,
+                        policy=PolicyConfig(target=target, compare_every=0))
+    async with running(worker, metrics_writer(bus_cfg, postgres.url)):
+        await ingest(bus, SOURCE, sid, 8, 48, progress=False)
+        rows = await wait_rows(postgres.url, [sid], 6)
+        out = tmp_path / "out.y4m"
+        got = await decode_stream(bus, sid, out, idle_timeout=2, expect_batches=6)
+    assert worker.chained and reasons(rows) == ["first"] + [None] * 5
+    assert {r["codec"] for r in rows} == {codec}
+    assert all("ref=" in r["codec_params"] for r in rows[1:])
+    assert got.undecodable == [] and got.frames == 48
+    source = np.concatenate([b.frames for b in read_batches(SOURCE, "ref", 8, 48)])
+    assert_decoded_exactly(rows, np.stack(read_video(out)), source, 320, 240)

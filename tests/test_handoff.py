@@ -111,7 +111,7 @@ async def test_after_a_redelivery_the_reference_is_handed_on_only_if_the_bus_kep
 
     def outcome(payload: bytes) -> Outcome:
         cb = CompressedBatch(sid, 3, "x264", 64, 48, 8, 25, 1, 0, 0.0, 0.0, "w", payload)
-        return Outcome(BatchMetrics(f"{sid}:3", sid, "ok", "w", 0.0), cb, frame(64, 48))
+        return Outcome(BatchMetrics(f"{sid}:3", sid, "ok", "w", 0.0), cb, frame(64, 48), chain=sid)
 
     first = outcome(b"A" * 20000)
     await bus.publish(busmod.compressed_subject(sid), first.compressed.pack(), first.compressed.msg_id, varies=True)

@@ -119,3 +119,50 @@ def test_luma_and_chroma_planes_round_trip_through_the_network_layout():
         frames = np.random.default_rng(0).integers(0, 256, (3, frame_size(w, h)), dtype=np.uint8)
         assert np.array_equal(from_planes(to_planes(frames, w, h), w, h), frames)
         assert split_planes(frames[0], w, h)[0].shape == (h, w)
+
+
+@pytest.fixture
+def chained_hybrid(tiny_model):
+    return create_codec("hybrid", model=MODEL, device="cpu", threads=1, hand_off=True, reorder=True)
+
+
+def test_a_chained_hybrid_decodes_exactly_from_the_base_frame_the_receiver_holds(chained_hybrid, tiny_models_dir,
+                                                                                 tmp_path):
+    from shared.codecs.reference import Reference
+
+    frames = clip(n=24)
+    ref, sizes = None, []
+    for k in range(3):
+        batch = frames[8 * k:8 * k + 8]
+        payload, recon = chained_hybrid.encode_reconstruct(batch, 96, 64, 25.0, level=3, reference=ref)
+        header, decoded = decode_payload(payload, ref)
+        assert np.array_equal(decoded, recon) and ("chain" in header.params) == (k > 0)
+        # The frame handed on is the base layer's decode, which the next seed is re-created from.
+        base_header = read_header(payload)[0]
+        assert bytes(read_header(payload)[1][7:8]) == b"\0"  # the last frame's blend weights are zero
+        assert base_header.params["base"] == "x264-psnr"
+        sizes.append(len(payload))
+        ref = Reference(k, 96, 64, decoded[-1])
+    closed = [len(create_codec("hybrid", model=MODEL, device="cpu", threads=1, reorder=True).encode(
+        frames[8 * k:8 * k + 8], 96, 64, 25.0, level=3)) for k in range(3)]
+    assert sizes[0] == pytest.approx(closed[0], rel=0.05) and sum(sizes[1:]) < 0.9 * sum(closed[1:])
+
+
+def test_a_chained_hybrid_payload_without_its_reference_is_a_clear_error(chained_hybrid):
+    from shared.codecs.reference import Reference, ReferenceMismatch
+
+    frames = clip(n=16)
+    first, recon = chained_hybrid.encode_reconstruct(frames[:8], 96, 64, 25.0, level=3)
+    second = chained_hybrid.encode(frames[8:], 96, 64, 25.0, level=3, reference=Reference(0, 96, 64, recon[-1]))
+    with pytest.raises(ReferenceMismatch, match="batch 0"):
+        decode_payload(second)
+    with pytest.raises(ReferenceMismatch):
+        decode_payload(second, Reference(0, 96, 64, recon[-2]))
+
+
+def test_a_closed_gop_hybrid_takes_no_reference(hybrid):
+    from shared.codecs.reference import Reference
+
+    frames = clip(n=8)
+    with pytest.raises(CodecError, match="closed GOPs"):
+        hybrid.encode(frames, 96, 64, 25.0, reference=Reference(0, 96, 64, frames[0]))

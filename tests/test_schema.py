@@ -110,7 +110,7 @@ async def test_upgrading_an_unpartitioned_table_keeps_every_row(db_url):
         await conn.execute("INSERT INTO batch_metrics (batch_id, stream_id, status, worker_id, completed_at, captured_at) "
                            "VALUES ('a:0', 'a', 'ok', 'w', now(), now() - interval '3 days'), "
                            "       ('a:1', 'a', 'rejected', 'w', now(), NULL)")
-        assert await migrate(conn) == [3, 4, 5, 6]
+        assert await migrate(conn) == [3, 4, 5, 6, 7]
         rows = await conn.fetch("SELECT batch_id, time, captured_at, completed_at FROM batch_metrics ORDER BY 1")
         assert [r["batch_id"] for r in rows] == ["a:0", "a:1"]
         assert rows[0]["time"] == rows[0]["captured_at"] and rows[1]["time"] == rows[1]["completed_at"]
@@ -125,3 +125,23 @@ def test_retention_settings_are_validated():
     with pytest.raises(ValueError):
         MetricsConfig(retention_days=-1)
     assert timedelta(days=MetricsConfig().retention_days) > timedelta(0)
+
+
+async def test_the_database_takes_every_keyframe_reason_and_refuses_any_other(db_url):
+    from shared.schemas import KEYFRAME_REASONS
+
+    store = RowStore(db_url)
+    now = time.time()
+    try:
+        rows = [to_record(row(str(100 + i), now, keyframe_reason=r)) for i, r in enumerate(KEYFRAME_REASONS)]
+        assert await store.write(rows) == len(KEYFRAME_REASONS)
+        conn = await asyncpg.connect(db_url)
+        try:
+            with pytest.raises(asyncpg.CheckViolationError):
+                await conn.execute("INSERT INTO batch_metrics (batch_id, stream_id, status, worker_id, time, "
+                                   "completed_at, keyframe_reason) VALUES ('s:999', 's', 'ok', 'w', now(), now(), "
+                                   "'bogus')")
+        finally:
+            await conn.close()
+    finally:
+        await store.close()

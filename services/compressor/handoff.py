@@ -8,6 +8,13 @@ batch k+1 uses it only if it is exactly batch k's: the parts name the batch,
 the frame size and a digest of the pixels.  Its own copy serves first when it
 coded batch k itself; the bus copy serves failover and several workers.
 
+A stream that is not live (a recorded file published at full speed) is cut
+into segments at its real key frames that need no reference (periodic ones,
+and every ``segment_batches`` batches), so that several workers code its
+backlog at once: each segment is its own chain, its references kept under
+``aic.refs.<stream>.c<first batch>.<part>``, and removed once the segment's
+last batch is delivered.
+
 A worker waits a bounded time for batch k's reference (batch k may still be
 coding on another worker), then codes a real key frame and says why
 (``timeout``, ``no_reference``).  All of it is soft state: losing a reference
@@ -44,8 +51,19 @@ LOCAL_STREAMS = 64
 LOCAL_BYTES = 256 << 20
 
 
-def refs_subject(stream_id: str, part: int) -> str:
-    return f"{busmod.REFS_PREFIX}.{stream_id}.{part}"
+def refs_subject(chain: str, part: int) -> str:
+    return f"{busmod.REFS_PREFIX}.{chain}.{part}"
+
+
+def chain_key(stream_id: str, start: int | None = None) -> str:
+    """The key a chain's references are kept under: its stream (``<stream>``: one chain), or, for a
+    stream that is not live, the chain that starts at batch ``start`` (``<stream>.c<start>``), since
+    several segments of one stream are coded at once and each has its own latest reference."""
+    return stream_id if start is None else f"{stream_id}.c{start}"
+
+
+def stream_of(chain: str) -> str:
+    return chain.partition(".")[0]  # stream ids hold no dots
 
 
 @dataclass(frozen=True)
@@ -70,21 +88,21 @@ class ReferenceStore:
         # stream -> (ref, codec, batch, when): this worker's own hand-offs, which expire as the bus's do
         self._local: OrderedDict[str, tuple[Reference | None, str, int, float]] = OrderedDict()
 
-    async def publish(self, stream_id: str, batch: int, width: int, height: int, frame: np.ndarray | None,
+    async def publish(self, chain: str, batch: int, width: int, height: int, frame: np.ndarray | None,
                       codec: str) -> None:
         """Hand batch ``batch``'s last decoded frame on (``frame`` None: the batch went out with a
         codec whose output is not a reference, which the next batch learns at once)."""
-        ref = self.remember(stream_id, batch, width, height, frame, codec)
-        lock = self._locks.setdefault(stream_id, asyncio.Lock())
+        ref = self.remember(chain, batch, width, height, frame, codec)
+        lock = self._locks.setdefault(chain, asyncio.Lock())
         async with lock:  # one writer per stream at a time, so parts of two batches never mix
-            if batch < self._published.get(stream_id, -1):
+            if batch < self._published.get(chain, -1):
                 return  # a later batch of the stream (coded meanwhile) is on the bus: latest only, never older
-            self._published[stream_id] = batch
-            await self._write(stream_id, batch, width, height, ref, codec)
+            self._published[chain] = batch
+            await self._write(chain, batch, width, height, ref, codec)
         if not lock.locked() and len(self._locks) > 4 * LOCAL_STREAMS:
-            self._locks.pop(stream_id, None)
+            self._locks.pop(chain, None)
 
-    async def _write(self, stream_id: str, batch: int, width: int, height: int, ref: Reference | None,
+    async def _write(self, chain: str, batch: int, width: int, height: int, ref: Reference | None,
                      codec: str) -> None:
         data = b"" if ref is None else ref.frame.tobytes()
         chunk = self.bus.max_inline
@@ -93,20 +111,20 @@ class ReferenceStore:
                    DIGEST_HEADER: "" if ref is None else ref.digest, CODEC_HEADER: codec}
         # Part 0 last: a reader that sees the new part 0 finds every other part of the same batch.
         for i in (*range(1, len(parts)), 0):
-            await self.bus.js.publish(refs_subject(stream_id, i), parts[i], headers=headers)
+            await self.bus.js.publish(refs_subject(chain, i), parts[i], headers=headers)
 
-    def remember(self, stream_id: str, batch: int, width: int, height: int, frame: np.ndarray | None,
+    def remember(self, chain: str, batch: int, width: int, height: int, frame: np.ndarray | None,
                  codec: str) -> Reference | None:
         """Keep batch ``batch``'s reference for this worker's next batch of the stream, which may then
         start coding while this one is still measured and published (call on the event loop)."""
-        held = self._local.get(stream_id)
+        held = self._local.get(chain)
         if held is not None and held[2] == batch and held[1] == codec and (held[0] is None) == (frame is None):
             return held[0]  # kept when the batch was coded; publishing it needs no second copy
         ref = None if frame is None else Reference(batch, width, height, np.array(frame, copy=True))
         if held is not None and held[2] > batch:
             return ref  # batches finished out of order: the later one's stays
-        self._local[stream_id] = (ref, codec, batch, time.monotonic())
-        self._local.move_to_end(stream_id)
+        self._local[chain] = (ref, codec, batch, time.monotonic())
+        self._local.move_to_end(chain)
         while len(self._local) > LOCAL_STREAMS or (
                 len(self._local) > 1 and sum(r.frame.nbytes for r, *_ in self._local.values() if r) > LOCAL_BYTES):
             self._local.popitem(last=False)
@@ -120,31 +138,41 @@ class ReferenceStore:
     def end(self, stream_id: str, batch: int) -> None:
         self._inflight.discard((stream_id, batch))
 
-    def drop(self, stream_id: str, batch: int) -> None:
+    def drop(self, chain: str, batch: int) -> None:
         """Forget this worker's copy of batch ``batch``'s reference: its delivery failed, and the
         coding that receivers get (after a redelivery) may be another."""
-        held = self._local.get(stream_id)
+        held = self._local.get(chain)
         if held is not None and held[2] == batch:
-            del self._local[stream_id]
+            del self._local[chain]
 
-    async def for_batch(self, stream_id: str, batch: int) -> Handed:
-        """Batch ``batch - 1``'s reference, waiting up to ``wait_s`` for it to appear."""
+    async def end_chain(self, chain: str) -> None:
+        """A segment is complete (its last batch is delivered): its reference will never be needed
+        again, so it leaves the bus and this worker's memory now rather than at its expiry."""
+        self._local.pop(chain, None)
+        self._published.pop(chain, None)
+        await self.bus.js.purge_stream(busmod.REFS_STREAM, subject=f"{busmod.REFS_PREFIX}.{chain}.>")
+
+    async def for_batch(self, chain: str, batch: int, wait_s: float | None = None) -> Handed:
+        """Batch ``batch - 1``'s reference in ``chain`` (:func:`chain_key`), waiting up to ``wait_s``
+        (default: the store's) for it to appear, or as long as this worker is still coding batch
+        ``batch - 1`` (up to ``max_wait_s``)."""
         if batch == 0:
             return Handed(None, "first")
+        wait_s = self.wait_s if wait_s is None else wait_s
         start = time.monotonic()
-        deadline = start + self.wait_s
+        deadline = start + wait_s
         seen = None
         while True:
-            here = (stream_id, batch - 1) in self._inflight  # this worker is still on it
+            here = (stream_of(chain), batch - 1) in self._inflight  # this worker is still on it
             if here:
-                deadline = min(time.monotonic() + self.wait_s, start + self.max_wait_s)
-            local = self._local.get(stream_id)
+                deadline = max(deadline, min(time.monotonic() + wait_s, start + self.max_wait_s))
+            local = self._local.get(chain)
             if local is not None and local[2] == batch - 1 and time.monotonic() - local[3] < busmod.REFS_MAX_AGE_S:
                 found = local[:3]
             elif here:
                 found = None  # it will be this worker's own copy: no need to read the bus meanwhile
             else:
-                found = await self._fetch(stream_id, batch - 1)
+                found = await self._fetch(chain, batch - 1)
             if found is not None:
                 ref, codec, got = found
                 seen = got
@@ -156,15 +184,15 @@ class ReferenceStore:
                 return Handed(None, "no_reference" if seen is None else "timeout")
             await asyncio.sleep(POLL_S)
 
-    async def _fetch(self, stream_id: str, want: int | None = None) -> tuple[Reference | None, str, int] | None:
+    async def _fetch(self, chain: str, want: int | None = None) -> tuple[Reference | None, str, int] | None:
         """The bus's latest reference of a stream, or None (none, expired, or caught mid-update).
         When it is not batch ``want``, only its header is read (the caller just learns which it is)."""
         try:
-            head = await self.bus.js.get_last_msg(busmod.REFS_STREAM, refs_subject(stream_id, 0), direct=True)
+            head = await self.bus.js.get_last_msg(busmod.REFS_STREAM, refs_subject(chain, 0), direct=True)
         except NotFoundError:
             return None
         except Exception as exc:  # the bus in trouble: a key frame after the wait, not a failure
-            log.debug("reference_unavailable", stream_id=stream_id, error=f"{type(exc).__name__}: {exc}")
+            log.debug("reference_unavailable", chain=chain, error=f"{type(exc).__name__}: {exc}")
             return None
         h = head.headers or {}
         try:
@@ -178,7 +206,7 @@ class ReferenceStore:
         data = [head.data or b""]
         for i in range(1, parts):
             try:
-                part = await self.bus.js.get_last_msg(busmod.REFS_STREAM, refs_subject(stream_id, i), direct=True)
+                part = await self.bus.js.get_last_msg(busmod.REFS_STREAM, refs_subject(chain, i), direct=True)
             except Exception:
                 return None
             if (part.headers or {}).get(DIGEST_HEADER) != digest:

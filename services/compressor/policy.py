@@ -85,7 +85,7 @@ class Policy:
                                                               None if off else level, **ref)
             coded = Coded(payload, decoded, self.native.name, _level(payload))
         else:
-            coded = self._code_learned(fb, level, target)
+            coded = self._code_learned(fb, level, target, ref)
         if decision is not None and decision.budget_kbps:
             coded = self._fit_budget(fb, coded, decision.budget_kbps, ref)
         return coded
@@ -103,12 +103,13 @@ class Policy:
             return coded
         if self.neural is not None and coded.codec == self.neural.name and coded.level is not None:
             for lv in range(coded.level - 1, -1, -1):
-                payload, decoded = self.neural.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, lv)
+                payload, decoded = self.neural.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, lv,
+                                                                  **_for(self.neural, ref))
                 if len(payload) <= limit:
                     return Coded(payload, decoded, self.neural.name, lv, None, f"level {lv} to fit {budget_kbps:g} kbps")
         if not isinstance(self.native, NativeCodec):
             return coded
-        ref = ref or {}
+        ref = _for(self.native, ref)
         best = _first_passing(self.native.crf_range[0], self.native.max_crf,
                               lambda crf: self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, crf=crf,
                                                                          **ref),
@@ -121,11 +122,14 @@ class Policy:
                   + ("" if fits else " (does not fit even at the highest CRF)"))
         return Coded(payload, decoded, self.native.name, None, "size" if learned else coded.fallback_reason, detail)
 
-    def _code_learned(self, fb: FrameBatch, level: int | None, target: float) -> Coded:
+    def _code_learned(self, fb: FrameBatch, level: int | None, target: float, ref: dict) -> Coded:
+        """``ref``: the batch's reference and preset, for whichever codec can take them (a chained
+        stream: the hybrid on a chained base, and the native codec behind it)."""
         sampled = bool(self.cfg.compare_every) and fb.batch_seq % self.cfg.compare_every == 0
         won = self._native_wins.get(fb.stream_id)
         if won is not None and not sampled and 0 < fb.batch_seq - won[1] < self.cfg.compare_every:
-            payload, decoded = self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, **won[0])
+            payload, decoded = self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, **won[0],
+                                                              **_for(self.native, ref))
             return Coded(payload, decoded, self.native.name, _level(payload), "size",
                          f"native was smaller at matched quality on sampled batch {won[1]}")
         # A model codes one batch at a time; the clock starts once this batch has it, so waiting
@@ -133,23 +137,24 @@ class Policy:
         with self._learned_lock:
             t0 = time.perf_counter()
             try:
-                payload, decoded = self.neural.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, level)
+                payload, decoded = self.neural.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, level,
+                                                                  **_for(self.neural, ref))
             except Exception as exc:  # a model failure must not lose the batch: native goes out
                 payload = decoded = None
                 error = f"{type(exc).__name__}: {exc}"
             ms = (time.perf_counter() - t0) * 1000
         if payload is None:
-            return self._native(fb, "error", error, target)
+            return self._native(fb, "error", error, target, ref)
         if self.cfg.latency_budget_ms and ms > self.cfg.latency_budget_ms:
             return self._native(fb, "latency", f"neural took {ms:.0f} ms > {self.cfg.latency_budget_ms:.0f} ms",
-                                target)
+                                target, ref)
         q = batch_quality(self.cfg.metric, fb, decoded)
         if q < target:
             return self._native(fb, "quality", f"{self.neural.name} {self.cfg.metric} {q:.3f} < target {target}",
-                                target)
+                                target, ref)
         if not sampled:
             return Coded(payload, decoded, self.neural.name, _level(payload))
-        base = self._native_at_least(fb, q)
+        base = self._native_at_least(fb, q, ref)
         if len(base[0]) < len(payload):
             self._native_wins[fb.stream_id] = (_rate_options(base[0]), fb.batch_seq)
             return Coded(base[0], base[1], self.native.name, _level(base[0]), "size",
@@ -158,28 +163,35 @@ class Policy:
         self._native_wins.pop(fb.stream_id, None)
         return Coded(payload, decoded, self.neural.name, _level(payload), baseline_bytes=len(base[0]))
 
-    def _native(self, fb: FrameBatch, reason: str, detail: str, target: float) -> Coded:
+    def _native(self, fb: FrameBatch, reason: str, detail: str, target: float, ref: dict) -> Coded:
         """The native payload that meets the target (or the best it has), as a named fallback."""
-        payload, decoded = self._native_at_least(fb, target)
+        payload, decoded = self._native_at_least(fb, target, ref)
         return Coded(payload, decoded, self.native.name, _level(payload), reason, detail)
 
-    def _native_at_least(self, fb: FrameBatch, quality: float) -> tuple[bytes, np.ndarray]:
+    def _native_at_least(self, fb: FrameBatch, quality: float, ref: dict) -> tuple[bytes, np.ndarray]:
         """The fewest-bits native payload whose quality reaches ``quality`` (or the best native can do)."""
         if isinstance(self.native, NativeCodec):
-            return self._native_crf_at_least(fb, quality)
+            return self._native_crf_at_least(fb, quality, _for(self.native, ref))
         top = self.native.levels - 1
         code = lambda level: self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, level)  # noqa: E731
         best = _first_passing(0, top, code, lambda coded: batch_quality(self.cfg.metric, fb, coded[1]) >= quality)
         return best or code(top)  # nothing reaches it: the top level is the best native can do
 
-    def _native_crf_at_least(self, fb: FrameBatch, quality: float) -> tuple[bytes, np.ndarray]:
+    def _native_crf_at_least(self, fb: FrameBatch, quality: float, ref: dict) -> tuple[bytes, np.ndarray]:
         """Binary search for the largest CRF (fewest bits) whose quality reaches ``quality``."""
         best_crf, worst_crf = self.native.crf_range
-        code = lambda crf: self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, crf=crf)  # noqa: E731
+        code = lambda crf: self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, crf=crf,  # noqa: E731
+                                                          **ref)
         # Quality falls as CRF rises: search the CRFs from the coarsest down for the first that reaches it.
         best = _first_passing(0, worst_crf - best_crf, lambda i: code(worst_crf - i),
                               lambda coded: batch_quality(self.cfg.metric, fb, coded[1]) >= quality)
         return best or code(best_crf)  # nothing reaches it: the best the level range offers
+
+
+def _for(codec: Codec, ref: dict | None) -> dict:
+    """The reference and preset options ``codec`` takes: all of them if it chains, else none (a
+    closed-GOP codec behind a chained one starts its batch with a key frame, decodable alone)."""
+    return dict(ref or {}) if getattr(codec, "chains", False) else {}
 
 
 def _first_passing(lo: int, hi: int, code, passes):

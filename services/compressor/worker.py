@@ -21,6 +21,7 @@ batch queued behind the stuck one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +38,7 @@ from shared.bus import Bus, ClaimError
 from shared.bus import unsubscribe as _unsubscribe
 from shared.aio import pause
 from services.compressor.controls import StreamControls
-from services.compressor.handoff import Handed, ReferenceStore
+from services.compressor.handoff import POLL_S, Handed, ReferenceStore, chain_key
 from services.compressor.policy import Policy
 from services.compressor.speed import PresetGovernor
 from shared.codecs import LEARNED_CODECS, NATIVE_CODECS, create_codec, learned_available, read_header
@@ -49,6 +50,7 @@ from shared.schemas import (
     STREAM_ID_RE,
     BatchMetrics,
     CompressedBatch,
+    FrameBatch,
     SchemaError,
     pack_dead_letter,
     peek_ids,
@@ -80,6 +82,8 @@ class Outcome:
     metrics: BatchMetrics
     compressed: CompressedBatch | None = None
     handoff: np.ndarray | None = None  # chained streams: the frame the next batch predicts from
+    chain: str | None = None  # the chain it belongs to (chain_of): its stream, or its segment
+    last_of_chain: bool = False  # the last batch of a segment: no batch will predict from it
 
 
 def keyframe_every(cfg: CompressorConfig, fps: float, frames: int) -> int:
@@ -89,31 +93,66 @@ def keyframe_every(cfg: CompressorConfig, fps: float, frames: int) -> int:
     return max(1, round(cfg.keyframe_every_s * fps / frames))
 
 
+def planned_keyframe(fb, cfg: CompressorConfig) -> str | None:
+    """Why a batch of a chained stream starts with a real key frame whatever reference it would find
+    (``segment``, ``periodic``), or None: such a batch does not wait for its predecessor's reference.
+    The same on every worker and every delivery (it depends on the batch alone)."""
+    seq = fb.batch_seq
+    if seq and not fb.live and cfg.segment_batches and seq % cfg.segment_batches == 0:
+        return "segment"
+    every = keyframe_every(cfg, fb.fps, fb.frame_count)
+    if seq and every and seq % every == 0:
+        return "periodic"
+    return None
+
+
+def chain_start(fb, cfg: CompressorConfig, seq: int | None = None) -> int | None:
+    """For a stream that is not live, the first batch of the segment that batch ``seq`` (default:
+    this batch) belongs to: the last planned key frame at or before it.  None for a live stream,
+    which is one chain (its batches are never coded far apart)."""
+    if fb.live:
+        return None
+    seq = fb.batch_seq if seq is None else seq
+    every = keyframe_every(cfg, fb.fps, fb.frame_count)
+    starts = [seq - seq % n for n in (cfg.segment_batches, every) if n]
+    return max(starts, default=0)
+
+
+def chain_of(fb, cfg: CompressorConfig) -> tuple[str, bool]:
+    """(the key of the chain the batch belongs to, whether it is that chain's last batch: the next
+    starts a segment, so no batch will predict from it)."""
+    start = chain_start(fb, cfg)
+    last = start is not None and chain_start(fb, cfg, fb.batch_seq + 1) == fb.batch_seq + 1
+    return chain_key(fb.stream_id, start), last
+
+
 def choose_reference(fb, handed: Handed, cfg: CompressorConfig, controls: StreamControls | None):
     """(reference, keyframe_reason) for a batch of a chained stream."""
+    planned = planned_keyframe(fb, cfg)
     if handed.reference is None:
-        return None, handed.reason
-    every = keyframe_every(cfg, fb.fps, fb.frame_count)
+        return None, handed.reason if handed.reason is not None or planned is None else planned
     if controls is not None and controls.take_keyframe_request(fb.stream_id, fb.batch_seq):
         return None, "requested"
     if (handed.reference.width, handed.reference.height) != (fb.width, fb.height):
         return None, "resolution"
-    if every and fb.batch_seq % every == 0:
-        return None, "periodic"
+    if planned is not None:
+        return None, planned
     return handed.reference, None
 
 
-def process_batch(data: bytes, policy: Policy, cfg: CompressorConfig, controls: StreamControls | None = None,
-                  handed: Handed | None = None, speed: PresetGovernor | None = None, on_handoff=None) -> Outcome:
-    """Validate, code (through the policy and the stream's live config), and measure one batch
-    (CPU work; runs in a thread).  ``handed``: for a chained stream, what the hand-off found for
-    this batch (its reference, or why there is none); ``on_handoff(fb, frame, codec)`` is called as
-    soon as the batch is coded, so that the stream's next batch can start while this one is measured
-    and published (frame None: nothing to chain to).
+def process_batch(data: bytes | FrameBatch, policy: Policy, cfg: CompressorConfig,
+                  controls: StreamControls | None = None, handed: Handed | None = None,
+                  speed: PresetGovernor | None = None, on_handoff=None) -> Outcome:
+    """Validate (``data``: the message, or a batch already validated), code (through the policy and
+    the stream's live config), and measure one batch (CPU work; runs in a thread).  ``handed``: for a
+    chained stream, what the hand-off found for this batch (its reference, or why there is none);
+    ``on_handoff(chain, fb, frame, codec)`` is called as soon as the batch is coded, so that the stream's next
+    batch can start while this one is measured and published (frame None: nothing to chain to).
 
     Raises SchemaError for invalid input; other exceptions mean the codec failed.
     """
-    fb = unpack_frame_batch(data, cfg.limits)
+    fb = data if isinstance(data, FrameBatch) else unpack_frame_batch(data, cfg.limits)
+    chain, last_of_chain = chain_of(fb, cfg)
     t0 = time.perf_counter()
     lag_s = max(0.0, time.time() - fb.captured_at)
     decision = controls.decide(fb.stream_id) if controls is not None else None
@@ -125,11 +164,14 @@ def process_batch(data: bytes, policy: Policy, cfg: CompressorConfig, controls: 
     # The reconstruction is exactly what a receiver decodes (tests hold every codec to it).
     payload, decoded = coded.payload, coded.decoded
     t1 = time.perf_counter()
-    # Only a native codec's decode is the same on every receiver by the standard; the learned ones'
-    # output does not serve as a reference (the next batch says codec_change).
-    handoff = decoded[-1] if handed is not None and coded.codec in NATIVE_CODECS else None
+    # Only a native codec's decode is the same on every receiver by the standard, and a chained
+    # hybrid's last frame, which is its base layer's; the neural codec's output does not serve as a
+    # reference (the next batch says codec_change).
+    hands_off = coded.codec in NATIVE_CODECS or (policy.neural is not None and coded.codec == policy.neural.name
+                                                 and getattr(policy.neural, "chains", False))
+    handoff = decoded[-1] if handed is not None and hands_off else None
     if on_handoff is not None:
-        on_handoff(fb, handoff, coded.codec)
+        on_handoff(chain, fb, handoff, coded.codec)
     if speed is not None:
         speed.observe(fb.stream_id, t1 - t0, fb.frame_count / fb.fps, fb.live, lag_s)
     sampled = fb.batch_seq % cfg.quality_every == 0
@@ -185,7 +227,7 @@ def process_batch(data: bytes, policy: Policy, cfg: CompressorConfig, controls: 
         quality_ms=(t2 - t1) * 1000,
         captured_at=fb.captured_at,
     )
-    return Outcome(metrics, compressed, handoff)
+    return Outcome(metrics, compressed, handoff, chain, last_of_chain)
 
 
 def _params_str(params: dict) -> str:
@@ -195,6 +237,61 @@ def _params_str(params: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(params.items()) if k not in ("sizes", "sha256", "chain"))
 
 
+class WaitingRoom:
+    """The batches a worker holds that wait for a reference without a codec slot (at most ``limit``:
+    each holds its frames, 11 MB at 720p).  The fetch loop takes no new batch while it is full."""
+
+    def __init__(self, limit: int):
+        self.limit, self.count = limit, 0
+        self._changed = asyncio.Condition()
+
+    @property
+    def full(self) -> bool:
+        return self.count >= self.limit
+
+    async def has_room(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self.full)
+
+    def enter(self) -> None:
+        self.count += 1
+
+    async def leave(self) -> None:
+        self.count -= 1
+        async with self._changed:
+            self._changed.notify_all()
+
+
+class _Slot:
+    """One of a worker's ``concurrency`` codec slots, held by a batch from its fetch to its ack, and
+    lent back while the batch waits for a reference (so that waiting batches do not stop the fetching,
+    and a batch whose reference has come finds a slot free at once)."""
+
+    def __init__(self, slots: asyncio.Semaphore):
+        self.slots, self.held = slots, True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.slots.release()
+
+    @contextlib.asynccontextmanager
+    async def lent(self, room: WaitingRoom):
+        """Hand the slot back for the body's duration, as one of the ``room``'s batches (a room of
+        limit 0: the batch waits holding its slot)."""
+        if not room.limit:
+            yield
+            return
+        room.enter()
+        self.release()
+        try:
+            yield
+        finally:
+            await room.leave()
+            await self.slots.acquire()  # cancelled here (shutdown): held stays False, nothing to give back
+            self.held = True
+
+
 class Compressor:
     """A stateless worker on the shared ``compressor`` consumer."""
 
@@ -202,21 +299,28 @@ class Compressor:
         self.cfg = replace(cfg, codec=resolve_codec(cfg.codec))
         self.codec = create_codec(self.cfg.codec, **_codec_kwargs(self.cfg))
         if self.cfg.codec in LEARNED_CODECS:
-            native = create_codec(self.cfg.fallback, **_native_kwargs(self.cfg))
+            # Behind a chained hybrid the fallback is the best native coding the stream can get:
+            # chained, and reordering inside the batch like the hybrid's own base.
+            reorder = self.cfg.chain and self.cfg.reorder and self.cfg.fallback.startswith("x264")
+            native = create_codec(self.cfg.fallback, **_native_kwargs(self.cfg), **({"reorder": True} if reorder else {}))
             self.policy = Policy(self.codec, native, self.cfg.policy, self.cfg.level)
         else:
             self.policy = Policy(None, self.codec, self.cfg.policy, self.cfg.level)
-        # Chained coding: the worker's own codec is native and can chain (the learned codecs code
-        # closed GOPs; so do the policy's native fallbacks behind them).
-        self.chained = self.cfg.chain and getattr(self.codec, "chains", False) and self.policy.neural is None
-        # The preset per stream, from measured encode times (a fixed --preset turns it off).
-        self.speed = PresetGovernor(self.cfg.codec, self.cfg.preset) if self.chained else None
+        # Chained coding: the worker's own codec can chain (a native one in CHAINABLE, or the hybrid
+        # on such a base; the neural codec codes closed GOPs).  The native fallback behind the hybrid
+        # chains too where it can.
+        self.chained = self.cfg.chain and getattr(self.codec, "chains", False)
+        # The preset per stream, from measured encode times (a fixed --preset turns it off); of the
+        # hybrid, its base layer's.
+        base = getattr(self.codec, "base", self.codec)
+        self.speed = PresetGovernor(base.name, self.cfg.preset) if self.chained else None
         self.pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="codec")
         self.controls = StreamControls()
         self.bus: Bus | None = None
         self.refs: ReferenceStore | None = None
         self.wedged = False
         self._stop: asyncio.Event | None = None
+        self._waiting = WaitingRoom(self.cfg.max_waiting)
 
     async def run(self, stop: asyncio.Event) -> int:
         """Serve until ``stop`` is set; 0 after a clean drain, :data:`EXIT_WEDGED` after a hung codec."""
@@ -238,6 +342,8 @@ class Compressor:
         tasks: set[asyncio.Task] = set()
         try:
             while not stop.is_set():
+                if self._waiting.limit:  # a full waiting room: no new batch until one of them moves on
+                    await self._wait_or_stop(self._waiting.has_room(), stop)
                 await slots.acquire()
                 if stop.is_set():  # set while waiting for a slot: take no new batch
                     slots.release()
@@ -252,9 +358,10 @@ class Compressor:
                     log.warning("fetch_failed", error=str(exc))
                     await asyncio.sleep(0.5)
                     continue
-                task = asyncio.create_task(self._handle(msgs[0]))
+                slot = _Slot(slots)
+                task = asyncio.create_task(self._handle(msgs[0], slot))
                 tasks.add(task)
-                task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
+                task.add_done_callback(lambda t, slot=slot: (tasks.discard(t), slot.release()))
         finally:
             if tasks:
                 # A wedged pool may never start the batches queued behind the stuck one: those are
@@ -270,7 +377,15 @@ class Compressor:
             log.info("compressor_stopped", worker_id=self.cfg.worker_id, wedged=self.wedged)
         return EXIT_WEDGED if self.wedged else 0
 
-    async def _handle(self, msg: Msg) -> None:
+    @staticmethod
+    async def _wait_or_stop(aw, stop: asyncio.Event) -> None:
+        done = asyncio.ensure_future(aw)
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([done, stopped], return_when=asyncio.FIRST_COMPLETED)
+        for t in (done, stopped):
+            t.cancel()
+
+    async def _handle(self, msg: Msg, slot: "_Slot") -> None:
         t0 = time.perf_counter()
         meta = msg.metadata
         attempts = meta.num_delivered or 1
@@ -278,11 +393,17 @@ class Compressor:
         ids = _ids_from_msg_id((msg.headers or {}).get(busmod.MSG_ID_HEADER, ""))
         if ids[0] is not None:
             self.refs.begin(*ids)
+        outcome = None
         try:
             try:
                 # The envelope around the frames is small; a claim beyond this is refused unread.
                 data = await self.bus.payload(msg, max_size=self.cfg.limits.max_batch_bytes + (1 << 20))
-                outcome = await self._code(data, await self._handed(*ids))
+                # Validated off the event loop (a 720p batch is 11 MB), once: the hand-off needs to
+                # know whether the batch is live and whether it starts a segment.
+                fb = await asyncio.get_running_loop().run_in_executor(None, unpack_frame_batch, data,
+                                                                      self.cfg.limits)
+                del data
+                outcome = await self._code(fb, await self._handed(fb, ids, slot))
             except (SchemaError, ClaimError) as exc:
                 code = getattr(exc, "code", "claim_missing")
                 await self._give_up(msg, "rejected", f"{code}: {getattr(exc, 'reason', str(exc))}", attempts)
@@ -303,32 +424,48 @@ class Compressor:
         except Exception as exc:
             # Publishing failed (server down, timeout): no ack, so JetStream redelivers.
             log.error("batch_unacked", subject=msg.subject, error=f"{type(exc).__name__}: {exc}")
-            if ids[0] is not None:
-                self.refs.drop(*ids)  # the coding receivers get, after the redelivery, may be another
+            if outcome is not None and outcome.chain is not None:
+                # The coding receivers get, after the redelivery, may be another.
+                self.refs.drop(outcome.chain, outcome.metrics.batch_seq)
         finally:
             beat.cancel()
             if ids[0] is not None:
                 self.refs.end(*ids)
 
-    async def _handed(self, sid: str | None, seq: int | None) -> Handed | None:
+    async def _handed(self, fb: FrameBatch, ids: tuple[str | None, int | None], slot: "_Slot") -> Handed | None:
         """For a chained stream, the previous batch's reference (waiting for it a bounded time, on the
-        event loop: the batch holds no codec thread while it waits).  ``sid``, ``seq``: the message id's."""
+        event loop).  ``ids``: the message id's stream and batch, which the batch must match.
+
+        A batch that must wait (its predecessor is still being coded, here or on another worker)
+        hands its codec slot back meanwhile, up to ``max_waiting`` such batches: the worker fetches
+        on, so that a backlog's next segment, which needs no reference, is coded in parallel.  A batch
+        that is not live has no deadline: it waits for its predecessor up to two ack waits (the time
+        JetStream takes to give a dead worker's batch to another), not just ``chain_wait_s``."""
         if not self.chained:
             return None
-        if sid is None:
-            return None  # not a gateway's batch: validation will say what is wrong with it
-        handed = await self.refs.for_batch(sid, seq)
-        return replace(handed, batch=(sid, seq))
+        sid, seq = ids
+        if sid is None or (sid, seq) != (fb.stream_id, fb.batch_seq):
+            return Handed(None, "no_reference")  # the envelope's id and the batch disagree: trust neither's reference
+        planned = planned_keyframe(fb, self.cfg)
+        if planned is not None:
+            return Handed(None, planned, (sid, seq))
+        wait_s = None if fb.live else max(self.cfg.chain_wait_s, 2 * self.cfg.bus.ack_wait_s)
+        chain = chain_of(fb, self.cfg)[0]
+        find = asyncio.ensure_future(self.refs.for_batch(chain, seq, wait_s))
+        done, _ = await asyncio.wait([find], timeout=2 * POLL_S)
+        if not done:
+            async with slot.lent(self._waiting):
+                await find
+        return replace(find.result(), batch=(sid, seq))
 
-    async def _code(self, data: bytes, handed: Handed | None = None) -> Outcome:
+    async def _code(self, data: bytes | FrameBatch, handed: Handed | None = None) -> Outcome:
         """Run :func:`process_batch` in the pool; the timeout counts from when a thread takes the
         batch, so waiting behind the worker's other batches is not coding time."""
         loop = asyncio.get_running_loop()
         started = asyncio.Event()
 
-        def handoff(fb, frame, codec) -> None:
-            loop.call_soon_threadsafe(self.refs.remember, fb.stream_id, fb.batch_seq, fb.width, fb.height, frame,
-                                      codec)
+        def handoff(chain, fb, frame, codec) -> None:
+            loop.call_soon_threadsafe(self.refs.remember, chain, fb.batch_seq, fb.width, fb.height, frame, codec)
 
         def job() -> Outcome:
             loop.call_soon_threadsafe(started.set)
@@ -374,7 +511,7 @@ class Compressor:
             else:
                 # No reference from this batch: a chained worker that gets the stream's next batch knows
                 # at once (codec_change) instead of waiting for one.
-                await self.refs.publish(cb.stream_id, cb.batch_seq, cb.width, cb.height, None, cb.codec)
+                await self.refs.publish(outcome.chain, cb.batch_seq, cb.width, cb.height, None, cb.codec)
         except Exception as exc:  # the payload is out: a lost hand-off costs the next batch a key frame
             log.warning("reference_not_published", batch_id=cb.msg_id, error=f"{type(exc).__name__}: {exc}")
         now = time.time()
@@ -428,7 +565,10 @@ class Compressor:
                 log.warning("reference_withheld", batch_id=cb.msg_id,
                             reason="the bus kept another coding of this batch")
                 frame = None
-        await self.refs.publish(cb.stream_id, cb.batch_seq, cb.width, cb.height, frame,
+        if outcome.last_of_chain and frame is not None:
+            await self.refs.end_chain(outcome.chain)  # the next batch starts a segment: nobody needs it
+            return
+        await self.refs.publish(outcome.chain, cb.batch_seq, cb.width, cb.height, frame,
                                 cb.codec if frame is not None or not ack.duplicate else "")
 
     async def _give_up(self, msg: Msg, status: str, reason: str, attempts: int) -> None:
@@ -575,7 +715,10 @@ def resolve_codec(name: str) -> str:
 
 def _codec_kwargs(cfg: CompressorConfig) -> dict:
     if cfg.codec in LEARNED_CODECS:
-        return {k: v for k, v in (("model", cfg.model), ("level", cfg.level)) if v is not None}
+        kw = {k: v for k, v in (("model", cfg.model), ("level", cfg.level)) if v is not None}
+        if cfg.codec == "hybrid" and cfg.chain:
+            kw.update(hand_off=True, reorder=cfg.reorder)
+        return kw
     kw = _native_kwargs(cfg)
     if cfg.chain and cfg.reorder and cfg.codec.startswith("x264"):
         kw["reorder"] = True

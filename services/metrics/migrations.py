@@ -238,6 +238,15 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             ('first', 'no_reference', 'timeout', 'periodic', 'requested', 'resolution', 'codec_change'));
         """,
     ),
+    (
+        7,
+        "batch_metrics: keyframe_reason 'segment' (a recorded file's backlog coded in parallel segments)",
+        """
+        ALTER TABLE batch_metrics DROP CONSTRAINT IF EXISTS batch_metrics_keyframe_reason_check;
+        ALTER TABLE batch_metrics ADD CONSTRAINT batch_metrics_keyframe_reason_check CHECK (keyframe_reason IN
+            ('first', 'no_reference', 'timeout', 'periodic', 'requested', 'resolution', 'codec_change', 'segment'));
+        """,
+    ),
 ]
 
 

@@ -154,8 +154,11 @@ def decode_payload(payload: bytes, reference=None) -> tuple[PayloadHeader, np.nd
     if "chain" in header.params:
         from shared.codecs.native import CHAINABLE
 
-        if header.codec not in CHAINABLE:  # a forged header: only these codecs' seeds are re-created
-            raise CodecError(f"a {header.codec} payload cannot be chained (chainable: {', '.join(CHAINABLE)})")
+        # A forged header: only these codecs' seeds are re-created (a hybrid's base layer is one of them).
+        chained = header.params.get("base") if header.codec == "hybrid" else header.codec
+        if chained not in CHAINABLE:
+            raise CodecError(f"a {header.codec} payload cannot be chained (chainable: {', '.join(CHAINABLE)}, "
+                             "and hybrid on one of them)")
         frames = decode(header, bitstream, reference=reference)
     else:
         frames = decode(header, bitstream)

@@ -4,9 +4,13 @@ Bitstream::
 
     blend bytes (one per frame: luma weight << 4 | chroma weight) | base codec's packets
 
-The base layer is an ordinary closed GOP of the native codec, so inter-frame
+The base layer is an ordinary batch of the native codec, so inter-frame
 prediction (motion compensation, skip blocks) carries the temporal redundancy
-of the batch.  The encoder decodes its own base layer, runs the restoration
+of the batch: a closed GOP, or, with ``hand_off``, a batch chained to the
+previous batch's last frame like a native one (:mod:`shared.codecs.reference`).
+A chained stream's reference is always a *base* decode, which the seed is
+re-created from: a hand-off hybrid leaves the last frame of every batch
+unrestored (blend weights zero), so the frame a receiver keeps is the base's.  The encoder decodes its own base layer, runs the restoration
 network on each frame and picks, per frame, how much of its correction to
 apply (least squares against the source).  The receiver does the same
 arithmetic from the same decoded frames; a frame whose weights are both zero
@@ -75,11 +79,19 @@ class HybridCodec(Codec):
     version = 1
 
     def __init__(self, model: str = DEFAULT_MODEL, level: int | None = None, device: str | None = None,
-                 preset: str | None = None, threads: int = 0, weights: Path | None = None):
+                 preset: str | None = None, threads: int = 0, weights: Path | None = None, reorder: bool = False,
+                 hand_off: bool = False):
         self.model = load_restorer(model, device, weights)
-        self.base = NativeCodec(self.model.base, preset=preset, threads=threads)
+        self.base = NativeCodec(self.model.base, preset=preset, threads=threads, reorder=reorder)
         self.levels = min(self.model.levels, len(LEVEL_CRF[self.base.name]))
         self.level = 4 if level is None else self.check_level(level)
+        # Chained coding: every batch's last frame is the base decode (see the module's docstring).
+        self.hand_off = bool(hand_off) and self.base.chains
+
+    @property
+    def chains(self) -> bool:
+        """Whether batches may be chained (``reference=``), and their last frame is a reference."""
+        return self.hand_off
 
     @property
     def params(self) -> dict:
@@ -88,33 +100,53 @@ class HybridCodec(Codec):
     def base_crf(self, level: int) -> int:
         return LEVEL_CRF[self.base.name][level]
 
-    def encode(self, frames: np.ndarray, width: int, height: int, fps: float, level: int | None = None) -> bytes:
-        return self.encode_reconstruct(frames, width, height, fps, level)[0]
+    def encode(self, frames: np.ndarray, width: int, height: int, fps: float, level: int | None = None,
+               *, reference=None, preset: str | None = None) -> bytes:
+        return self.encode_reconstruct(frames, width, height, fps, level, reference=reference, preset=preset)[0]
 
     def encode_reconstruct(
-        self, frames: np.ndarray, width: int, height: int, fps: float, level: int | None = None
+        self, frames: np.ndarray, width: int, height: int, fps: float, level: int | None = None,
+        *, reference=None, preset: str | None = None,
     ) -> tuple[bytes, np.ndarray]:
+        """As :meth:`Codec.encode_reconstruct`; ``reference`` (a hand-off hybrid only) chains the base
+        layer to the previous batch's last frame, ``preset`` sets the base encoder's speed preset."""
         level = self.level if level is None else self.check_level(level)
-        base_header, base_bits = read_header(self.base.encode(frames, width, height, fps, level))
-        decoded = to_planes(self.base.decode_bitstream(base_header, base_bits), width, height)
+        if reference is not None and not self.chains:
+            raise CodecError("this hybrid codec codes closed GOPs (hand_off=False): it takes no reference")
+        base_payload, base_frames = self.base.encode_reconstruct(frames, width, height, fps, level,
+                                                                 reference=reference, preset=preset)
+        base_header, base_bits = read_header(base_payload)
+        decoded = to_planes(base_frames, width, height)
+        n = len(frames)
+        restore = list(range(n - 1)) if self.hand_off else None  # the hand-off frame stays the base's
         with self.model.lock:
-            correction = self.model.restorer.correction(decoded, level)
+            correction = self.model.restorer.correction(decoded, level, only=restore)
         alphas = blend_weights(correction, decoded, to_planes(frames, width, height))
+        if self.hand_off:
+            alphas[-1] = (0, 0)
         restored = from_planes(apply_correction(decoded, correction, alphas), width, height)
         header = PayloadHeader(
-            self.name, self.version, width, height, len(frames),
+            self.name, self.version, width, height, n,
             params={"base": self.base.name, "crf": base_header.params["crf"], "level": level,
-                    "model": self.model.name, "sha256": self.model.sha256[:16]},
+                    "model": self.model.name, "sha256": self.model.sha256[:16],
+                    **{k: base_header.params[k] for k in BASE_PARAMS if k in base_header.params}},
         )
         blend = bytes((ay << 4) | ac for ay, ac in alphas)
         return pack_payload(header, blend + bytes(base_bits)), restored
 
-    def decode_bitstream(self, header: PayloadHeader, bitstream: memoryview) -> np.ndarray:
-        return decode_hybrid(header, bitstream)
+    def decode_bitstream(self, header: PayloadHeader, bitstream: memoryview, reference=None) -> np.ndarray:
+        return decode_hybrid(header, bitstream, reference=reference)
 
 
-def decode_hybrid(header: PayloadHeader, bitstream: memoryview, device: str | None = None) -> np.ndarray:
-    """Decode a hybrid payload: the base layer, then the restoration its blend bytes ask for."""
+#: The base layer's header parameters a hybrid header carries, so that a receiver can decode a chained
+#: base (its preset, reordering and chain block re-create the seed).
+BASE_PARAMS = ("preset", "reorder", "chain")
+
+
+def decode_hybrid(header: PayloadHeader, bitstream: memoryview, device: str | None = None,
+                  reference=None) -> np.ndarray:
+    """Decode a hybrid payload: the base layer (chained to ``reference`` when its header says so),
+    then the restoration its blend bytes ask for."""
     p = header.params
     try:
         base, model, sha, level = str(p["base"]), str(p["model"]), str(p["sha256"]), int(p["level"])
@@ -134,8 +166,9 @@ def decode_hybrid(header: PayloadHeader, bitstream: memoryview, device: str | No
         raise CodecError(f"payload was restored with {model} sha256 {sha}…, this receiver has {restorer.sha256[:16]}…")
     if not 0 <= level < restorer.levels:
         raise CodecError(f"hybrid payload level {level} out of range")
-    base_header = PayloadHeader(base, 1, header.width, header.height, n, header.pix_fmt, {})
-    decoded_frames = NativeCodec(base).decode_bitstream(base_header, bitstream[n:])
+    base_header = PayloadHeader(base, 1, header.width, header.height, n, header.pix_fmt,
+                                {"crf": p.get("crf"), **{k: p[k] for k in BASE_PARAMS if k in p}})
+    decoded_frames = NativeCodec(base).decode_bitstream(base_header, bitstream[n:], reference)
     if not any(a for pair in alphas for a in pair):
         return decoded_frames  # the encoder chose the native decode for every frame
     decoded = to_planes(decoded_frames, header.width, header.height)
