@@ -214,3 +214,18 @@ async def test_the_hybrid_chains_on_its_base_and_its_native_fallbacks_chain_too(
     assert got.undecodable == [] and got.frames == 48
     source = np.concatenate([b.frames for b in read_batches(SOURCE, "ref", 8, 48)])
     assert_decoded_exactly(rows, np.stack(read_video(out)), source, 320, 240)
+
+
+async def test_one_key_frame_request_gets_one_key_frame_from_two_workers(bus, bus_cfg, postgres):
+    sid = unique("once")
+    workers = [compressor(bus_cfg, codec="x264-psnr", keyframe_every_s=0) for _ in range(2)]
+    async with running(*workers, metrics_writer(bus_cfg, postgres.url)):
+        await asyncio.sleep(0.5)  # both workers are subscribed to key-frame requests
+        await bus.nc.publish(keyframe_subject(sid), json.dumps({"from_batch": 3}).encode())
+        await bus.nc.flush()
+        await asyncio.sleep(0.3)
+        await ingest(bus, SOURCE, sid, 8, 80, progress=False)
+        rows = await wait_rows(postgres.url, [sid], 10)
+    kf = reasons(rows)
+    assert kf.count("requested") == 1 and kf.index("requested") >= 3, kf
+    assert {r["worker_id"] for r in rows} == {w.cfg.worker_id for w in workers}  # both took part

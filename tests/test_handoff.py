@@ -127,3 +127,51 @@ async def test_after_a_redelivery_the_reference_is_handed_on_only_if_the_bus_kep
     assert ack.duplicate
     await worker._hand_off(other, ack, other.compressed.pack())
     assert (await ReferenceStore(bus, wait_s=0.2).for_batch(sid, 4)).reason == "no_reference"
+
+
+def _batch(seq: int):
+    from dataclasses import replace
+
+    from services.ingest import read_batches
+
+    return replace(next(iter(read_batches("lavfi:testsrc2=size=64x48:rate=30", "s", 8, 8))), batch_seq=seq)
+
+
+def test_a_key_frame_request_another_worker_already_answered_makes_no_second_key_frame():
+    from services.compressor.controls import StreamControls
+    from services.compressor.handoff import Handed
+    from services.compressor.worker import choose_reference
+    from shared.codecs.reference import Reference
+    from shared.config import CompressorConfig
+
+    cfg, controls = CompressorConfig(keyframe_every_s=0), StreamControls()
+    controls.request_keyframe("s", b'{"from_batch": 2}')  # every worker got the receiver's request
+    # Batch 2 went out as a key frame on another worker; batch 3's reference says its chain began there.
+    ref = Reference(2, 64, 48, frame(64, 48), since=2)
+    assert choose_reference(_batch(3), Handed(ref, None), cfg, controls) == (ref, None)
+    assert not controls.take_keyframe_request("s", 4)  # served: nothing pending any more
+    # A reference from before the request does not answer it.
+    controls.request_keyframe("s", b'{"from_batch": 5}')
+    old = Reference(5, 64, 48, frame(64, 48), since=0)
+    assert choose_reference(_batch(6), Handed(old, None), cfg, controls) == (None, "requested")
+
+
+def test_a_key_frame_for_another_reason_answers_a_pending_request():
+    from services.compressor.controls import StreamControls
+    from services.compressor.handoff import Handed
+    from services.compressor.worker import choose_reference
+    from shared.codecs.reference import Reference
+    from shared.config import CompressorConfig
+
+    cfg, controls = CompressorConfig(keyframe_every_s=0), StreamControls()
+    controls.request_keyframe("s", b'{"from_batch": 2}')
+    assert choose_reference(_batch(2), Handed(None, "timeout"), cfg, controls) == (None, "timeout")
+    ref = Reference(2, 64, 48, frame(64, 48), since=2)
+    assert choose_reference(_batch(3), Handed(ref, None), cfg, controls) == (ref, None)
+
+
+async def test_the_bus_copy_of_a_reference_says_where_its_chain_began(bus):
+    sid = unique()
+    await ReferenceStore(bus, wait_s=1).publish(sid, 7, 64, 48, frame(64, 48), "x264", since=4)
+    handed = await ReferenceStore(bus, wait_s=1).for_batch(sid, 8)
+    assert handed.reference.since == 4

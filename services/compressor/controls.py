@@ -138,6 +138,15 @@ class StreamControls:
                 self._keyframes.pop(next(iter(self._keyframes)))
         log.info("keyframe_requested", stream_id=stream_id, from_batch=from_batch)
 
+    def keyframe_served(self, stream_id: str, since: int) -> None:
+        """The stream's chain began again with a real key frame at batch ``since`` (coded by any
+        worker): a pending request from that batch or before is served, and is dropped here too, so
+        that each worker holding it does not answer it with a key frame of its own."""
+        with self._lock:
+            want = self._keyframes.get(stream_id)
+            if want is not None and want <= since:
+                del self._keyframes[stream_id]
+
     def take_keyframe_request(self, stream_id: str, batch: int) -> bool:
         """Whether ``batch`` answers a pending request (it is then served: the next batches chain)."""
         with self._lock:

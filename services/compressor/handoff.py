@@ -43,6 +43,7 @@ SIZE_HEADER = "Aic-Ref-Size"
 PARTS_HEADER = "Aic-Ref-Parts"
 DIGEST_HEADER = "Aic-Ref-Digest"
 CODEC_HEADER = "Aic-Ref-Codec"
+SINCE_HEADER = "Aic-Ref-Since"  # the batch whose key frame began this chain
 #: How often a waiting worker looks at the bus for the reference it needs.
 POLL_S = 0.02
 #: Streams whose latest reference a worker keeps in memory, and the bytes they may take (a 1080p
@@ -89,10 +90,10 @@ class ReferenceStore:
         self._local: OrderedDict[str, tuple[Reference | None, str, int, float]] = OrderedDict()
 
     async def publish(self, chain: str, batch: int, width: int, height: int, frame: np.ndarray | None,
-                      codec: str) -> None:
+                      codec: str, since: int | None = None) -> None:
         """Hand batch ``batch``'s last decoded frame on (``frame`` None: the batch went out with a
         codec whose output is not a reference, which the next batch learns at once)."""
-        ref = self.remember(chain, batch, width, height, frame, codec)
+        ref = self.remember(chain, batch, width, height, frame, codec, since)
         lock = self._locks.setdefault(chain, asyncio.Lock())
         async with lock:  # one writer per stream at a time, so parts of two batches never mix
             if batch < self._published.get(chain, -1):
@@ -109,18 +110,20 @@ class ReferenceStore:
         parts = [data[i:i + chunk] for i in range(0, len(data), chunk)] or [b""]
         headers = {BATCH_HEADER: str(batch), SIZE_HEADER: f"{width}x{height}", PARTS_HEADER: str(len(parts)),
                    DIGEST_HEADER: "" if ref is None else ref.digest, CODEC_HEADER: codec}
+        if ref is not None and ref.since is not None:
+            headers[SINCE_HEADER] = str(ref.since)
         # Part 0 last: a reader that sees the new part 0 finds every other part of the same batch.
         for i in (*range(1, len(parts)), 0):
             await self.bus.js.publish(refs_subject(chain, i), parts[i], headers=headers)
 
     def remember(self, chain: str, batch: int, width: int, height: int, frame: np.ndarray | None,
-                 codec: str) -> Reference | None:
+                 codec: str, since: int | None = None) -> Reference | None:
         """Keep batch ``batch``'s reference for this worker's next batch of the stream, which may then
         start coding while this one is still measured and published (call on the event loop)."""
         held = self._local.get(chain)
         if held is not None and held[2] == batch and held[1] == codec and (held[0] is None) == (frame is None):
             return held[0]  # kept when the batch was coded; publishing it needs no second copy
-        ref = None if frame is None else Reference(batch, width, height, np.array(frame, copy=True))
+        ref = None if frame is None else Reference(batch, width, height, np.array(frame, copy=True), since)
         if held is not None and held[2] > batch:
             return ref  # batches finished out of order: the later one's stays
         self._local[chain] = (ref, codec, batch, time.monotonic())
@@ -199,6 +202,7 @@ class ReferenceStore:
             batch, parts = int(h[BATCH_HEADER]), int(h[PARTS_HEADER])
             width, height = (int(x) for x in h[SIZE_HEADER].split("x"))
             digest, codec = h[DIGEST_HEADER], h.get(CODEC_HEADER, "")
+            since = int(h[SINCE_HEADER]) if h.get(SINCE_HEADER) else None
         except (KeyError, ValueError):
             return None
         if not digest or (want is not None and batch != want):
@@ -218,4 +222,4 @@ class ReferenceStore:
         frame = np.frombuffer(raw, np.uint8)
         if frame_digest(frame) != digest:
             return None
-        return Reference(batch, width, height, frame), codec, batch
+        return Reference(batch, width, height, frame, since), codec, batch

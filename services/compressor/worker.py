@@ -82,6 +82,7 @@ class Outcome:
     metrics: BatchMetrics
     compressed: CompressedBatch | None = None
     handoff: np.ndarray | None = None  # chained streams: the frame the next batch predicts from
+    since: int | None = None  # the batch whose real key frame began its chain
     chain: str | None = None  # the chain it belongs to (chain_of): its stream, or its segment
     last_of_chain: bool = False  # the last batch of a segment: no batch will predict from it
 
@@ -129,15 +130,22 @@ def chain_of(fb, cfg: CompressorConfig) -> tuple[str, bool]:
 def choose_reference(fb, handed: Handed, cfg: CompressorConfig, controls: StreamControls | None):
     """(reference, keyframe_reason) for a batch of a chained stream."""
     planned = planned_keyframe(fb, cfg)
-    if handed.reference is None:
+    ref = handed.reference
+    requested = False
+    if controls is not None:
+        if ref is not None and ref.since is not None:
+            controls.keyframe_served(fb.stream_id, ref.since)  # another worker's key frame answered it
+        # A key frame for any reason at or after the requested batch answers the request.
+        requested = controls.take_keyframe_request(fb.stream_id, fb.batch_seq)
+    if ref is None:
         return None, handed.reason if handed.reason is not None or planned is None else planned
-    if controls is not None and controls.take_keyframe_request(fb.stream_id, fb.batch_seq):
+    if requested:
         return None, "requested"
-    if (handed.reference.width, handed.reference.height) != (fb.width, fb.height):
+    if (ref.width, ref.height) != (fb.width, fb.height):
         return None, "resolution"
     if planned is not None:
         return None, planned
-    return handed.reference, None
+    return ref, None
 
 
 def process_batch(data: bytes | FrameBatch, policy: Policy, cfg: CompressorConfig,
@@ -146,7 +154,7 @@ def process_batch(data: bytes | FrameBatch, policy: Policy, cfg: CompressorConfi
     """Validate (``data``: the message, or a batch already validated), code (through the policy and
     the stream's live config), and measure one batch (CPU work; runs in a thread).  ``handed``: for a
     chained stream, what the hand-off found for this batch (its reference, or why there is none);
-    ``on_handoff(chain, fb, frame, codec)`` is called as soon as the batch is coded, so that the stream's next
+    ``on_handoff(chain, fb, frame, codec, since)`` is called as soon as the batch is coded, so that the stream's next
     batch can start while this one is measured and published (frame None: nothing to chain to).
 
     Raises SchemaError for invalid input; other exceptions mean the codec failed.
@@ -170,8 +178,9 @@ def process_batch(data: bytes | FrameBatch, policy: Policy, cfg: CompressorConfi
     hands_off = coded.codec in NATIVE_CODECS or (policy.neural is not None and coded.codec == policy.neural.name
                                                  and getattr(policy.neural, "chains", False))
     handoff = decoded[-1] if handed is not None and hands_off else None
+    since = fb.batch_seq if reference is None else reference.since
     if on_handoff is not None:
-        on_handoff(chain, fb, handoff, coded.codec)
+        on_handoff(chain, fb, handoff, coded.codec, since)
     if speed is not None:
         speed.observe(fb.stream_id, t1 - t0, fb.frame_count / fb.fps, fb.live, lag_s)
     sampled = fb.batch_seq % cfg.quality_every == 0
@@ -227,7 +236,7 @@ def process_batch(data: bytes | FrameBatch, policy: Policy, cfg: CompressorConfi
         quality_ms=(t2 - t1) * 1000,
         captured_at=fb.captured_at,
     )
-    return Outcome(metrics, compressed, handoff, chain, last_of_chain)
+    return Outcome(metrics, compressed, handoff, since, chain, last_of_chain)
 
 
 def _params_str(params: dict) -> str:
@@ -464,8 +473,9 @@ class Compressor:
         loop = asyncio.get_running_loop()
         started = asyncio.Event()
 
-        def handoff(chain, fb, frame, codec) -> None:
-            loop.call_soon_threadsafe(self.refs.remember, chain, fb.batch_seq, fb.width, fb.height, frame, codec)
+        def handoff(chain, fb, frame, codec, since) -> None:
+            loop.call_soon_threadsafe(self.refs.remember, chain, fb.batch_seq, fb.width, fb.height, frame, codec,
+                                      since)
 
         def job() -> Outcome:
             loop.call_soon_threadsafe(started.set)
@@ -569,7 +579,7 @@ class Compressor:
             await self.refs.end_chain(outcome.chain)  # the next batch starts a segment: nobody needs it
             return
         await self.refs.publish(outcome.chain, cb.batch_seq, cb.width, cb.height, frame,
-                                cb.codec if frame is not None or not ack.duplicate else "")
+                                cb.codec if frame is not None or not ack.duplicate else "", outcome.since)
 
     async def _give_up(self, msg: Msg, status: str, reason: str, attempts: int) -> None:
         """Terminate a batch that will never succeed, with a dead letter and a metrics row saying why."""

@@ -49,6 +49,9 @@ class Reference:
     width: int
     height: int
     frame: np.ndarray  # (frame_size,) uint8, packed yuv420p
+    # The batch whose real key frame began the chain this frame belongs to (None: unknown).  Workers
+    # read it to tell that a receiver's key-frame request was already served by another worker.
+    since: int | None = None
 
     @property
     def digest(self) -> str:
