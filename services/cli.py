@@ -64,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "goes out and the row records baseline_bytes (0 = never; default 8)")
     p.add_argument("--latency-budget-ms", type=float, default=0.0,
                    help="neural coding time per batch above which native goes out (default 0 = no limit)")
-    p.add_argument("--fallback", default="x264", help="native codec for fallbacks (default x264)")
+    p.add_argument("--fallback", default=env_str("AIC_FALLBACK", "auto"),
+                   help="native codec behind a learned one, for fallbacks and the matched-quality comparison "
+                        "(default auto: x264-psnr for a PSNR target, x264 for MS-SSIM, whose psychovisual "
+                        "tuning scores better there; env AIC_FALLBACK)")
     p.add_argument("--preset", help="native encoder speed preset, for a native --codec and for --fallback; "
                    "fixes it (default: a chained x264 or av1 stream gets the slowest preset its measured encode "
                    "times afford, medium for a file at full speed; others veryfast); hybrid's base layer keeps its own")

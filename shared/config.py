@@ -93,7 +93,7 @@ class CompressorConfig:
     model: str | None = None  # neural model name under models/ (None: the default model)
     crf: int | None = None
     preset: str | None = None
-    fallback: str = "x264"  # native codec the policy falls back to
+    fallback: str = "auto"  # native codec the policy falls back to (auto: the best one for the target's metric)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     concurrency: int = 2
     quality_frames: int = 1  # frames per batch for PSNR-RGB and MS-SSIM; -1 = all, 0 = off

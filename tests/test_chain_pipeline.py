@@ -191,7 +191,7 @@ async def test_a_hand_off_the_bus_refuses_costs_a_key_frame_never_the_batch(bus,
     assert len(rows) == 3 and all(r["status"] == "ok" and r["attempts"] == 1 for r in rows)
 
 
-@pytest.mark.parametrize("target,codec", [(30.0, "hybrid"), (99.0, "x264")], ids=["hybrid", "native-fallback"])
+@pytest.mark.parametrize("target,codec", [(30.0, "hybrid"), (99.0, "x264-psnr")], ids=["hybrid", "native-fallback"])
 async def test_the_hybrid_chains_on_its_base_and_its_native_fallbacks_chain_too(
     bus, bus_cfg, postgres, tmp_path, tiny_model, target, codec
 ):

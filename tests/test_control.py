@@ -89,7 +89,7 @@ async def test_a_mode_change_applies_to_the_next_batches_without_restart(bus, bu
     by_seq = {r["batch_seq"]: r for r in rows}
     assert [(by_seq[i]["codec"], by_seq[i]["mode"], by_seq[i]["level"]) for i in range(3)] == [("hybrid", None, 6)] * 3
     # Within two batches of the change (here: the very next one), native only, no inference.
-    assert all(by_seq[i]["codec"] == "x264" and by_seq[i]["mode"] == "off" for i in range(4, 6))
+    assert all(by_seq[i]["codec"] == "x264-psnr" and by_seq[i]["mode"] == "off" for i in range(4, 6))
     assert all(by_seq[i]["codec"] == "hybrid" and by_seq[i]["mode"] == "aggressive" for i in range(7, len(batches)))
     assert all(0 <= by_seq[i]["level"] <= 4 for i in range(7, len(batches)))
 

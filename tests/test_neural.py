@@ -178,8 +178,8 @@ def test_a_4k_frame_codes_and_decodes(tiny_model):
 
 
 def test_auto_codes_chained_x264_whether_or_not_learned_weights_are_present(tiny_models_dir, tmp_path, monkeypatch):
-    # The learned codecs code closed GOPs, which cost more bytes than chained x264 (docs/benchmarks.md);
-    # they stay one flag away.
+    # The learned codecs add nothing measurable on top of chained x264 (docs/benchmarks.md) and are
+    # far slower; they stay one flag away.
     from services.compressor.worker import resolve_codec
 
     (tmp_path / "with" / DEFAULT_MODEL).mkdir(parents=True)
@@ -189,6 +189,16 @@ def test_auto_codes_chained_x264_whether_or_not_learned_weights_are_present(tiny
     monkeypatch.setenv("AIC_MODELS_DIR", str(tmp_path / "without"))
     assert resolve_codec("auto") == "x264-psnr"
     assert resolve_codec("x265") == "x265" and resolve_codec("hybrid") == "hybrid"
+
+
+def test_the_native_codec_behind_a_learned_one_is_the_best_for_the_target_metric():
+    from services.compressor.worker import resolve_fallback
+    from shared.config import CompressorConfig, PolicyConfig
+
+    assert resolve_fallback(CompressorConfig()) == "x264-psnr"
+    assert resolve_fallback(CompressorConfig(policy=PolicyConfig("psnr_rgb", 36.0))) == "x264-psnr"
+    assert resolve_fallback(CompressorConfig(policy=PolicyConfig("ms_ssim", 0.98))) == "x264"
+    assert resolve_fallback(CompressorConfig(fallback="av1")) == "av1"
 
 
 def test_a_payload_of_another_codec_version_is_refused_clearly(tiny_model):

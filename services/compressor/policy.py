@@ -111,8 +111,8 @@ class Policy:
             return coded
         ref = _for(self.native, ref)
         best = _first_passing(self.native.crf_range[0], self.native.max_crf,
-                              lambda crf: self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, crf=crf,
-                                                                         **ref),
+                              lambda crf: self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps,
+                                                                         crf=crf, **ref),
                               lambda coded: len(coded[0]) <= limit)
         fits = best is not None
         payload, decoded = best or self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps,

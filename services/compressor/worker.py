@@ -154,8 +154,9 @@ def process_batch(data: bytes | FrameBatch, policy: Policy, cfg: CompressorConfi
     """Validate (``data``: the message, or a batch already validated), code (through the policy and
     the stream's live config), and measure one batch (CPU work; runs in a thread).  ``handed``: for a
     chained stream, what the hand-off found for this batch (its reference, or why there is none);
-    ``on_handoff(chain, fb, frame, codec, since)`` is called as soon as the batch is coded, so that the stream's next
-    batch can start while this one is measured and published (frame None: nothing to chain to).
+    ``on_handoff(chain, fb, frame, codec, since)`` is called as soon as the batch is coded, so that
+    the stream's next batch can start while this one is measured and published (frame None: nothing
+    to chain to).
 
     Raises SchemaError for invalid input; other exceptions mean the codec failed.
     """
@@ -310,8 +311,10 @@ class Compressor:
         if self.cfg.codec in LEARNED_CODECS:
             # Behind a chained hybrid the fallback is the best native coding the stream can get:
             # chained, and reordering inside the batch like the hybrid's own base.
-            reorder = self.cfg.chain and self.cfg.reorder and self.cfg.fallback.startswith("x264")
-            native = create_codec(self.cfg.fallback, **_native_kwargs(self.cfg), **({"reorder": True} if reorder else {}))
+            fallback = resolve_fallback(self.cfg)
+            reorder = self.cfg.chain and self.cfg.reorder and fallback.startswith("x264")
+            native = create_codec(fallback, **_native_kwargs(self.cfg),
+                                  **({"reorder": True} if reorder else {}))
             self.policy = Policy(self.codec, native, self.cfg.policy, self.cfg.level)
         else:
             self.policy = Policy(None, self.codec, self.cfg.policy, self.cfg.level)
@@ -705,10 +708,11 @@ def _ids_from_msg_id(msg_id: str) -> tuple[str | None, int | None]:
     return None, None
 
 
-#: What ``auto`` codes with.  Chained x264 (tuned for PSNR, reordering inside the batch) needs far
-#: fewer bytes than any closed-GOP coding (docs/benchmarks.md, "Chained batches"), and the learned
-#: codecs code closed GOPs: the hybrid's restoration is worth about 0.1 point of BD-rate on top of
-#: its base and runs at ~2.6 frames/s at 720p on a CPU, so it could not keep up with a live stream.
+#: What ``auto`` codes with, on measurements (docs/benchmarks.md, "Chained batches"): chained x264
+#: (tuned for PSNR, reordering inside the batch) needs far fewer bytes than any closed-GOP coding;
+#: chained SVT-AV1 needs 11-63 % more at the default operating point; the hybrid on the same chained
+#: base equals it within 0.1 point of BD-rate and codes at 1-27 frames/s on a CPU, so it could not
+#: keep up with a live stream.
 AUTO_CODEC = "x264-psnr"
 
 
@@ -721,6 +725,16 @@ def resolve_codec(name: str) -> str:
              reason="chained native coding measured fewer bytes than the closed-GOP learned codecs"
              + (f" ({', '.join(learned)} available with --codec)" if learned else ""))
     return AUTO_CODEC
+
+
+def resolve_fallback(cfg: CompressorConfig) -> str:
+    """The native codec behind a learned one: ``--fallback``, or for ``auto`` the best native coding
+    for the policy's metric, so that "never worse than native" means the best native: x264 tuned for
+    PSNR for the PSNR targets, x264's psychovisual tuning for MS-SSIM (docs/rd/chain_rd.txt: closed
+    GOPs, BD-rate MS-SSIM +27.7 % for x264 against +64.3 % for x264-psnr; the other way in PSNR)."""
+    if cfg.fallback != "auto":
+        return cfg.fallback
+    return "x264" if cfg.policy.metric == "ms_ssim" else "x264-psnr"
 
 
 def _codec_kwargs(cfg: CompressorConfig) -> dict:

@@ -10,9 +10,11 @@ of the batch: a closed GOP, or, with ``hand_off``, a batch chained to the
 previous batch's last frame like a native one (:mod:`shared.codecs.reference`).
 A chained stream's reference is always a *base* decode, which the seed is
 re-created from: a hand-off hybrid leaves the last frame of every batch
-unrestored (blend weights zero), so the frame a receiver keeps is the base's.  The encoder decodes its own base layer, runs the restoration
-network on each frame and picks, per frame, how much of its correction to
-apply (least squares against the source).  The receiver does the same
+unrestored (blend weights zero), so the frame a receiver keeps is the base's.
+
+The encoder decodes its own base layer, runs the restoration network on each
+frame and picks, per frame, how much of its correction to apply (least
+squares against the source).  The receiver does the same
 arithmetic from the same decoded frames; a frame whose weights are both zero
 is the native decode exactly, and the network is not run for it.
 Importing this module imports torch.
