@@ -13,7 +13,7 @@ log bytes).  ``vs`` is delivered / anchor - 1: negative means aic sends fewer
 bytes.  The same with x264's B-frames and mb-tree (``tune=psnr``) is printed
 for context.
 
-    python -m benchmarks.e2e_vs_x264 [CLIP ...] [--frames 96] [--codec auto] [--json]
+    python -m benchmarks.e2e_vs_x264 [CLIP ...] [--frames 96] [--codec auto] [--level L] [--try-codec C] [--json]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,10 +36,10 @@ DEFAULT_CLIPS = [str(MEDIA / n) for n in ("call_screenshare_720p.mp4", "camera_5
 CRFS = range(10, 45, 2)
 
 
-def run_demo(clip: str, frames: int, codec: str) -> dict:
+def run_demo(clip: str, frames: int, codec: str, env: dict | None = None) -> dict:
     cmd = [sys.executable, "-m", "services.cli", "demo", "--source", clip, "--streams", "1", "--frames", str(frames),
            "--codec", codec, "--json"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env={**os.environ, **(env or {})})
     if r.returncode != 0:
         raise SystemExit(f"aic demo failed on {clip} (exit {r.returncode}):\n{r.stderr[-2000:]}")
     return json.loads(r.stdout)
@@ -70,23 +71,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("clips", nargs="*", default=DEFAULT_CLIPS, help="video clips (default: the three of ../shared/media)")
     p.add_argument("--frames", type=int, default=96, help="frames per clip (default %(default)s)")
     p.add_argument("--codec", default="auto", help="the compressor's --codec (default %(default)s, as a user gets)")
+    p.add_argument("--level", type=int, help="the compressors' rate level (AIC_LEVEL; default: the codec's own)")
+    p.add_argument("--try-codec", help="the compressors' --try-codec (AIC_TRY_CODEC; default none)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
+    env = {k: str(v) for k, v in (("AIC_LEVEL", a.level), ("AIC_TRY_CODEC", a.try_codec)) if v is not None}
     results = []
     for clip in a.clips:
-        demo = run_demo(clip, a.frames, a.codec)
+        demo = run_demo(clip, a.frames, a.codec, env)
         src = load_source(clip, a.frames, 1 << 16)
         assert len(src.frames) == demo["frames"], "the demo and the anchor must code the same frames"
         row = {"clip": Path(clip).name, "codecs": demo["codecs"], "frames": demo["frames"],
-               "delivered_bytes": demo["compressed_bytes"], "psnr_y": demo["psnr_y_mean"]}
+               "delivered_bytes": demo["compressed_bytes"], "psnr_y": demo["psnr_y_mean"], "wall_s": demo["wall_s"]}
         for name in ("x264-cont", "x264-cont-bf"):
             at = bytes_at(anchor_curve(name, src), demo["psnr_y_mean"])
             row[name] = {"bytes": at, "vs": None if at is None else demo["compressed_bytes"] / at - 1}
         results.append(row)
         if not a.json:
             cells = "  ".join(f"{n}: {_pct(row[n]['vs'])}" for n in ("x264-cont", "x264-cont-bf"))
-            print(f"{row['clip']:28} {','.join(row['codecs']):10} {row['delivered_bytes']:>9} B  "
-                  f"PSNR-Y {row['psnr_y']:.2f}  vs {cells}", flush=True)
+            print(f"{row['clip']:28} {','.join(row['codecs']):14} {row['delivered_bytes']:>9} B  "
+                  f"PSNR-Y {row['psnr_y']:.2f}  vs {cells}  ({row['frames'] / row['wall_s']:.1f} frames/s)",
+                  flush=True)
     vs = [r["x264-cont"]["vs"] for r in results if r["x264-cont"]["vs"] is not None]
     summary = {"clips": results, "mean_vs_x264_cont": float(np.mean(vs)) if vs else None}
     if a.json:

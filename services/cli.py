@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compressor", help="run a compressor worker on the shared consumer")
     _bus_args(p)
     p.add_argument("--codec", default=env_str("AIC_CODEC", "auto"), help=CODEC_HELP)
-    p.add_argument("--level", type=int, help="rate level 0..7, fewest bits first (default: the codec's own; "
-                   "for native codecs each level is a CRF)")
+    p.add_argument("--level", type=int, default=int(env_str("AIC_LEVEL")) if env_str("AIC_LEVEL") else None,
+                   help="rate level 0..7, fewest bits first (default: the codec's own; for native codecs each "
+                        "level is a CRF; env AIC_LEVEL)")
     p.add_argument("--model", help=f"learned model: a folder name under $AIC_MODELS_DIR, else the repository's "
                                    f"models/ (default: hybrid {DEFAULT_MODELS['hybrid']}, neural {DEFAULT_MODELS['neural']})")
     p.add_argument("--crf", type=int, help="native --codec only: constant rate factor when --level is not given "
@@ -89,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=int, default=env_int("AIC_MAX_WAITING", 16),
                    help="batches a worker holds, beyond --concurrency, while they wait for the reference of a "
                         "batch still being coded (default %(default)s; env AIC_MAX_WAITING)")
+    p.add_argument("--try-codec", default=env_str("AIC_TRY_CODEC"), metavar="CODEC[:PRESET]",
+                   help="a chained native codec (av1, av1:6, x264-psnr:slow) tried against the worker's own on "
+                        "1 batch in --try-every of each stream that is not live, at matched PSNR-Y; the smaller "
+                        "codes the stream until the next trial (default: none; measured to pay only at low rates "
+                        "on camera content, docs/benchmarks.md 'Codec choice'; env AIC_TRY_CODEC)")
+    p.add_argument("--try-every", type=int, default=env_int("AIC_TRY_EVERY", 16),
+                   help="batches between trials of --try-codec (default %(default)s; env AIC_TRY_EVERY)")
     p.add_argument("--no-reorder", dest="reorder", action="store_false",
                    help="x264: no B-frames inside a batch (default: reorder, which costs no latency beyond the "
                         "batch itself)")
@@ -213,7 +221,8 @@ def cmd_compressor(a: argparse.Namespace) -> int:
         concurrency=a.concurrency, quality_frames=a.quality_frames, quality_every=a.quality_every,
         batch_timeout_s=a.batch_timeout_s,
         chain=a.chain, chain_wait_s=a.chain_wait_s, keyframe_every_s=a.keyframe_every_s, reorder=a.reorder,
-        segment_batches=a.segment_batches, max_waiting=a.max_waiting, **kw,
+        segment_batches=a.segment_batches, max_waiting=a.max_waiting, try_codec=a.try_codec, try_every=a.try_every,
+        **kw,
     )  # fmt: skip
     _serve_metrics(a.metrics_port)
     code = run_service(Compressor(cfg).run)

@@ -109,6 +109,10 @@ class CompressorConfig:
     chain_wait_s: float = 2.0  # how long batch k+1 waits for batch k's reference before a real key frame
     keyframe_every_s: float = 10.0  # a real key frame this often (late joiners); 0 = only when needed
     reorder: bool = True  # x264: B-frames and look-ahead inside the batch (no latency beyond the batch)
+    # A chained native codec tried per stream that is not live against the worker's own, on 1 batch in
+    # try_every (services/compressor/choice.py): "av1" or "av1:PRESET"; None: the worker's own only.
+    try_codec: str | None = None
+    try_every: int = 16
     # A stream that is not live (a recorded file published at full speed) is cut into segments, coded
     # in parallel, at its periodic key frames, and also every this many batches (0: no more key frames
     # than the periodic ones), so that a file's backlog is not coded by one worker at a time.
@@ -120,6 +124,8 @@ class CompressorConfig:
     def __post_init__(self):
         if self.chain_wait_s < 0 or self.keyframe_every_s < 0:
             raise ValueError("chain_wait_s and keyframe_every_s must be >= 0")
+        if self.try_every < 1:
+            raise ValueError("try_every must be >= 1")
         if self.segment_batches < 0 or self.max_waiting < 0:
             raise ValueError("segment_batches and max_waiting must be >= 0")
         if self.concurrency < 1:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.compressor.choice import CodecChoice
 from shared.codecs import Codec, NativeCodec, read_header
 from shared.config import PolicyConfig
 from shared.quality import measure_batch, ms_ssim, psnr, sample_indices
@@ -58,8 +59,10 @@ def batch_quality(metric: str, fb: FrameBatch, decoded: np.ndarray) -> float:
 class Policy:
     """Chooses, per batch, between a neural codec (may be None: native only) and a native one."""
 
-    def __init__(self, neural: Codec | None, native: Codec, cfg: PolicyConfig, level: int | None = None):
+    def __init__(self, neural: Codec | None, native: Codec, cfg: PolicyConfig, level: int | None = None,
+                 choice: CodecChoice | None = None):
         self.neural, self.native, self.cfg, self.level = neural, native, cfg, level
+        self.choice = choice  # native only: a challenger tried per stream (services.compressor.choice)
         # Soft state per stream: the native rate (encode options) that beat the learned payload at the
         # last sampled batch, and that batch's number.  Until the next sample, that stream's batches go
         # out natively at that rate without running the model.  Losing it (restart, another worker)
@@ -80,7 +83,10 @@ class Policy:
             level = level if decision.level is None else decision.level
             if decision.target is not None and self.cfg.metric == "psnr_y":
                 target = decision.target
-        if self.neural is None or off:
+        if self.neural is None and not off and self.choice is not None and not fb.live:
+            t = self.choice.code(fb, self.native, level, ref)
+            coded = Coded(t.payload, t.decoded, t.codec, _level(t.payload), None, t.detail, t.baseline_bytes)
+        elif self.neural is None or off:
             payload, decoded = self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps,
                                                               None if off else level, **ref)
             coded = Coded(payload, decoded, self.native.name, _level(payload))

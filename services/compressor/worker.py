@@ -37,6 +37,7 @@ from shared import bus as busmod
 from shared.bus import Bus, ClaimError
 from shared.bus import unsubscribe as _unsubscribe
 from shared.aio import pause
+from services.compressor.choice import CodecChoice, parse_try_codec
 from services.compressor.controls import StreamControls
 from services.compressor.handoff import POLL_S, Handed, ReferenceStore, chain_key
 from services.compressor.policy import Policy
@@ -317,7 +318,7 @@ class Compressor:
                                   **({"reorder": True} if reorder else {}))
             self.policy = Policy(self.codec, native, self.cfg.policy, self.cfg.level)
         else:
-            self.policy = Policy(None, self.codec, self.cfg.policy, self.cfg.level)
+            self.policy = Policy(None, self.codec, self.cfg.policy, self.cfg.level, _choice(self.cfg))
         # Chained coding: the worker's own codec can chain (a native one in CHAINABLE, or the hybrid
         # on such a base; the neural codec codes closed GOPs).  The native fallback behind the hybrid
         # chains too where it can.
@@ -722,9 +723,21 @@ def resolve_codec(name: str) -> str:
         return name
     learned = [c for c in LEARNED_CODECS if learned_available(c)]
     log.info("codec_auto", chosen=AUTO_CODEC,
-             reason="chained native coding measured fewer bytes than the closed-GOP learned codecs"
+             reason="chained x264 measured the fewest bytes; the learned codecs add nothing measurable on it and are slower"
              + (f" ({', '.join(learned)} available with --codec)" if learned else ""))
     return AUTO_CODEC
+
+
+def _choice(cfg: CompressorConfig) -> CodecChoice | None:
+    """The per-stream codec trial ``--try-codec`` asks for (None: none)."""
+    if not cfg.try_codec:
+        return None
+    name, preset = parse_try_codec(cfg.try_codec)
+    if name not in NATIVE_CODECS:
+        raise ValueError(f"--try-codec {cfg.try_codec!r}: not a native codec ({', '.join(NATIVE_CODECS)})")
+    kw = {"reorder": True} if name.startswith("x264") and cfg.reorder else {}
+    return CodecChoice(create_codec(name, **({"preset": preset} if preset else {}), **kw), cfg.try_every,
+                       chained_only=cfg.chain)
 
 
 def resolve_fallback(cfg: CompressorConfig) -> str:
