@@ -16,6 +16,7 @@ from pathlib import Path
 
 from shared.config import BusConfig, CompressorConfig, MetricsConfig, PolicyConfig, data_dir, env_int, env_str
 from shared.modelstore import DEFAULT_MODELS
+from shared.endpoints import redact
 
 DEFAULT_DEMO_SOURCE = "lavfi:testsrc2=size=640x360:rate=30"
 CODEC_HELP = ("auto | hybrid | neural | x264 | x264-psnr | x265 | vp9 | av1 (default auto: x264-psnr, chained "
@@ -23,8 +24,21 @@ CODEC_HELP = ("auto | hybrid | neural | x264 | x264-psnr | x265 | vp9 | av1 (def
               "closed GOPs; hybrid = x264 with learned restoration, neural = learned intra codec); env AIC_CODEC")
 
 
+FIND_HELP = ("the data folder of a running `aic up` whose servers to use when no URL is given "
+             "(default: $AIC_DATA_DIR or ./.aic)")
+
+
 def _bus_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nats-url", help="NATS server (default: $AIC_NATS_URL or nats://127.0.0.1:4222)")
+    p.add_argument("--nats-url", help="NATS server (default: $AIC_NATS_URL, else the `aic up` running with "
+                                      "--data-dir; never a server nobody named)")
+    p.add_argument("--data-dir", help=FIND_HELP)
+
+
+def _db_args(p: argparse.ArgumentParser, data_dir: bool = True) -> None:
+    p.add_argument("--database-url", help="PostgreSQL URL (default: $AIC_DATABASE_URL, else the `aic up` running "
+                                          "with --data-dir; never a server nobody named)")
+    if data_dir:
+        p.add_argument("--data-dir", help=FIND_HELP)
 
 
 def _metrics_port(p: argparse.ArgumentParser) -> None:
@@ -115,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("metrics", help="run the metrics service (JetStream → PostgreSQL)")
     _bus_args(p)
-    p.add_argument("--database-url", help="PostgreSQL URL (default: $AIC_DATABASE_URL)")
+    _db_args(p, data_dir=False)
     p.add_argument("--http-port", type=int, default=env_int("AIC_HTTP_PORT", 8080),
                    help="HTTP API port (/api/v1/aic/..., /docs, /openapi.json, /healthz, /readyz, /metrics); "
                         "0 disables it (default %(default)s; env AIC_HTTP_PORT)")
@@ -181,13 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", default="1h", help="period to report, e.g. 30m, 1h, 2d (default %(default)s)")
     p.add_argument("--stream", help="only this stream")
     p.add_argument("--html", type=Path, help="also write a self-contained HTML report with plots here")
-    p.add_argument("--database-url", help="PostgreSQL URL (default: $AIC_DATABASE_URL)")
+    _db_args(p)
 
     p = sub.add_parser("db", help="database administration")
     dsub = p.add_subparsers(dest="db_command", required=True)
     m = dsub.add_parser("migrate", help="apply pending schema migrations, create day partitions ahead, "
                                         "drop those past retention")
-    m.add_argument("--database-url", help="PostgreSQL URL (default: $AIC_DATABASE_URL)")
+    _db_args(m)
     _partition_args(m)
     return parser
 
@@ -217,7 +231,8 @@ def cmd_compressor(a: argparse.Namespace) -> int:
     kw["policy"] = PolicyConfig(metric, target, a.compare_every, a.latency_budget_ms)
     kw["fallback"] = a.fallback
     cfg = CompressorConfig(
-        bus=BusConfig.from_env(a.nats_url), codec=a.codec, level=a.level, model=a.model, crf=a.crf, preset=a.preset,
+        bus=BusConfig.from_env(a.nats_url, a.data_dir), codec=a.codec, level=a.level, model=a.model, crf=a.crf,
+        preset=a.preset,
         concurrency=a.concurrency, quality_frames=a.quality_frames, quality_every=a.quality_every,
         batch_timeout_s=a.batch_timeout_s,
         chain=a.chain, chain_wait_s=a.chain_wait_s, keyframe_every_s=a.keyframe_every_s, reorder=a.reorder,
@@ -238,7 +253,8 @@ def cmd_metrics(a: argparse.Namespace) -> int:
     from services.metrics.service import MetricsService
     from services.runtime import run_service
 
-    cfg = MetricsConfig(bus=BusConfig.from_env(a.nats_url), database_url=MetricsConfig.database_url_from_env(a.database_url),
+    cfg = MetricsConfig(bus=BusConfig.from_env(a.nats_url, a.data_dir),
+                        database_url=MetricsConfig.database_url_from_env(a.database_url, a.data_dir),
                         retention_days=a.retention_days, partitions_ahead=a.partitions_ahead)
     _serve_metrics(a.metrics_port)
     return run_service(MetricsService(cfg, a.http_host, a.http_port).run)
@@ -252,7 +268,7 @@ def cmd_ingest(a: argparse.Namespace) -> int:
     _serve_metrics(a.metrics_port)
 
     async def main(stop: asyncio.Event) -> int:
-        bus = await Bus.connect(BusConfig.from_env(a.nats_url), name=f"aic-ingest-{a.stream_id}")
+        bus = await Bus.connect(BusConfig.from_env(a.nats_url, a.data_dir), name=f"aic-ingest-{a.stream_id}")
         try:
             await bus.ensure_topology()
             s = await ingest(
@@ -287,7 +303,7 @@ def cmd_decode(a: argparse.Namespace) -> int:
     from shared.bus import Bus
 
     async def main(stop: asyncio.Event) -> int:
-        bus = await Bus.connect(BusConfig.from_env(a.nats_url), name=f"aic-decode-{a.stream_id}")
+        bus = await Bus.connect(BusConfig.from_env(a.nats_url, a.data_dir), name=f"aic-decode-{a.stream_id}")
         try:
             s = await decode_stream(bus, a.stream_id, a.out, a.idle_timeout, a.batches, stop, a.start_seq)
         finally:
@@ -315,11 +331,13 @@ def cmd_up(a: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stopping.append(1))
     stack = Stack(data_dir(a.data_dir), compressors=a.compressors, compressor_args=["--codec", a.codec])
     with stack:
-        print(f"NATS        {stack.nats_url}", flush=True)
-        print(f"PostgreSQL  {stack.database_url}", flush=True)
+        print(f"NATS        {redact(stack.nats_url)}", flush=True)
+        print(f"PostgreSQL  {redact(stack.database_url or '-')}", flush=True)
         if stack.http_port:
             print(f"API         http://127.0.0.1:{stack.http_port}/docs", flush=True)
         print(f"data        {stack.data_dir}   logs: {stack.data_dir / 'logs'}", flush=True)
+        print(f"endpoints   {stack.endpoints_path}   (other aic commands run with this data folder use them)",
+              flush=True)
         print("services    " + ", ".join(s.name for s in stack.services) + "   (Ctrl-C stops everything)", flush=True)
         while not stopping:
             stack.supervise_once()
@@ -375,7 +393,7 @@ def cmd_config(a: argparse.Namespace) -> int:
     from shared.control import ConfigError, StreamConfig, check_stream_id
 
     async def main() -> int:
-        bus = await Bus.connect(BusConfig.from_env(a.nats_url), name="aic-config")
+        bus = await Bus.connect(BusConfig.from_env(a.nats_url, a.data_dir), name="aic-config")
         try:
             kv = await bus.config_kv()
 
@@ -424,7 +442,7 @@ def cmd_report(a: argparse.Namespace) -> int:
     from services.report import run
 
     try:
-        return run(MetricsConfig.database_url_from_env(a.database_url), a.since, a.stream, a.html)
+        return run(MetricsConfig.database_url_from_env(a.database_url, a.data_dir), a.since, a.stream, a.html)
     except ValueError as exc:
         print(f"aic report: {exc}", file=sys.stderr)
         return 2
@@ -436,7 +454,7 @@ def cmd_db(a: argparse.Namespace) -> int:
     from services.metrics.migrations import maintain_partitions, migrate
 
     async def main() -> None:
-        conn = await asyncpg.connect(MetricsConfig.database_url_from_env(a.database_url))
+        conn = await asyncpg.connect(MetricsConfig.database_url_from_env(a.database_url, a.data_dir))
         try:
             applied = await migrate(conn)
             print(f"applied migrations: {applied or 'none (up to date)'}")
@@ -479,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         from services.ingest.gateway import SourceError
 
         if isinstance(exc, (ServerError, SourceError, ValueError, OSError)):
-            print(f"aic {args.command}: error: {exc}", file=sys.stderr)
+            print(f"aic {args.command}: error: {redact(str(exc))}", file=sys.stderr)
             return 2
         raise
 

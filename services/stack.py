@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared import endpoints
 from shared.config import env_str
 from shared.embedded import free_port, NatsServer, PostgresServer
 from shared.logs import get_logger
@@ -65,6 +66,7 @@ class Stack:
     nats: NatsServer | None = None
     postgres: PostgresServer | None = None
     services: list[ServiceProcess] = field(default_factory=list)
+    endpoints_path: Path | None = None
 
     def start(self) -> "Stack":
         self.nats_url = self.nats_url or env_str("AIC_NATS_URL")
@@ -98,6 +100,10 @@ class Stack:
                 )
             for s in self.services:
                 s.start()
+            # Other commands run with this data folder find the servers here (shared/endpoints.py).
+            api = f"http://127.0.0.1:{self.http_port}" if self.with_metrics else None
+            self.endpoints_path = endpoints.write(self.data_dir, endpoints.Endpoints(
+                self.nats_url, self.database_url, api, os.getpid(), time.time()))
         except BaseException:
             self.stop()
             raise
@@ -119,6 +125,7 @@ class Stack:
 
     def stop(self) -> None:
         """Services first (they drain), then PostgreSQL, then NATS."""
+        endpoints.remove(self.data_dir, os.getpid())
         for s in self.services:
             s.stop()
         if self.postgres:

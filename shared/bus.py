@@ -46,6 +46,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from shared.aio import pause
 from shared.config import BusConfig
 from shared.control import CONTROL_PREFIX, ESTIMATE_FRESH_S, KV_BUCKET
+from shared.endpoints import redact
 from shared.logs import get_logger
 
 log = get_logger("bus")
@@ -152,7 +153,7 @@ class Bus:
                 **kwargs,
             ), wait_s)  # fmt: skip
         except (asyncio.TimeoutError, OSError, nats.errors.Error) as exc:
-            raise BusUnavailable(f"no NATS server answered at {cfg.nats_url} within {wait_s:g} s "
+            raise BusUnavailable(f"no NATS server answered at {redact(cfg.nats_url)} within {wait_s:g} s "
                                  f"({type(exc).__name__})") from None
         return cls(nc, cfg)
 

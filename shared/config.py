@@ -45,9 +45,13 @@ class BusConfig:
             raise ValueError("replicas must be 1..5 (JetStream's range)")
 
     @classmethod
-    def from_env(cls, nats_url: str | None = None) -> "BusConfig":
+    def from_env(cls, nats_url: str | None = None, folder: str | Path | None = None) -> "BusConfig":
+        """``nats_url``, else ``AIC_NATS_URL``, else a running ``aic up``'s (in ``folder``, see
+        :mod:`shared.endpoints`); none of them is a clear error, never a default server."""
+        from shared.endpoints import nats_url as find_nats
+
         return cls(
-            nats_url=nats_url or env_str("AIC_NATS_URL", cls.nats_url),
+            nats_url=find_nats(nats_url, folder),
             ack_wait_s=float(env_int("AIC_ACK_WAIT_S", int(cls.ack_wait_s))),
             max_deliver=env_int("AIC_MAX_DELIVER", cls.max_deliver),
             replicas=env_int("AIC_NATS_REPLICAS", cls.replicas),
@@ -152,8 +156,11 @@ class MetricsConfig:
             raise ValueError("retention_days and partitions_ahead must be >= 0")
 
     @staticmethod
-    def database_url_from_env(url: str | None = None) -> str:
-        return url or env_str("AIC_DATABASE_URL", MetricsConfig.database_url)
+    def database_url_from_env(url: str | None = None, folder: str | Path | None = None) -> str:
+        """``url``, else ``AIC_DATABASE_URL``, else a running ``aic up``'s (see :mod:`shared.endpoints`)."""
+        from shared.endpoints import database_url
+
+        return database_url(url, folder)
 
 
 def data_dir(path: str | None = None) -> Path:

@@ -76,15 +76,21 @@ def test_aic_up_prints_its_urls_and_stops_cleanly_on_sigterm(tmp_path):
     )  # fmt: skip
     lines = []
     try:
-        while len(lines) < 4:
+        while len(lines) < 5:
             line = proc.stdout.readline()
             assert line, proc.stderr.read()
             lines.append(line)
         assert lines[0].startswith("NATS        nats://127.0.0.1:")
         assert lines[1].startswith("PostgreSQL  postgresql://postgres@127.0.0.1:")
-        time.sleep(2)
+        endpoints = tmp_path / "aic" / "endpoints.json"
+        assert lines[4].startswith(f"endpoints   {endpoints}") and oct(endpoints.stat().st_mode & 0o777) == "0o600"
+        # Another command run with the same data folder uses this stack's servers, no URL needed.
+        got = aic("config", "get", "--data-dir", str(tmp_path / "aic"), env=env, timeout=60)
+        assert got.returncode == 0, got.stderr
+        time.sleep(1)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
+        assert not endpoints.exists()  # a stopped stack is found by nobody
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -1,0 +1,135 @@
+"""Where the stack is: the endpoints file ``aic up`` writes, and how every command finds its servers.
+
+A command takes its NATS server and its database from, in this order: its own
+flag (``--nats-url``, ``--database-url``), the environment (``AIC_NATS_URL``,
+``AIC_DATABASE_URL``), then the endpoints file of an ``aic up`` that is running
+with the same data folder (``--data-dir``, ``AIC_DATA_DIR``, else ``./.aic``).
+Nothing else: a command that finds none of them says what it looked for and
+how to point it, and never falls through to a server on a standard port,
+which may belong to something else entirely.
+
+URLs can hold passwords; :func:`redact` is what any message or log shows of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from shared.config import data_dir, env_str
+
+#: The file ``aic up`` writes into its data folder while it runs (removed when it stops).
+ENDPOINTS_FILE = "endpoints.json"
+
+
+class NoServer(ValueError):
+    """No server was named for a command: the message says where it looked and how to point it."""
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """What a running ``aic up`` serves."""
+
+    nats_url: str
+    database_url: str | None
+    api_url: str | None
+    pid: int  # the ``aic up`` process: a file whose process is gone is stale
+    started_at: float
+
+
+def write(folder: Path, endpoints: Endpoints) -> Path:
+    """Write the endpoints file (owner-only: it names servers and, later, their credentials)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ENDPOINTS_FILE
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(asdict(endpoints), f, indent=1)
+    os.replace(tmp, path)  # readers never see half a file
+    return path
+
+
+def remove(folder: Path, pid: int | None = None) -> None:
+    """Remove the endpoints file (only this process's, when ``pid`` is given)."""
+    path = folder / ENDPOINTS_FILE
+    try:
+        if pid is not None and json.loads(path.read_text()).get("pid") != pid:
+            return
+        path.unlink()
+    except (FileNotFoundError, ValueError):
+        pass
+
+
+def read(folder: Path) -> tuple[Endpoints | None, str]:
+    """The endpoints of an ``aic up`` running with ``folder``, or None and why there are none."""
+    path = folder / ENDPOINTS_FILE
+    try:
+        raw = json.loads(path.read_text())
+        found = Endpoints(str(raw["nats_url"]), raw.get("database_url"), raw.get("api_url"), int(raw["pid"]),
+                          float(raw.get("started_at", 0.0)))
+    except FileNotFoundError:
+        return None, f"no {path} (no `aic up` has run with that data folder)"
+    except (ValueError, KeyError, TypeError):
+        return None, f"{path} is not an endpoints file aic wrote"
+    if not _alive(found.pid):
+        return None, f"{path} is from an `aic up` that is no longer running (pid {found.pid})"
+    return found, ""
+
+
+def nats_url(flag: str | None = None, folder: str | Path | None = None) -> str:
+    """The NATS server a command uses (see the module docstring), or :class:`NoServer`."""
+    url = flag or env_str("AIC_NATS_URL")
+    if url:
+        return url
+    found, why = read(data_dir(folder))
+    if found is not None:
+        return found.nats_url
+    raise NoServer(f"no NATS server to use: none given with --nats-url or AIC_NATS_URL, and {why}.  Start one "
+                   "with `aic up` (then run this command from the same folder, or with its --data-dir / "
+                   "AIC_DATA_DIR), or point to one with --nats-url nats://HOST:4222")
+
+
+def database_url(flag: str | None = None, folder: str | Path | None = None) -> str:
+    """The PostgreSQL database a command uses (see the module docstring), or :class:`NoServer`."""
+    url = flag or env_str("AIC_DATABASE_URL")
+    if url:
+        return url
+    found, why = read(data_dir(folder))
+    if found is not None and found.database_url:
+        return found.database_url
+    if found is not None:
+        why = f"the `aic up` running with {data_dir(folder)} serves no database"
+    raise NoServer(f"no PostgreSQL database to use: none given with --database-url or AIC_DATABASE_URL, and "
+                   f"{why}.  Start one with `aic up` (then run this command from the same folder, or with its "
+                   "--data-dir / AIC_DATA_DIR), or point to one with --database-url postgresql://USER@HOST/DB")
+
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/\s]*)(?P<password>:[^@/\s]*)?@")
+#: Schemes whose user part alone is a secret (a NATS token: ``nats://TOKEN@host``).
+_TOKEN_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
+
+
+def redact(text: str) -> str:
+    """``text`` with the secret of every URL in it replaced: ``nats://user:***@host``, ``nats://***@host``
+    for a token; a PostgreSQL user name without a password stays."""
+    def one(m: re.Match) -> str:
+        if m["password"] is not None:
+            return f"{m['scheme']}{m['user']}:***@"
+        if m["scheme"].lower() in _TOKEN_SCHEMES and m["user"]:
+            return f"{m['scheme']}***@"
+        return m.group(0)
+
+    return _USERINFO.sub(one, text)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
