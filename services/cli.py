@@ -332,7 +332,8 @@ def cmd_up(a: argparse.Namespace) -> int:
     stack = Stack(data_dir(a.data_dir), compressors=a.compressors, compressor_args=["--codec", a.codec])
     with stack:
         print(f"NATS        {redact(stack.nats_url)}", flush=True)
-        print(f"PostgreSQL  {redact(stack.database_url or '-')}", flush=True)
+        print(f"PostgreSQL  {redact(stack.database_url or '-')}"
+              + (f"   password: {stack.postgres.password_file}" if stack.postgres else ""), flush=True)
         if stack.http_port:
             print(f"API         http://127.0.0.1:{stack.http_port}/docs", flush=True)
         print(f"data        {stack.data_dir}   logs: {stack.data_dir / 'logs'}", flush=True)

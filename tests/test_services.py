@@ -81,7 +81,7 @@ def test_aic_up_prints_its_urls_and_stops_cleanly_on_sigterm(tmp_path):
             assert line, proc.stderr.read()
             lines.append(line)
         assert lines[0].startswith("NATS        nats://127.0.0.1:")
-        assert lines[1].startswith("PostgreSQL  postgresql://postgres@127.0.0.1:")
+        assert lines[1].startswith("PostgreSQL  postgresql://postgres:***@127.0.0.1:")  # the password: in its file
         endpoints = tmp_path / "aic" / "endpoints.json"
         assert lines[4].startswith(f"endpoints   {endpoints}") and oct(endpoints.stat().st_mode & 0o777) == "0o600"
         # Another command run with the same data folder uses this stack's servers, no URL needed.
