@@ -8,7 +8,8 @@ Nothing else: a command that finds none of them says what it looked for and
 how to point it, and never falls through to a server on a standard port,
 which may belong to something else entirely.
 
-URLs can hold passwords; :func:`redact` is what any message or log shows of one.
+URLs can hold passwords; :func:`redact` is what any message or log shows of one.  A database
+password can also come from a file (``AIC_DATABASE_PASSWORD_FILE``, e.g. a container secret).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from shared.config import data_dir, env_str
 
@@ -92,11 +94,29 @@ def nats_url(flag: str | None = None, folder: str | Path | None = None) -> str:
                    "AIC_DATA_DIR), or point to one with --nats-url nats://HOST:4222")
 
 
+def with_password_file(url: str, path: str | None) -> str:
+    """``url`` with the password kept in file ``path`` (``AIC_DATABASE_PASSWORD_FILE``: a container
+    secret, so that no password is written in a compose file or an environment), unless the URL
+    holds one already."""
+    if not path:
+        return url
+    parts = urlsplit(url)
+    if parts.password is not None:
+        return url
+    try:
+        password = Path(path).read_text().strip()
+    except OSError as exc:
+        raise NoServer(f"AIC_DATABASE_PASSWORD_FILE={path}: cannot read it ({exc.strerror})") from None
+    user = quote(unquote(parts.username or ""), safe="")
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
+
+
 def database_url(flag: str | None = None, folder: str | Path | None = None) -> str:
     """The PostgreSQL database a command uses (see the module docstring), or :class:`NoServer`."""
     url = flag or env_str("AIC_DATABASE_URL")
     if url:
-        return url
+        return with_password_file(url, env_str("AIC_DATABASE_PASSWORD_FILE"))
     found, why = read(data_dir(folder))
     if found is not None and found.database_url:
         return found.database_url

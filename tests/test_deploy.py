@@ -106,3 +106,14 @@ def test_prometheus_scrapes_each_service_on_the_port_its_container_serves():
     prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     scraped = {host: int(port) for host, port in (t.split(":") for t in scrape_targets(prom))}
     assert scraped == served
+
+
+def test_compose_writes_no_password_and_both_ends_read_the_same_secret_file():
+    text = (ROOT / "docker-compose.yml").read_text()
+    compose = yaml.safe_load(text)
+    services = compose["services"]
+    assert "POSTGRES_PASSWORD" not in services["postgres"]["environment"]
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+    assert services["metrics"]["environment"]["AIC_DATABASE_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+    assert ":" not in services["metrics"]["environment"]["AIC_DATABASE_URL"].split("//")[1].split("@")[0]
+    assert compose["secrets"]["postgres_password"]["file"] == "./secrets/postgres_password"

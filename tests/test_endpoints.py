@@ -81,3 +81,21 @@ def test_a_command_finds_the_stack_running_with_its_data_folder(tmp_path, nats_s
 def test_a_password_in_a_url_never_reaches_the_terminal(tmp_path):
     r = aic("config", "get", "--nats-url", "nats://aic:SECRETPW@127.0.0.1:1", cwd=tmp_path)
     assert r.returncode != 0 and "SECRETPW" not in r.stderr + r.stdout and "aic:***@" in r.stderr, r.stderr
+
+
+def test_a_database_password_can_come_from_a_secret_file(tmp_path, monkeypatch):
+    secret = tmp_path / "pw"
+    secret.write_text("s3cr:t/pw\n")
+    monkeypatch.setenv("AIC_DATABASE_URL", "postgresql://aic@db:5432/aic")
+    monkeypatch.setenv("AIC_DATABASE_PASSWORD_FILE", str(secret))
+    url = endpoints.database_url()
+    assert url == "postgresql://aic:s3cr%3At%2Fpw@db:5432/aic"
+    from urllib.parse import unquote, urlsplit
+
+    assert unquote(urlsplit(url).password) == "s3cr:t/pw"
+    monkeypatch.setenv("AIC_DATABASE_URL", "postgresql://aic:given@db/aic")  # a URL's own password wins
+    assert endpoints.database_url() == "postgresql://aic:given@db/aic"
+    monkeypatch.setenv("AIC_DATABASE_URL", "postgresql://aic@db/aic")
+    monkeypatch.setenv("AIC_DATABASE_PASSWORD_FILE", str(tmp_path / "missing"))
+    with pytest.raises(NoServer, match="AIC_DATABASE_PASSWORD_FILE"):
+        endpoints.database_url()
