@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compressor", help="run a compressor worker on the shared consumer")
     _bus_args(p)
     p.add_argument("--codec", default=env_str("AIC_CODEC", "auto"), help=CODEC_HELP)
-    p.add_argument("--level", type=int, default=int(env_str("AIC_LEVEL")) if env_str("AIC_LEVEL") else None,
+    p.add_argument("--level", type=int, default=env_str("AIC_LEVEL"),  # (argparse converts a string default)
                    help="rate level 0..7, fewest bits first (default: the codec's own; for native codecs each "
                         "level is a CRF; env AIC_LEVEL)")
     p.add_argument("--model", help=f"learned model: a folder name under $AIC_MODELS_DIR, else the repository's "

@@ -21,6 +21,8 @@ import urllib.request
 import warnings
 from pathlib import Path
 
+from shared.endpoints import write_private
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -77,9 +79,7 @@ def _secret_file(path: Path, make) -> str:
     except FileNotFoundError:
         pass
     value = make()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
+    write_private(path, value + "\n")
     return value
 
 
@@ -224,10 +224,7 @@ class PostgresServer:
             self.pgdata.mkdir(parents=True, exist_ok=True)
             # initdb runs as the server's user: it reads the password from a file only it can read,
             # removed straight after.
-            pwfile = self.root / ".initdb-pw"
-            fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(self.password + "\n")
+            pwfile = write_private(self.root / ".initdb-pw", self.password + "\n")
             try:
                 if self._user is not None:
                     import pwd
@@ -282,14 +279,15 @@ class PostgresServer:
         """A cluster an earlier aic made with trust logins: give the superuser its password, then
         make every login prove it (SCRAM), and reload."""
         hba = self.pgdata / "pg_hba.conf"
-        text = hba.read_text()
-        if not any(line.split()[-1:] == ["trust"] for line in text.splitlines() if not line.startswith("#")):
+        lines = hba.read_text().splitlines()
+        trusting = [not line.startswith("#") and line.split()[-1:] == ["trust"] for line in lines]
+        if not any(trusting):
             return
         # (the password travels as a literal in one local statement; it is URL-safe base64: no quotes)
         self._psql("SET password_encryption = 'scram-sha-256'; "
                    f"ALTER USER postgres PASSWORD '{self.password}'")
-        lines = [(" ".join(line.split()[:-1] + ["scram-sha-256"]) if not line.startswith("#") and
-                  line.split()[-1:] == ["trust"] else line) for line in text.splitlines()]
+        lines = [" ".join(line.split()[:-1] + ["scram-sha-256"]) if trust else line
+                 for line, trust in zip(lines, trusting)]
         hba.write_text("\n".join(lines) + "\n")
         self._psql("SELECT pg_reload_conf()")
 

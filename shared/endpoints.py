@@ -42,16 +42,21 @@ class Endpoints:
     started_at: float
 
 
+def write_private(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` readable by its owner only (mode 0600 from the start, never wider),
+    whole or not at all: readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
 def write(folder: Path, endpoints: Endpoints) -> Path:
     """Write the endpoints file (owner-only: it names servers and, later, their credentials)."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / ENDPOINTS_FILE
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(asdict(endpoints), f, indent=1)
-    os.replace(tmp, path)  # readers never see half a file
-    return path
+    return write_private(folder / ENDPOINTS_FILE, json.dumps(asdict(endpoints), indent=1))
 
 
 def remove(folder: Path, pid: int | None = None) -> None:

@@ -29,7 +29,7 @@ def rows(policy, batches):
     """The batches' rows, coded as a chained stream: each batch predicts from the one before."""
     out, handed = [], Handed(None, "first")
     for b in batches:
-        got = process_batch(b, policy, CFG, handed=replace(handed, batch=(b.stream_id, b.batch_seq)))
+        got = process_batch(b, policy, CFG, handed=handed)
         out.append(got.metrics)
         handed = Handed(Reference(b.batch_seq, b.width, b.height, got.handoff, 0), None)
     return out

@@ -24,7 +24,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from shared.codecs import NativeCodec, read_header
+from services.compressor.policy import cheapest_crf
+from shared.codecs import NativeCodec
 from shared.quality import measure_batch
 
 #: Streams whose winner a worker remembers (the least recently coded go first).
@@ -79,15 +80,9 @@ class CodecChoice:
         if not trial:
             return Tried(payload, decoded, own.name)
         quality = measure_batch(fb.frames, decoded, w, h, 0).psnr_y
-        lo, hi = self.challenger.crf_range
-        best = None
-        while lo <= hi:  # the largest CRF (fewest bytes) whose PSNR-Y reaches own's
-            crf = (lo + hi) // 2
-            got = self.challenger.encode_reconstruct(fb.frames, w, h, fb.fps, crf=crf, **reference)
-            if measure_batch(fb.frames, got[1], w, h, 0).psnr_y >= quality:
-                best, lo = (crf, got), crf + 1
-            else:
-                hi = crf - 1
+        # The challenger's fewest bytes whose PSNR-Y reaches own's.
+        best = cheapest_crf(self.challenger, fb, lambda got: measure_batch(fb.frames, got, w, h, 0).psnr_y >= quality,
+                            **reference)
         with self._lock:
             if best is not None and len(best[1][0]) < len(payload):
                 self._won[fb.stream_id] = (best[0], fb.batch_seq)
@@ -100,7 +95,6 @@ class CodecChoice:
                              f"{own.name} {len(payload)} B <= {self.challenger.name} {len(best[1][0])} B "
                              f"at PSNR-Y >= {quality:.2f}", None if best is None else len(best[1][0]))
         crf, (alt_payload, alt_decoded) = best
-        params = read_header(alt_payload)[0].params
         return Tried(alt_payload, alt_decoded, self.challenger.name,
-                     f"{self.challenger.name} CRF {params['crf']} {len(alt_payload)} B < {own.name} "
+                     f"{self.challenger.name} CRF {crf} {len(alt_payload)} B < {own.name} "
                      f"{len(payload)} B at PSNR-Y >= {quality:.2f}", len(payload))

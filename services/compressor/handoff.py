@@ -73,7 +73,6 @@ class Handed:
 
     reference: Reference | None
     reason: str | None  # a KEYFRAME_REASONS value when reference is None
-    batch: tuple[str, int] | None = None  # (stream, batch) it was found for, checked against the batch itself
 
 
 class ReferenceStore:

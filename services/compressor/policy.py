@@ -20,15 +20,18 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from services.compressor.choice import CodecChoice
 from shared.codecs import Codec, NativeCodec, read_header
 from shared.config import PolicyConfig
 from shared.quality import measure_batch, ms_ssim, psnr, sample_indices
 from shared.pixfmt import split_planes, to_rgb
 from shared.schemas import FrameBatch
+
+if TYPE_CHECKING:  # choice.py uses this module's rate search
+    from services.compressor.choice import CodecChoice
 
 @dataclass(frozen=True)
 class Coded:
@@ -184,14 +187,27 @@ class Policy:
         return best or code(top)  # nothing reaches it: the top level is the best native can do
 
     def _native_crf_at_least(self, fb: FrameBatch, quality: float, ref: dict) -> tuple[bytes, np.ndarray]:
-        """Binary search for the largest CRF (fewest bits) whose quality reaches ``quality``."""
-        best_crf, worst_crf = self.native.crf_range
-        code = lambda crf: self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, crf=crf,  # noqa: E731
-                                                          **ref)
-        # Quality falls as CRF rises: search the CRFs from the coarsest down for the first that reaches it.
-        best = _first_passing(0, worst_crf - best_crf, lambda i: code(worst_crf - i),
-                              lambda coded: batch_quality(self.cfg.metric, fb, coded[1]) >= quality)
-        return best or code(best_crf)  # nothing reaches it: the best the level range offers
+        """The native coding at the largest CRF (fewest bits) whose quality reaches ``quality``."""
+        found = cheapest_crf(self.native, fb, lambda decoded: batch_quality(self.cfg.metric, fb, decoded) >= quality,
+                             **ref)
+        if found is not None:
+            return found[1]
+        # Nothing reaches it: the best the level range offers.
+        return self.native.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, crf=self.native.crf_range[0],
+                                              **ref)
+
+
+def cheapest_crf(codec: NativeCodec, fb: FrameBatch, passes, **kw) -> tuple[int, tuple[bytes, np.ndarray]] | None:
+    """(crf, (payload, decoded)) at the largest CRF of the codec's level range whose decoded frames
+    ``passes``, by binary search (about five encodes; quality falls as CRF rises); None if none does.
+    ``kw``: further encode options (reference, preset)."""
+    best_crf, worst_crf = codec.crf_range
+
+    def code(i: int):
+        crf = worst_crf - i
+        return crf, codec.encode_reconstruct(fb.frames, fb.width, fb.height, fb.fps, crf=crf, **kw)
+
+    return _first_passing(0, worst_crf - best_crf, code, lambda coded: passes(coded[1][1]))
 
 
 def _for(codec: Codec, ref: dict | None) -> dict:

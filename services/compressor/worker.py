@@ -166,8 +166,6 @@ def process_batch(data: bytes | FrameBatch, policy: Policy, cfg: CompressorConfi
     t0 = time.perf_counter()
     lag_s = max(0.0, time.time() - fb.captured_at)
     decision = controls.decide(fb.stream_id) if controls is not None else None
-    if handed is not None and handed.batch is not None and (fb.stream_id, fb.batch_seq) != handed.batch:
-        handed = Handed(None, "no_reference")  # the envelope's id and the batch disagree: trust neither's reference
     reference, keyframe_reason = choose_reference(fb, handed, cfg, controls) if handed is not None else (None, None)
     preset = speed.preset(fb.stream_id, fb.live) if speed is not None else None
     coded = policy.code(fb, decision, reference, preset)
@@ -312,10 +310,7 @@ class Compressor:
         if self.cfg.codec in LEARNED_CODECS:
             # Behind a chained hybrid the fallback is the best native coding the stream can get:
             # chained, and reordering inside the batch like the hybrid's own base.
-            fallback = resolve_fallback(self.cfg)
-            reorder = self.cfg.chain and self.cfg.reorder and fallback.startswith("x264")
-            native = create_codec(fallback, **_native_kwargs(self.cfg),
-                                  **({"reorder": True} if reorder else {}))
+            native = create_codec(resolve_fallback(self.cfg), **_native_kwargs(self.cfg))
             self.policy = Policy(self.codec, native, self.cfg.policy, self.cfg.level)
         else:
             self.policy = Policy(None, self.codec, self.cfg.policy, self.cfg.level, _choice(self.cfg))
@@ -461,7 +456,7 @@ class Compressor:
             return Handed(None, "no_reference")  # the envelope's id and the batch disagree: trust neither's reference
         planned = planned_keyframe(fb, self.cfg)
         if planned is not None:
-            return Handed(None, planned, (sid, seq))
+            return Handed(None, planned)
         wait_s = None if fb.live else max(self.cfg.chain_wait_s, 2 * self.cfg.bus.ack_wait_s)
         chain = chain_of(fb, self.cfg)[0]
         find = asyncio.ensure_future(self.refs.for_batch(chain, seq, wait_s))
@@ -469,7 +464,7 @@ class Compressor:
         if not done:
             async with slot.lent(self._waiting):
                 await find
-        return replace(find.result(), batch=(sid, seq))
+        return find.result()
 
     async def _code(self, data: bytes | FrameBatch, handed: Handed | None = None) -> Outcome:
         """Run :func:`process_batch` in the pool; the timeout counts from when a thread takes the
@@ -735,9 +730,8 @@ def _choice(cfg: CompressorConfig) -> CodecChoice | None:
     name, preset = parse_try_codec(cfg.try_codec)
     if name not in NATIVE_CODECS:
         raise ValueError(f"--try-codec {cfg.try_codec!r}: not a native codec ({', '.join(NATIVE_CODECS)})")
-    kw = {"reorder": True} if name.startswith("x264") and cfg.reorder else {}
-    return CodecChoice(create_codec(name, **({"preset": preset} if preset else {}), **kw), cfg.try_every,
-                       chained_only=cfg.chain)
+    return CodecChoice(create_codec(name, **({"preset": preset} if preset else {}), **_reorder_kwargs(cfg)),
+                       cfg.try_every, chained_only=cfg.chain)
 
 
 def resolve_fallback(cfg: CompressorConfig) -> str:
@@ -754,16 +748,18 @@ def _codec_kwargs(cfg: CompressorConfig) -> dict:
     if cfg.codec in LEARNED_CODECS:
         kw = {k: v for k, v in (("model", cfg.model), ("level", cfg.level)) if v is not None}
         if cfg.codec == "hybrid" and cfg.chain:
-            kw.update(hand_off=True, reorder=cfg.reorder)
+            kw.update(hand_off=True, **_reorder_kwargs(cfg))
         return kw
-    kw = _native_kwargs(cfg)
-    if cfg.chain and cfg.reorder and cfg.codec.startswith("x264"):
-        kw["reorder"] = True
-    return kw
+    return _native_kwargs(cfg)
+
+
+def _reorder_kwargs(cfg: CompressorConfig) -> dict:
+    """Reordering inside the batch, for chained coding (x264 only: other native codecs ignore it)."""
+    return {"reorder": True} if cfg.chain and cfg.reorder else {}
 
 
 def _native_kwargs(cfg: CompressorConfig) -> dict:
-    kw = {}
+    kw = _reorder_kwargs(cfg)
     if cfg.crf is not None:
         kw["crf"] = cfg.crf
     if cfg.preset is not None:
