@@ -22,7 +22,6 @@ import numpy as np
 
 from shared import bus as busmod
 from shared.bus import Bus
-from shared.config import BusConfig
 from shared.embedded import NatsServer
 from shared.schemas import FrameBatch
 
@@ -35,7 +34,7 @@ async def run(batches: int) -> dict:
         servers = {name: NatsServer(Path(tmp) / name, encrypt=name == "encrypted").start()
                    for name in ("encrypted", "plain")}
         try:
-            buses = {name: await Bus.connect(BusConfig(nats_url=s.url), f"at-rest-{name}")
+            buses = {name: await Bus.connect(s.client(), f"at-rest-{name}")
                      for name, s in servers.items()}
             for b in buses.values():
                 await b.ensure_topology()

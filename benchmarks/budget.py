@@ -36,7 +36,6 @@ from services.demo import wait_for_rows
 from services.ingest import ingest
 from services.stack import Stack
 from shared.bus import Bus
-from shared.config import BusConfig
 from shared.control import CONTROL_PREFIX, StreamConfig
 
 MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
@@ -72,7 +71,7 @@ def windows(rows: list[dict], fps: float, budget: float) -> tuple[float, float]:
 
 
 async def run_clip(stack: Stack, clip: str, budget: float, frames: int) -> dict:
-    bus = await Bus.connect(BusConfig(nats_url=stack.nats_url), name="budget-bench")
+    bus = await Bus.connect(stack.bus_config("admin"), name="budget-bench")
     await bus.ensure_topology()
     sid = f"{Path(clip).stem[:40]}-{uuid.uuid4().hex[:6]}"
     kv = await bus.config_kv()

@@ -22,8 +22,8 @@ from shared.config import BusConfig
 from shared.embedded import NatsServer
 
 
-async def run(url: str, mb: int) -> None:
-    bus = await Bus.connect(BusConfig(nats_url=url), name="claim-bench")
+async def run(cfg: BusConfig, mb: int) -> None:
+    bus = await Bus.connect(cfg, name="claim-bench")
     await bus.ensure_topology()
     data = os.urandom(mb * 1024 * 1024)
     obs = await bus.js.create_object_store("bench")
@@ -59,7 +59,7 @@ def main() -> None:
         server = NatsServer(Path(tmp)).start()
         try:
             print(f"embedded nats-server, max_payload {server.max_payload}, {a.mb} MiB per variant")
-            asyncio.run(run(server.url, a.mb))
+            asyncio.run(run(server.client("admin"), a.mb))
         finally:
             server.stop()
 

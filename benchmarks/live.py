@@ -30,11 +30,10 @@ from services.stack import Stack
 from shared import bus as busmod
 from shared import logs
 from shared.bus import Bus
-from shared.config import BusConfig
 
 
 async def run(stack: Stack, source: str, seconds: float, fps: float) -> list[dict]:
-    bus = await Bus.connect(BusConfig(nats_url=stack.nats_url), name="live-bench")
+    bus = await Bus.connect(stack.bus_config("admin"), name="live-bench")
     await bus.ensure_topology()
     sid = f"live-{uuid.uuid4().hex[:6]}"
     # The stream starts once a worker is fetching, as a user's would on a running stack (a worker's

@@ -114,7 +114,7 @@ def pipeline_fps(source: str, frames: int, quality_frames: int, root: Path) -> d
     with Stack(root, compressor_args=args) as stack:
 
         async def go() -> dict:
-            bus = await Bus.connect(BusConfig(nats_url=stack.nats_url), name="bench")
+            bus = await Bus.connect(stack.bus_config("admin"), name="bench")
             await bus.ensure_topology()
             # Warm up: one batch, so process start-up is not timed.
             warm = await ingest(bus, source, f"warm-{uuid.uuid4().hex[:6]}", 8, 8, progress=False)
@@ -151,9 +151,9 @@ def pipeline_fps(source: str, frames: int, quality_frames: int, root: Path) -> d
         return asyncio.run(go())
 
 
-async def bus_throughput(nats_url: str, batch_bytes: bytes, count: int) -> dict:
+async def bus_throughput(cfg: BusConfig, batch_bytes: bytes, count: int) -> dict:
     """MB/s publishing raw batches (claim check for large ones) and consuming them back."""
-    bus = await Bus.connect(BusConfig(nats_url=nats_url), name="bench-bus")
+    bus = await Bus.connect(cfg, name="bench-bus")
     await bus.ensure_topology()
     sid = f"busbench-{uuid.uuid4().hex[:6]}"
     cpu0 = cpu_seconds()
@@ -258,10 +258,10 @@ def main() -> None:
         result["efficiency_default"] = result["pipeline_default"]["fps"] / x
         result["efficiency_no_quality_sample"] = result["pipeline_no_quality_sample"]["fps"] / x
         with Stack(root / "io", compressors=0, with_metrics=False) as stack:
-            result["bus_raw_720p"] = asyncio.run(bus_throughput(stack.nats_url, batches[0].pack(), 40))
+            result["bus_raw_720p"] = asyncio.run(bus_throughput(stack.bus_config("admin"), batches[0].pack(), 40))
             # A 1080p-sized batch (8 x 3.1 MB) exceeds max_payload and takes the claim check.
             big = FrameBatch("big", 0, 1920, 1080, 30, 1, 0, time.time(), np.zeros((8, frame_size(1920, 1080)), np.uint8))
-            result["bus_raw_1080p"] = asyncio.run(bus_throughput(stack.nats_url, big.pack(), 16))
+            result["bus_raw_1080p"] = asyncio.run(bus_throughput(stack.bus_config("admin"), big.pack(), 16))
         with Stack(root / "db", compressors=0, with_metrics=True) as stack:
             for s in stack.services:
                 s.stop()  # only the database is needed

@@ -30,14 +30,13 @@ from services.demo import wait_for_rows
 from services.ingest import ingest
 from services.stack import Stack
 from shared.bus import Bus
-from shared.config import BusConfig
 
 MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 DEFAULT_CLIPS = [str(MEDIA / n) for n in ("call_screenshare_720p.mp4", "camera_576p.mp4", "motion_graphics_352p.mp4")]
 
 
 async def run_clips(stack: Stack, clips: list[str], frames: int) -> dict[str, list[dict]]:
-    bus = await Bus.connect(BusConfig(nats_url=stack.nats_url), name="policy-e2e")
+    bus = await Bus.connect(stack.bus_config("admin"), name="policy-e2e")
     await bus.ensure_topology()
     streams = {}
     try:

@@ -231,7 +231,7 @@ def cmd_compressor(a: argparse.Namespace) -> int:
     kw["policy"] = PolicyConfig(metric, target, a.compare_every, a.latency_budget_ms)
     kw["fallback"] = a.fallback
     cfg = CompressorConfig(
-        bus=BusConfig.from_env(a.nats_url, a.data_dir), codec=a.codec, level=a.level, model=a.model, crf=a.crf,
+        bus=BusConfig.from_env(a.nats_url, a.data_dir, role="compressor"), codec=a.codec, level=a.level, model=a.model, crf=a.crf,
         preset=a.preset,
         concurrency=a.concurrency, quality_frames=a.quality_frames, quality_every=a.quality_every,
         batch_timeout_s=a.batch_timeout_s,
@@ -253,7 +253,7 @@ def cmd_metrics(a: argparse.Namespace) -> int:
     from services.metrics.service import MetricsService
     from services.runtime import run_service
 
-    cfg = MetricsConfig(bus=BusConfig.from_env(a.nats_url, a.data_dir),
+    cfg = MetricsConfig(bus=BusConfig.from_env(a.nats_url, a.data_dir, role="metrics"),
                         database_url=MetricsConfig.database_url_from_env(a.database_url, a.data_dir),
                         retention_days=a.retention_days, partitions_ahead=a.partitions_ahead)
     _serve_metrics(a.metrics_port)
@@ -263,14 +263,15 @@ def cmd_metrics(a: argparse.Namespace) -> int:
 def cmd_ingest(a: argparse.Namespace) -> int:
     from services.ingest import ingest
     from services.runtime import run_service
-    from shared.bus import Bus
+    from shared.bus import BLOBS_STREAM, FRAMES_STREAM, Bus
 
     _serve_metrics(a.metrics_port)
 
     async def main(stop: asyncio.Event) -> int:
-        bus = await Bus.connect(BusConfig.from_env(a.nats_url, a.data_dir), name=f"aic-ingest-{a.stream_id}")
+        bus = await Bus.connect(BusConfig.from_env(a.nats_url, a.data_dir, role="gateway"),
+                                name=f"aic-ingest-{a.stream_id}")
         try:
-            await bus.ensure_topology()
+            await bus.prepare((FRAMES_STREAM, BLOBS_STREAM))
             s = await ingest(
                 bus, a.source, a.stream_id, a.batch_frames, a.frames, a.realtime, stop=stop, start_seq=a.start_seq
             )
@@ -303,7 +304,8 @@ def cmd_decode(a: argparse.Namespace) -> int:
     from shared.bus import Bus
 
     async def main(stop: asyncio.Event) -> int:
-        bus = await Bus.connect(BusConfig.from_env(a.nats_url, a.data_dir), name=f"aic-decode-{a.stream_id}")
+        bus = await Bus.connect(BusConfig.from_env(a.nats_url, a.data_dir, role="receiver"),
+                                name=f"aic-decode-{a.stream_id}")
         try:
             s = await decode_stream(bus, a.stream_id, a.out, a.idle_timeout, a.batches, stop, a.start_seq)
         finally:
@@ -324,6 +326,7 @@ def cmd_decode(a: argparse.Namespace) -> int:
 def cmd_up(a: argparse.Namespace) -> int:
     from services.stack import Stack
     from shared import logs
+    from shared.roles import ROLES
 
     logs.configure()
     stopping = []
@@ -339,6 +342,11 @@ def cmd_up(a: argparse.Namespace) -> int:
         print(f"data        {stack.data_dir}   logs: {stack.data_dir / 'logs'}", flush=True)
         print(f"endpoints   {stack.endpoints_path}   (other aic commands run with this data folder use them)",
               flush=True)
+        if stack.nats is not None:
+            print(f"credentials NATS: one user per role ({', '.join(ROLES)}), passwords in "
+                  f"{stack.nats.credentials_dir}/<role>.password (0600), TLS CA {stack.nats.ca_file}; aic commands "
+                  "run with this data folder use them (elsewhere: AIC_NATS_USER, AIC_NATS_PASSWORD_FILE, AIC_NATS_CA)",
+                  flush=True)
         print("services    " + ", ".join(s.name for s in stack.services) + "   (Ctrl-C stops everything)", flush=True)
         while not stopping:
             stack.supervise_once()
@@ -394,7 +402,7 @@ def cmd_config(a: argparse.Namespace) -> int:
     from shared.control import ConfigError, StreamConfig, check_stream_id
 
     async def main() -> int:
-        bus = await Bus.connect(BusConfig.from_env(a.nats_url, a.data_dir), name="aic-config")
+        bus = await Bus.connect(BusConfig.from_env(a.nats_url, a.data_dir, role="operator"), name="aic-config")
         try:
             kv = await bus.config_kv()
 
@@ -494,10 +502,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a clear one-line error, not a traceback, for expected failures
+        from shared.bus import TopologyMissing
         from shared.embedded import ServerError
         from services.ingest.gateway import SourceError
 
-        if isinstance(exc, (ServerError, SourceError, ValueError, OSError)):
+        if isinstance(exc, (ServerError, SourceError, TopologyMissing, ValueError, OSError)):
             print(f"aic {args.command}: error: {redact(str(exc))}", file=sys.stderr)
             return 2
         raise

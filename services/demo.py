@@ -23,7 +23,6 @@ from services.ingest import ingest
 from services.stack import Stack
 from shared import logs
 from shared.bus import Bus
-from shared.config import BusConfig
 
 SUMMARY_SQL = """
 SELECT stream_id,
@@ -86,9 +85,8 @@ async def wait_for_rows(url: str, batch_ids: list[str], timeout: float, tick=Non
 async def _demo(a: argparse.Namespace, stack: Stack) -> dict:
     run = uuid.uuid4().hex[:6]
     stream_ids = [f"demo-{run}-{i}" for i in range(a.streams)]
-    bus = await Bus.connect(BusConfig.from_env(stack.nats_url), name="aic-demo")
+    bus = await Bus.connect(stack.bus_config("gateway"), name="aic-demo")  # what a media gateway may do
     try:
-        await bus.ensure_topology()
         t0 = time.monotonic()
         stats = await asyncio.gather(
             *(ingest(bus, a.source, sid, a.batch_frames, a.frames) for sid in stream_ids)

@@ -11,15 +11,17 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from shared import endpoints
-from shared.config import env_str
+from shared.aio import run_blocking
+from shared.config import BusConfig, env_str
 from shared.embedded import free_port, NatsServer, PostgresServer
 from shared.logs import get_logger
 
 log = get_logger("stack")
+
 
 
 @dataclass
@@ -76,19 +78,21 @@ class Stack:
             if self.nats_url is None:
                 self.nats = NatsServer(self.data_dir / "nats").start()
                 self.nats_url = self.nats.url
+            # The topology exists before any service starts: only the admin may create it.
+            run_blocking(self._create_topology())
             if self.database_url is None and self.with_metrics:
                 self.postgres = PostgresServer(self.data_dir / "postgres").start()
                 self.database_url = self.postgres.url
-            env = {**os.environ, "AIC_NATS_URL": self.nats_url, "PYTHONUNBUFFERED": "1"}
+            base = {**os.environ, "PYTHONUNBUFFERED": "1"}
             if self.database_url:
-                env["AIC_DATABASE_URL"] = self.database_url
+                base["AIC_DATABASE_URL"] = self.database_url
             logs = self.data_dir / "logs"
             for i in range(self.compressors):
                 self.services.append(
                     ServiceProcess(
                         f"compressor-{i}",
                         [sys.executable, "-m", "services.compressor", *self.compressor_args],
-                        env,
+                        {**base, **self.nats_env("compressor")},
                         logs / f"compressor-{i}.log",
                     )
                 )
@@ -96,18 +100,49 @@ class Stack:
                 self.http_port = self.http_port or free_port()
                 self.services.append(
                     ServiceProcess("metrics", [sys.executable, "-m", "services.metrics", "--http-port",
-                                               str(self.http_port)], env, logs / "metrics.log")
+                                               str(self.http_port)], {**base, **self.nats_env("metrics")},
+                                   logs / "metrics.log")
                 )
             for s in self.services:
                 s.start()
             # Other commands run with this data folder find the servers here (shared/endpoints.py).
             api = f"http://127.0.0.1:{self.http_port}" if self.with_metrics else None
+            n = self.nats
             self.endpoints_path = endpoints.write(self.data_dir, endpoints.Endpoints(
-                self.nats_url, self.database_url, api, os.getpid(), time.time()))
+                self.nats_url, self.database_url, api, os.getpid(), time.time(),
+                str(n.ca_file) if n and n.ca_file else None,
+                str(n.credentials_dir) if n and n.credentials_dir else None))
         except BaseException:
             self.stop()
             raise
         return self
+
+    def nats_env(self, role: str) -> dict[str, str]:
+        """The environment with which a process reaches this stack's NATS as ``role`` (an external
+        server's: whatever this process was given)."""
+        if self.nats is not None:
+            return self.nats.env(role)
+        return {k: v for k, v in os.environ.items() if k.startswith("AIC_NATS_")} | {"AIC_NATS_URL": self.nats_url}
+
+    def bus_config(self, role: str = "admin", **kw) -> BusConfig:
+        """A bus config for ``role`` on this stack's NATS."""
+        if self.nats is not None:
+            return self.nats.client(role, **kw)
+        return replace(BusConfig.from_env(self.nats_url), **kw)
+
+    async def _create_topology(self) -> None:
+        from shared.bus import Bus, PermissionDenied
+
+        bus = await Bus.connect(self.bus_config("admin"), name="aic-up")
+        try:
+            await bus.guarded(bus.ensure_topology())
+        except PermissionDenied as exc:
+            if self.nats is not None:
+                raise
+            # An external server whose streams someone else manages: services check that they exist.
+            log.warning("topology_not_managed", error=str(exc))
+        finally:
+            await bus.close()
 
     def supervise_once(self) -> None:
         """Restart any service that died, after a growing pause, as a process supervisor would (non-blocking)."""

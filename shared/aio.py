@@ -12,3 +12,16 @@ async def pause(stop: asyncio.Event, seconds: float) -> bool:
     except asyncio.TimeoutError:
         pass
     return stop.is_set()
+
+
+def run_blocking(coro):
+    """Run ``coro`` to completion from synchronous code, also where an event loop runs in this
+    thread (then in a thread of its own)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()

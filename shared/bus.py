@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from dataclasses import dataclass, replace
 
@@ -107,6 +108,14 @@ class BusUnavailable(ConnectionError):
     """No NATS server answered."""
 
 
+class PermissionDenied(PermissionError):
+    """The server refused an operation to these credentials (shared/roles.py); the message names it."""
+
+
+class TopologyMissing(RuntimeError):
+    """A stream or bucket this service needs does not exist, and its credentials may not create it."""
+
+
 class ClaimError(RuntimeError):
     """A claim-checked message whose chunks are missing or inconsistent."""
 
@@ -136,26 +145,75 @@ class Bus:
         self.js: JetStreamContext = nc.jetstream(timeout=JS_TIMEOUT_S)
         self.cfg = cfg
         self._verified: dict[str, None] = {}  # claims payload() checked, oldest first (release deletes only these)
+        self._watching_denials: list[asyncio.Future] = []
 
     @classmethod
     async def connect(cls, cfg: BusConfig, name: str, wait_s: float = 10.0, **kwargs) -> "Bus":
         """Connect, waiting at most ``wait_s`` for the first connection (nats-py alone would retry
-        forever); once connected, reconnects are unlimited.  Raises :class:`BusUnavailable`."""
-        kwargs.setdefault("error_cb", _error_logger())
+        forever); once connected, reconnects are unlimited.  Raises :class:`BusUnavailable`, or
+        :class:`PermissionDenied` for credentials the server refuses."""
+        bus: list[Bus] = []
+        failures: list[Exception] = []
+        kwargs.setdefault("error_cb", _error_logger(bus, failures))
+        if cfg.user is not None:
+            kwargs.update(user=cfg.user, password=cfg.password or "", inbox_prefix=f"_INBOX.{cfg.user}")
+        if cfg.ca_file or cfg.nats_url.startswith("tls://"):
+            from shared.pki import client_context
+
+            kwargs["tls"] = client_context(cfg.ca_file)
+        connecting = asyncio.ensure_future(nats.connect(
+            cfg.nats_url,
+            name=name,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=min(5.0, wait_s),
+            drain_timeout=5,
+            **kwargs,
+        ))  # fmt: skip
+        failures.append(connecting)  # the error logger cancels it at a refusal: retrying cannot help
         try:
-            nc = await asyncio.wait_for(nats.connect(
-                cfg.nats_url,
-                name=name,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                connect_timeout=min(5.0, wait_s),
-                drain_timeout=5,
-                **kwargs,
-            ), wait_s)  # fmt: skip
-        except (asyncio.TimeoutError, OSError, nats.errors.Error) as exc:
+            nc = await asyncio.wait_for(connecting, wait_s)
+        except (asyncio.TimeoutError, asyncio.CancelledError, OSError, nats.errors.Error) as exc:
+            if isinstance(exc, asyncio.CancelledError) and not any(_refused(f) for f in failures[1:]):
+                raise
+            failures.pop(0)
+            why = next((str(f) for f in failures if _refused(f)), None)
+            if why or _refused(exc):
+                raise PermissionDenied(f"the NATS server at {redact(cfg.nats_url)} refused the credentials of "
+                                       f"user {cfg.user or '(none)'}: {why or exc}") from None
+            tls = next((f for f in failures if "CERTIFICATE" in str(f) or "SSL" in type(f).__name__), None)
+            if tls is not None:
+                raise BusUnavailable(f"TLS with the NATS server at {redact(cfg.nats_url)} failed: {tls} "
+                                     f"(CA file: {cfg.ca_file or 'the system CAs'})") from None
             raise BusUnavailable(f"no NATS server answered at {redact(cfg.nats_url)} within {wait_s:g} s "
                                  f"({type(exc).__name__})") from None
-        return cls(nc, cfg)
+        bus.append(cls(nc, cfg))
+        return bus[0]
+
+    def _denied(self, message: str) -> None:
+        for fut in self._watching_denials:
+            if not fut.done():
+                fut.set_exception(PermissionDenied(message))
+
+    async def guarded(self, aw):
+        """Await ``aw``, failing fast with :class:`PermissionDenied` when the server refuses one of its
+        operations meanwhile: NATS answers a denied request with an error on the connection, not a
+        reply, and the request would otherwise wait out its timeout."""
+        fut = asyncio.get_running_loop().create_future()
+        self._watching_denials.append(fut)
+        task = asyncio.ensure_future(aw)
+        try:
+            done, _ = await asyncio.wait({task, fut}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            task.cancel()
+            raise fut.exception()
+        finally:
+            self._watching_denials.remove(fut)
+            if not fut.done():
+                fut.cancel()
+            else:
+                fut.exception()  # retrieved: no "never retrieved" warning
 
     @classmethod
     async def connect_until(cls, cfg: BusConfig, name: str, stop: asyncio.Event) -> "Bus | None":
@@ -229,14 +287,45 @@ class Bus:
 
     async def _kv(self, bucket: str, history: int, description: str):
         try:
-            return await self.js.key_value(bucket)
+            return await self.guarded(self.js.key_value(bucket))
         except BucketNotFoundError:
-            return await self.js.create_key_value(bucket=bucket, history=history, replicas=self.cfg.replicas,
-                                                  description=description)
+            try:
+                return await self.guarded(self.js.create_key_value(
+                    bucket=bucket, history=history, replicas=self.cfg.replicas, description=description))
+            except PermissionDenied:
+                raise TopologyMissing(_missing(f"KV bucket {bucket}", self.cfg.user)) from None
+
+    async def prepare(self, streams: tuple[str, ...]) -> None:
+        """For a service: make sure the streams it uses exist.  Creates the whole topology when one is
+        missing and these credentials may (admin); otherwise :class:`TopologyMissing` says who must.
+        Streams that exist are left as they are: changing them is the admin's (``aic up``)."""
+        try:
+            for name in streams:
+                await self.guarded(self.js.stream_info(name))
+            return
+        except NotFoundError:
+            pass
+        try:
+            await self.guarded(self.ensure_topology())
+        except PermissionDenied:
+            raise TopologyMissing(_missing(f"stream {name}", self.cfg.user)) from None
+
+    async def prepare_until(self, streams: tuple[str, ...], stop: asyncio.Event) -> bool:
+        """:meth:`prepare`, retried every 2 s while the topology is missing (``aic up`` may still be
+        creating it); False if ``stop`` came first."""
+        while not stop.is_set():
+            try:
+                await self.prepare(streams)
+                return True
+            except TopologyMissing as exc:
+                log.error("topology_missing", error=str(exc))
+                await pause(stop, 2.0)
+        return False
 
     async def ensure_topology(self) -> None:
-        """Create or update every stream, durable consumer and KV bucket; safe to call from every service."""
+        """Create or update every stream, durable consumer and KV bucket (admin credentials)."""
         await self.config_kv()
+        await self.ingest_kv()
         for sc in self._stream_configs():
             try:
                 await self.js.stream_info(sc.name)
@@ -364,16 +453,47 @@ class Bus:
                 pass  # already gone: deletion is an optimisation, expiry is the guarantee
 
 
-def _error_logger():
+class _QuietTlsClose(logging.Filter):
+    """asyncio warns at every TLS connection the server closes ("returning true from eof_received()
+    has no effect when using ssl"): nats-py's protocol says so, and nothing is wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received()" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_QuietTlsClose())
+
+
+def _refused(exc: BaseException) -> bool:
+    return "authorization violation" in str(exc).lower() or "authentication" in str(exc).lower()
+
+
+def _missing(what: str, user: str | None) -> str:
+    return (f"{what} does not exist and user {user or '(anonymous)'} may not create it: start the stack with "
+            "`aic up`, which creates it, or create it once with the admin credentials")
+
+
+def _error_logger(bus: list, failures: list):
     """nats-py prints a traceback for every failed (re)connect try; one line per kind of error
-    every 10 s says the same."""
+    every 10 s says the same.  A permission violation is logged with the subject it names and fails
+    the operation that caused it (:meth:`Bus.guarded`)."""
     last: dict[str, float] = {}
 
     async def on_error(exc: Exception) -> None:
-        key, now = f"{type(exc).__name__}: {exc}", time.monotonic()
+        text = str(exc)
+        if not bus:
+            failures.append(exc)
+            del failures[1:-8]
+            if _refused(exc):
+                failures[0].cancel()
+        elif "permissions violation" in text.lower():
+            log.error("nats_permission_denied", user=bus[0].cfg.user, error=text)
+            bus[0]._denied(text.replace("nats: ", ""))
+            return
+        key, now = f"{type(exc).__name__}: {text}", time.monotonic()
         if now - last.get(key, -1e9) >= 10.0:
             last[key] = now
-            log.warning("nats_error", error=key)
+            log.warning("nats_error", error=redact(key))
 
     return on_error
 

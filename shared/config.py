@@ -34,6 +34,11 @@ class BusConfig:
     """Where the bus is and how its streams are sized."""
 
     nats_url: str = "nats://127.0.0.1:4222"
+    # Credentials (shared/roles.py): a user and password, and the CA that signed the server's
+    # certificate (TLS is used when set, or with a tls:// URL).
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None
     ack_wait_s: float = 30.0
     max_deliver: int = 4
     retention_s: float = 24 * 3600.0
@@ -45,13 +50,17 @@ class BusConfig:
             raise ValueError("replicas must be 1..5 (JetStream's range)")
 
     @classmethod
-    def from_env(cls, nats_url: str | None = None, folder: str | Path | None = None) -> "BusConfig":
+    def from_env(cls, nats_url: str | None = None, folder: str | Path | None = None,
+                 role: str = "admin") -> "BusConfig":
         """``nats_url``, else ``AIC_NATS_URL``, else a running ``aic up``'s (in ``folder``, see
-        :mod:`shared.endpoints`); none of them is a clear error, never a default server."""
-        from shared.endpoints import nats_url as find_nats
+        :mod:`shared.endpoints`); none of them is a clear error, never a default server.  The
+        credentials: ``AIC_NATS_USER`` / ``AIC_NATS_PASSWORD_FILE`` / ``AIC_NATS_CA``, else ``role``'s
+        of that ``aic up``."""
+        from shared.endpoints import nats_client
 
+        c = nats_client(nats_url, folder, role)
         return cls(
-            nats_url=find_nats(nats_url, folder),
+            nats_url=c.url, user=c.user, password=c.password, ca_file=c.ca_file,
             ack_wait_s=float(env_int("AIC_ACK_WAIT_S", int(cls.ack_wait_s))),
             max_deliver=env_int("AIC_MAX_DELIVER", cls.max_deliver),
             replicas=env_int("AIC_NATS_REPLICAS", cls.replicas),

@@ -87,38 +87,88 @@ class NatsServer:
     """nats-server with JetStream; max_payload raised to 16 MiB so 720p batches of 8 travel inline
     (measured 2x the worker throughput of the claim check); larger ones use the claim check.
 
-    The JetStream store is encrypted at rest (``cipher: chachapoly``) with a key generated into
-    the server's folder, so raw frames on disk are unreadable without it; ``encrypt=False`` only
-    for tests that show the difference."""
+    Secure by default:
 
-    def __init__(self, root: Path, port: int | None = None, max_payload: str = "16MB", encrypt: bool = True):
+    - TLS on the client port, with a certificate signed by a CA generated into ``root/tls``
+      (shared/pki.py); clients trust that CA only.
+    - No anonymous access: one user per role (shared/roles.py), each with only its subjects;
+      passwords generated into ``root/users/<role>.password`` (0600).
+    - The JetStream store encrypted at rest (``cipher: chachapoly``) with a key generated into
+      ``root``, so raw frames on disk are unreadable without it.
+
+    ``tls``, ``auth`` and ``encrypt`` off only for tests and benchmarks that show the difference."""
+
+    def __init__(self, root: Path, port: int | None = None, max_payload: str = "16MB", encrypt: bool = True,
+                 tls: bool = True, auth: bool = True):
         self.root = Path(root)
         self.port = port or free_port()
         self.monitor_port = free_port()
         self.max_payload = max_payload
         self.encrypt = encrypt
+        self.tls = tls
+        self.auth = auth
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://127.0.0.1:{self.port}"
+
+    @property
+    def ca_file(self) -> Path | None:
+        return self.root / "tls" / "ca.pem" if self.tls else None
+
+    @property
+    def credentials_dir(self) -> Path | None:
+        """The folder of ``<role>.password`` files (None without auth)."""
+        return self.root / "users" if self.auth else None
+
+    def password(self, role: str) -> str | None:
+        return (self.credentials_dir / f"{role}.password").read_text().strip() if self.auth else None
+
+    def client(self, role: str = "admin", **kw):
+        """A :class:`~shared.config.BusConfig` with ``role``'s credentials (``kw``: its other fields)."""
+        from shared.config import BusConfig
+
+        return BusConfig(nats_url=self.url, user=role if self.auth else None, password=self.password(role),
+                         ca_file=str(self.ca_file) if self.ca_file else None, **kw)
+
+    def env(self, role: str = "admin") -> dict[str, str]:
+        """The environment with which an aic command reaches this server as ``role``."""
+        env = {"AIC_NATS_URL": self.url}
+        if self.auth:
+            env.update(AIC_NATS_USER=role, AIC_NATS_PASSWORD_FILE=str(self.credentials_dir / f"{role}.password"))
+        if self.ca_file:
+            env["AIC_NATS_CA"] = str(self.ca_file)
+        return env
 
     def start(self) -> "NatsServer":
+        from shared import roles
+
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         conf = self.root / "nats-server.conf"
         store = f'store_dir: "{self.root / "jetstream"}"'
         env = dict(os.environ)
+        # Secrets reach the server through its environment, never through the config file.
         if self.encrypt:
-            # The key reaches the server through its environment, never through the config file.
             env["AIC_JS_KEY"] = _secret_file(self.root / STORE_KEY_FILE, lambda: secrets.token_hex(32))
             store += ", cipher: chachapoly, key: $AIC_JS_KEY"
-        conf.write_text(
-            f"listen: 127.0.0.1:{self.port}\n"
-            f"http: 127.0.0.1:{self.monitor_port}\n"
-            f"max_payload: {self.max_payload}\n"
-            f"jetstream {{ {store} }}\n"
-        )
+        text = (f"listen: 127.0.0.1:{self.port}\n"
+                f"http: 127.0.0.1:{self.monitor_port}\n"
+                f"max_payload: {self.max_payload}\n"
+                f"jetstream {{ {store} }}\n")
+        if self.tls:
+            from shared.pki import ensure_server_tls
+
+            t = ensure_server_tls(self.root / "tls")
+            text += f'tls {{ cert_file: "{t.cert_file}", key_file: "{t.key_file}", timeout: 2 }}\n'
+        if self.auth:
+            self.credentials_dir.mkdir(exist_ok=True, mode=0o700)
+            for role in roles.ROLES:
+                env[roles.password_env(role)] = _secret_file(self.credentials_dir / f"{role}.password",
+                                                             lambda: "aic" + secrets.token_hex(24))
+            text += roles.authorization_conf()
+        conf.write_text(text)
         log = self.root / "nats-server.log"
         self.proc = subprocess.Popen(
             [nats_server_binary(), "-c", str(conf), "-l", str(log)],

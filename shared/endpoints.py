@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -40,6 +40,8 @@ class Endpoints:
     api_url: str | None
     pid: int  # the ``aic up`` process: a file whose process is gone is stale
     started_at: float
+    nats_ca: str | None = None  # the CA that signed the NATS server's certificate
+    nats_credentials: str | None = None  # folder of ``<role>.password`` files (shared/roles.py)
 
 
 def write_private(path: Path, text: str) -> Path:
@@ -76,7 +78,7 @@ def read(folder: Path) -> tuple[Endpoints | None, str]:
     try:
         raw = json.loads(path.read_text())
         found = Endpoints(str(raw["nats_url"]), raw.get("database_url"), raw.get("api_url"), int(raw["pid"]),
-                          float(raw.get("started_at", 0.0)))
+                          float(raw.get("started_at", 0.0)), raw.get("nats_ca"), raw.get("nats_credentials"))
     except FileNotFoundError:
         return None, f"no {path} (no `aic up` has run with that data folder)"
     except (ValueError, KeyError, TypeError):
@@ -97,6 +99,43 @@ def nats_url(flag: str | None = None, folder: str | Path | None = None) -> str:
     raise NoServer(f"no NATS server to use: none given with --nats-url or AIC_NATS_URL, and {why}.  Start one "
                    "with `aic up` (then run this command from the same folder, or with its --data-dir / "
                    "AIC_DATA_DIR), or point to one with --nats-url nats://HOST:4222")
+
+
+@dataclass(frozen=True)
+class NatsClient:
+    """How a command reaches NATS: the server, the user and password, the CA to trust."""
+
+    url: str
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None
+
+
+def _read_secret(path: str | Path, what: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise NoServer(f"{what}: cannot read {path} ({exc.strerror})") from None
+
+
+def nats_client(flag: str | None = None, folder: str | Path | None = None, role: str = "admin") -> NatsClient:
+    """The NATS server a command uses (see :func:`nats_url`) and its credentials: ``AIC_NATS_USER`` with
+    ``AIC_NATS_PASSWORD_FILE`` (or a ``user:password@`` in the URL) and ``AIC_NATS_CA``; else, for
+    the server of an ``aic up`` running with ``folder``, ``role``'s credentials that it generated.
+    An ``aic up``'s credentials never go to a server it did not start."""
+    url = nats_url(flag, folder)
+    user, ca = env_str("AIC_NATS_USER"), env_str("AIC_NATS_CA")
+    pw_file = env_str("AIC_NATS_PASSWORD_FILE")
+    password = _read_secret(pw_file, "AIC_NATS_PASSWORD_FILE") if pw_file else None
+    if user is None and urlsplit(url).username is None:
+        found, _ = read(data_dir(folder))
+        if found is not None and found.nats_url == url:
+            ca = ca or found.nats_ca
+            if found.nats_credentials:
+                user = role
+                password = _read_secret(Path(found.nats_credentials) / f"{role}.password",
+                                        f"the {role!r} credentials of the `aic up` running with {data_dir(folder)}")
+    return NatsClient(url, user, password, ca)
 
 
 def with_password_file(url: str, path: str | None) -> str:

@@ -14,6 +14,7 @@ import pytest
 from services.compressor import Compressor
 from services.metrics import MetricsWriter
 from shared.bus import Bus
+from shared.aio import run_blocking
 from shared.config import BusConfig, CompressorConfig, MetricsConfig
 from shared.embedded import NatsServer, PostgresServer
 
@@ -27,15 +28,35 @@ def postgres(tmp_path_factory) -> PostgresServer:
 
 @pytest.fixture
 def nats_server(tmp_path) -> NatsServer:
-    """A fresh NATS per test: no stream state leaks between tests."""
+    """A fresh NATS per test (no stream state leaks between tests), as ``aic up`` leaves it: secured
+    (TLS, a user per role) and with the topology the admin creates."""
+    server = NatsServer(tmp_path / "nats").start()
+    try:
+        run_blocking(create_topology(server))
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def bare_nats_server(tmp_path) -> NatsServer:
+    """A fresh NATS with no streams yet."""
     server = NatsServer(tmp_path / "nats").start()
     yield server
     server.stop()
 
 
+async def create_topology(server: NatsServer) -> None:
+    bus = await Bus.connect(server.client("admin"), name="test-topology")
+    try:
+        await bus.ensure_topology()
+    finally:
+        await bus.close()
+
+
 @pytest.fixture
 def bus_cfg(nats_server) -> BusConfig:
-    return BusConfig(nats_url=nats_server.url, ack_wait_s=10.0, max_deliver=3)
+    return nats_server.client("admin", ack_wait_s=10.0, max_deliver=3)
 
 
 @pytest.fixture

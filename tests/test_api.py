@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 def api(nats_server, postgres):
     """``aic metrics`` as a user runs it, with its API on a free port; yields the base URL."""
     port = free_port()
-    env = {**os.environ, "AIC_NATS_URL": nats_server.url, "AIC_DATABASE_URL": postgres.url}
+    env = {**os.environ, **nats_server.env("admin"), "AIC_DATABASE_URL": postgres.url}
     proc = subprocess.Popen([sys.executable, "-m", "services.metrics", "--http-port", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

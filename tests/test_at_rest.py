@@ -6,7 +6,6 @@ import numpy as np
 
 from shared import bus as busmod
 from shared.bus import Bus
-from shared.config import BusConfig
 from shared.embedded import STORE_KEY_FILE, NatsServer
 from shared.schemas import FrameBatch
 
@@ -23,7 +22,7 @@ def marked_batch() -> FrameBatch:
 async def files_holding_the_frames(root, encrypt: bool) -> int:
     server = NatsServer(root, encrypt=encrypt).start()
     try:
-        bus = await Bus.connect(BusConfig(nats_url=server.url), "at-rest")
+        bus = await Bus.connect(server.client(), "at-rest")
         try:
             await bus.ensure_topology()
             fb = marked_batch()
@@ -53,7 +52,7 @@ async def test_a_restarted_server_reads_its_encrypted_store_with_the_key_it_kept
     key = (root / STORE_KEY_FILE).read_text()
     server = NatsServer(root).start()
     try:
-        bus = await Bus.connect(BusConfig(nats_url=server.url), "at-rest")
+        bus = await Bus.connect(server.client(), "at-rest")
         try:
             msg = await bus.js.get_last_msg(busmod.FRAMES_STREAM, busmod.frames_subject("rest"))
             assert MARK in msg.data

@@ -135,7 +135,7 @@ async def test_kill_9_of_one_of_two_workers_mid_stream_loses_nothing_and_the_str
     bus, bus_cfg, nats_server, postgres, tmp_path
 ):
     sid = unique("kill")
-    env = {**os.environ, "AIC_NATS_URL": nats_server.url, "AIC_ACK_WAIT_S": "5", "AIC_CODEC": "x264-psnr"}
+    env = {**os.environ, **nats_server.env("compressor"), "AIC_ACK_WAIT_S": "5", "AIC_CODEC": "x264-psnr"}
 
     def start_worker():
         return subprocess.Popen([sys.executable, "-m", "services.compressor", "--concurrency", "2"],

@@ -52,7 +52,7 @@ def test_assignments_update_and_unset_fields():
 
 
 def test_aic_config_sets_gets_and_refuses_bad_values(nats_server):
-    env = {"AIC_NATS_URL": nats_server.url}
+    env = nats_server.env("operator")
     import os
 
     env = {**os.environ, **env}

@@ -71,7 +71,8 @@ def test_a_command_with_no_server_named_fails_clearly_and_never_uses_the_standar
 
 def test_a_command_finds_the_stack_running_with_its_data_folder(tmp_path, nats_server):
     folder = tmp_path / "stack"
-    endpoints.write(folder, Endpoints(nats_server.url, None, None, os.getpid(), 0.0))
+    endpoints.write(folder, Endpoints(nats_server.url, None, None, os.getpid(), 0.0, str(nats_server.ca_file),
+                                      str(nats_server.credentials_dir)))
     r = aic("config", "get", "--data-dir", str(folder), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     r = aic("config", "get", cwd=tmp_path, env={**CLEAN, "AIC_DATA_DIR": str(folder)})

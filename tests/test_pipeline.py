@@ -53,7 +53,7 @@ async def test_two_streams_make_sixteen_rows_and_decode_to_what_the_rows_say(
         proc = subprocess.run(
             [sys.executable, "-m", "services.cli", "decode", "--stream-id", sid, "--out", str(out),
              "--nats-url", nats_server.url, "--idle-timeout", "2"],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True, text=True, timeout=120, env={**os.environ, **nats_server.env("receiver")},
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         decoded = read_video(out)
@@ -152,9 +152,8 @@ async def test_a_worker_whose_codec_hangs_gives_the_batch_back_and_exits_for_a_f
 
 async def test_a_batch_whose_worker_dies_on_every_attempt_gets_a_failed_row(nats_server, postgres):
     from shared.bus import Bus
-    from shared.config import BusConfig
 
-    cfg = BusConfig(nats_url=nats_server.url, ack_wait_s=1.0, max_deliver=2)
+    cfg = nats_server.client("admin", ack_wait_s=1.0, max_deliver=2)
     bus = await Bus.connect(cfg, name="test-crash")
     await bus.ensure_topology()
     sid = unique("crash")
@@ -192,7 +191,7 @@ async def test_kill_9_of_the_compressor_mid_run_loses_and_duplicates_nothing(
     bus, bus_cfg, nats_server, postgres, tmp_path
 ):
     sid = unique("kill")
-    env = {**os.environ, "AIC_NATS_URL": nats_server.url, "AIC_ACK_WAIT_S": "5", "AIC_CODEC": "x264"}
+    env = {**os.environ, **nats_server.env("compressor"), "AIC_ACK_WAIT_S": "5", "AIC_CODEC": "x264"}
 
     def start_worker():
         return subprocess.Popen(
@@ -267,7 +266,7 @@ async def test_the_neural_codec_runs_in_the_pipeline_and_rows_report_its_payload
     source = "lavfi:testsrc2=size=128x96:rate=30"
     # The worker runs as its own process, as in production (torch only ever in that process).
     # Target 0 and no size comparison: the (untrained, poor) tiny model's payloads go out as they are.
-    env = {**os.environ, "AIC_NATS_URL": nats_server.url, "AIC_MODELS_DIR": str(tiny_models_dir)}
+    env = {**os.environ, **nats_server.env("compressor"), "AIC_MODELS_DIR": str(tiny_models_dir)}
     worker = subprocess.Popen(
         [sys.executable, "-m", "services.compressor", "--codec", "neural", "--model", tiny_model, "--level", "6",
          "--quality-frames", "-1", "--target", "psnr_y:0", "--compare-every", "0"],

@@ -42,7 +42,8 @@ def test_ingest_and_metrics_never_import_torch_or_codecs():
 
 
 def test_a_missing_source_is_a_clear_error(nats_server):
-    r = aic("ingest", "/no/such/clip.mp4", "--stream-id", "x", "--nats-url", nats_server.url, timeout=60)
+    r = aic("ingest", "/no/such/clip.mp4", "--stream-id", "x", "--nats-url", nats_server.url, timeout=60,
+            env={**os.environ, **nats_server.env("gateway")})
     assert r.returncode == 2
     assert "cannot open '/no/such/clip.mp4'" in r.stderr
     assert "Traceback" not in r.stderr
@@ -80,7 +81,7 @@ def test_aic_up_prints_its_urls_and_stops_cleanly_on_sigterm(tmp_path):
             line = proc.stdout.readline()
             assert line, proc.stderr.read()
             lines.append(line)
-        assert lines[0].startswith("NATS        nats://127.0.0.1:")
+        assert lines[0].startswith("NATS        tls://127.0.0.1:")
         assert lines[1].startswith("PostgreSQL  postgresql://postgres:***@127.0.0.1:")  # the password: in its file
         endpoints = tmp_path / "aic" / "endpoints.json"
         assert lines[4].startswith(f"endpoints   {endpoints}") and oct(endpoints.stat().st_mode & 0o777) == "0o600"
@@ -120,7 +121,8 @@ async def test_with_server_urls_set_the_stack_starts_no_server_and_uses_them(
     from services.ingest import ingest
     from services.stack import Stack
 
-    monkeypatch.setenv("AIC_NATS_URL", nats_server.url)
+    for k, v in nats_server.env("admin").items():
+        monkeypatch.setenv(k, v)
     monkeypatch.setenv("AIC_DATABASE_URL", postgres.url)
     sid = unique("ext")
     with Stack(tmp_path / "aic") as stack:
@@ -238,16 +240,17 @@ def test_a_dead_nats_server_is_a_clear_error_not_a_hang():
 
 def test_ingesting_a_stream_again_continues_its_numbering_and_reusing_numbers_is_refused(nats_server):
     sid = unique("again")
+    env = {**os.environ, **nats_server.env("gateway")}
     args = ("ingest", "lavfi:testsrc2=size=64x48:rate=30", "--stream-id", sid, "--frames", "16",
             "--nats-url", nats_server.url)
-    first = aic(*args, timeout=120)
+    first = aic(*args, timeout=120, env=env)
     assert first.returncode == 0 and "warning" not in first.stderr, first.stderr
-    again = aic(*args, timeout=120)  # a restarted gateway: batches 2 and 3, nothing dropped
+    again = aic(*args, timeout=120, env=env)  # a restarted gateway: batches 2 and 3, nothing dropped
     assert again.returncode == 0 and "warning" not in again.stderr, again.stderr
-    reused = aic(*args, "--start-seq", "1", timeout=120)
+    reused = aic(*args, "--start-seq", "1", timeout=120, env=env)
     assert reused.returncode == 2 and "use --start-seq 4 or more" in reused.stderr, reused.stderr
     assert "Traceback" not in reused.stderr
-    later = aic(*args, "--start-seq", "10", timeout=120)  # a gap is allowed: receivers skip it
+    later = aic(*args, "--start-seq", "10", timeout=120, env=env)  # a gap is allowed: receivers skip it
     assert later.returncode == 0, later.stderr
 
 

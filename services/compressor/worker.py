@@ -75,6 +75,10 @@ EXIT_WEDGED = 70
 #: How long a wedged worker lets its other batches finish before it gives them back.
 WEDGED_GRACE_S = 5.0
 
+#: The streams a worker reads or writes: it waits for them (``aic up`` creates them) at start.
+COMPRESSOR_STREAMS = (busmod.FRAMES_STREAM, busmod.COMPRESSED_STREAM, busmod.METRICS_STREAM, busmod.DEADLETTER_STREAM,
+                      busmod.BLOBS_STREAM, busmod.ADVISORY_STREAM, busmod.REFS_STREAM, busmod.CONTROL_STREAM)
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -336,7 +340,8 @@ class Compressor:
         self.bus = await Bus.connect_until(self.cfg.bus, f"aic-compressor-{self.cfg.worker_id}", stop)
         if self.bus is None:
             return 0
-        await self.bus.ensure_topology()
+        if not await self.bus.prepare_until(COMPRESSOR_STREAMS, stop):
+            return 0
         self.refs = ReferenceStore(self.bus, self.cfg.chain_wait_s, self.cfg.batch_timeout_s)
         sub = await self.bus.pull(busmod.FRAMES_STREAM, busmod.COMPRESSOR_CONSUMER)
         watcher = asyncio.create_task(self.watch_exhausted(stop))

@@ -159,7 +159,8 @@ class MetricsWriter:
         bus = self.bus = await Bus.connect_until(self.cfg.bus, "aic-metrics", stop)
         if bus is None:
             return 0
-        await bus.ensure_topology()
+        if not await bus.prepare_until((busmod.METRICS_STREAM, busmod.DEADLETTER_STREAM), stop):
+            return 0
         sub = await bus.pull(busmod.METRICS_STREAM, busmod.METRICS_CONSUMER)
         await self._connect_until_ready(stop)
         log.info("metrics_started")
