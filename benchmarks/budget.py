@@ -36,7 +36,7 @@ from services.demo import wait_for_rows
 from services.ingest import ingest
 from services.stack import Stack
 from shared.bus import Bus
-from shared.control import CONTROL_PREFIX, StreamConfig
+from shared.control import StreamConfig, estimate_subject
 
 MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 DEFAULT_CLIPS = [str(MEDIA / "call_screenshare_720p.mp4"), str(MEDIA / "camera_576p.mp4")]
@@ -80,7 +80,7 @@ async def run_clip(stack: Stack, clip: str, budget: float, frames: int) -> dict:
 
     async def receiver():
         while not stop.is_set():
-            await bus.nc.publish(f"{CONTROL_PREFIX}.{sid}", json.dumps({"kbps": budget}).encode())
+            await bus.nc.publish(estimate_subject(sid), json.dumps({"kbps": budget}).encode())
             await asyncio.sleep(0.5)
 
     rx = asyncio.create_task(receiver())

@@ -28,10 +28,14 @@ FIND_HELP = ("the data folder of a running `aic up` whose servers to use when no
              "(default: $AIC_DATA_DIR or ./.aic)")
 
 
-def _bus_args(p: argparse.ArgumentParser) -> None:
+def _bus_args(p: argparse.ArgumentParser, tenant: bool = False) -> None:
     p.add_argument("--nats-url", help="NATS server (default: $AIC_NATS_URL, else the `aic up` running with "
                                       "--data-dir; never a server nobody named)")
     p.add_argument("--data-dir", help=FIND_HELP)
+    if tenant:
+        p.add_argument("--tenant", default=env_str("AIC_TENANT"),
+                       help="act with this tenant's credentials from the `aic up` of --data-dir (aic tenant add); "
+                            "its stream ids are TENANT.NAME (default: $AIC_TENANT, else the default tenant)")
 
 
 def _db_args(p: argparse.ArgumentParser, data_dir: bool = True) -> None:
@@ -140,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ingest", help="publish a video source as frame batches")
     p.add_argument("source", help="file, rtsp://, http://, or lavfi:<graph> e.g. lavfi:testsrc2=size=1280x720:rate=30")
-    p.add_argument("--stream-id", required=True, help="stream name, [A-Za-z0-9_-]{1,64}")
-    _bus_args(p)
+    p.add_argument("--stream-id", required=True, help="stream id: NAME, or TENANT.NAME for a tenant's stream ([A-Za-z0-9_-])")
+    _bus_args(p, tenant=True)
     p.add_argument("--batch-frames", type=int, default=8, help="frames per batch = GOP length (default 8)")
     p.add_argument("--frames", type=int, help="stop after this many frames (needed for endless lavfi sources)")
     p.add_argument("--start-seq", type=int, default=None,
@@ -154,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("decode", help="receiver: decode a stream's compressed batches to a video file")
     p.add_argument("--stream-id", required=True)
     p.add_argument("--out", required=True, help="output file: .y4m or .mkv (lossless), .mp4 (viewing)")
-    _bus_args(p)
+    _bus_args(p, tenant=True)
     p.add_argument("--idle-timeout", type=float, default=3.0, help="stop after this many seconds without a batch")
     p.add_argument("--batches", type=int, help="stop after this many batches")
     p.add_argument("--start-seq", type=int, default=None,
@@ -183,13 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("stream_id")
     c.add_argument("assignments", nargs="+", metavar="key=value",
                    help="mode=conservative|adaptive|aggressive|off, target=DB, level_min=K, level_max=K, budget_kbps=N")
-    _bus_args(c)
+    _bus_args(c, tenant=True)
     c = csub.add_parser("get", help="show a stream's config and what it means, or every stream's")
     c.add_argument("stream_id", nargs="?")
-    _bus_args(c)
+    _bus_args(c, tenant=True)
     c = csub.add_parser("delete", help="forget a stream's config (it runs on the workers' flags again)")
     c.add_argument("stream_id")
-    _bus_args(c)
+    _bus_args(c, tenant=True)
+
+    p = sub.add_parser("tenant", help="tenants: credentials of their own, confined to their streams",
+                       description=TENANT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tsub = p.add_subparsers(dest="tenant_command", required=True)
+    t = tsub.add_parser("add", help="generate a tenant's gateway, receiver and operator credentials (kept if they "
+                                    "exist) and load them into the running NATS server")
+    t.add_argument("tenant", help="tenant name, [A-Za-z0-9_-]{1,32}; its stream ids are TENANT.NAME")
+    t.add_argument("--data-dir", help="the data folder of the `aic up` (default: $AIC_DATA_DIR or ./.aic)")
 
     p = sub.add_parser("report", help="what the pipeline did: terminal tables, and an HTML page with plots")
     p.add_argument("--since", default="1h", help="period to report, e.g. 30m, 1h, 2d (default %(default)s)")
@@ -263,15 +275,14 @@ def cmd_metrics(a: argparse.Namespace) -> int:
 def cmd_ingest(a: argparse.Namespace) -> int:
     from services.ingest import ingest
     from services.runtime import run_service
-    from shared.bus import BLOBS_STREAM, FRAMES_STREAM, Bus
+    from shared.bus import Bus
 
     _serve_metrics(a.metrics_port)
 
     async def main(stop: asyncio.Event) -> int:
-        bus = await Bus.connect(BusConfig.from_env(a.nats_url, a.data_dir, role="gateway"),
+        bus = await Bus.connect(BusConfig.from_env(a.nats_url, a.data_dir, role="gateway", tenant=a.tenant),
                                 name=f"aic-ingest-{a.stream_id}")
         try:
-            await bus.prepare((FRAMES_STREAM, BLOBS_STREAM))
             s = await ingest(
                 bus, a.source, a.stream_id, a.batch_frames, a.frames, a.realtime, stop=stop, start_seq=a.start_seq
             )
@@ -304,7 +315,7 @@ def cmd_decode(a: argparse.Namespace) -> int:
     from shared.bus import Bus
 
     async def main(stop: asyncio.Event) -> int:
-        bus = await Bus.connect(BusConfig.from_env(a.nats_url, a.data_dir, role="receiver"),
+        bus = await Bus.connect(BusConfig.from_env(a.nats_url, a.data_dir, role="receiver", tenant=a.tenant),
                                 name=f"aic-decode-{a.stream_id}")
         try:
             s = await decode_stream(bus, a.stream_id, a.out, a.idle_timeout, a.batches, stop, a.start_seq)
@@ -400,15 +411,17 @@ def cmd_config(a: argparse.Namespace) -> int:
 
     from shared.bus import Bus
     from shared.control import ConfigError, StreamConfig, check_stream_id
+    from shared.roles import ADMIN, parse_user, stream_ids
 
     async def main() -> int:
-        bus = await Bus.connect(BusConfig.from_env(a.nats_url, a.data_dir, role="operator"), name="aic-config")
+        cfg = BusConfig.from_env(a.nats_url, a.data_dir, role="operator", tenant=a.tenant)
+        bus = await Bus.connect(cfg, name="aic-config")
         try:
             kv = await bus.config_kv()
 
             async def current(sid: str) -> StreamConfig | None:
                 try:
-                    return StreamConfig.from_json((await kv.get(sid)).value)
+                    return StreamConfig.from_json((await bus.guarded(kv.get(sid))).value)
                 except KeyNotFoundError:
                     return None
 
@@ -422,20 +435,18 @@ def cmd_config(a: argparse.Namespace) -> int:
 
             if a.config_command == "set":
                 sid = check_stream_id(a.stream_id)
-                cfg = (await current(sid) or StreamConfig()).updated(a.assignments)
-                await kv.put(sid, cfg.to_json())
-                print(json.dumps(show(sid, cfg)))
+                new = (await current(sid) or StreamConfig()).updated(a.assignments)
+                await bus.guarded(kv.put(sid, new.to_json()))
+                print(json.dumps(show(sid, new)))
             elif a.config_command == "delete":
-                await kv.delete(check_stream_id(a.stream_id))
+                await bus.guarded(kv.delete(check_stream_id(a.stream_id)))
                 print(json.dumps(show(a.stream_id, None)))
             elif a.stream_id:
                 print(json.dumps(show(a.stream_id, await current(check_stream_id(a.stream_id)))))
             else:
-                try:
-                    keys = await kv.keys()
-                except Exception:  # nats-py raises NoKeysError on an empty bucket
-                    keys = []
-                for sid in sorted(keys):
+                role, tenant = parse_user(cfg.user or ADMIN)
+                keys = await kv.stream_ids(stream_ids(tenant) if tenant else ">")  # what it may see
+                for sid in keys:
                     print(json.dumps(show(sid, await current(sid))))
             return 0
         except ConfigError as exc:
@@ -445,6 +456,32 @@ def cmd_config(a: argparse.Namespace) -> int:
             await bus.close()
 
     return asyncio.run(main())
+
+
+TENANT_HELP = """\
+A tenant's streams have ids TENANT.NAME (the default tenant's: NAME).  Its
+gateway, receiver and operator credentials reach only those streams: their
+frames, compressed payloads, configs and numbering; compressors and the
+metrics service serve every tenant.  Use them with --tenant (or AIC_TENANT)
+on aic ingest, decode and config run with the same data folder, or elsewhere
+with AIC_NATS_USER=<role>@TENANT and AIC_NATS_PASSWORD_FILE=<the file>.
+"""
+
+
+def cmd_tenant(a: argparse.Namespace) -> int:
+    from shared.embedded import NatsServer
+    from shared.roles import user_name
+    from shared.schemas import check_tenant
+
+    tenant = check_tenant(a.tenant)
+    server = NatsServer.of_folder(data_dir(a.data_dir) / "nats")
+    if not server.auth:
+        raise ValueError(f"the NATS server in {server.root} runs without authentication: no credentials to add")
+    for path in server.add_tenant(tenant):
+        role = path.stem
+        print(f"{user_name(role, tenant):24} {path}")
+    print(f"tenant {tenant}: stream ids {tenant}.NAME; e.g. aic ingest SOURCE --stream-id {tenant}.cam1 --tenant {tenant}")
+    return 0
 
 
 def cmd_report(a: argparse.Namespace) -> int:
@@ -486,6 +523,7 @@ COMMANDS = {
     "db": cmd_db,
     "config": cmd_config,
     "report": cmd_report,
+    "tenant": cmd_tenant,
 }
 PASSTHROUGH = {"train": cmd_train, "bench": cmd_bench}
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -42,13 +43,15 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as jsapi
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
 
 from shared.aio import pause
 from shared.config import BusConfig
 from shared.control import CONTROL_PREFIX, ESTIMATE_FRESH_S, KV_BUCKET
 from shared.endpoints import redact
 from shared.logs import get_logger
+from shared.schemas import STREAM_ID_RE, stream_of_key, subject_key
 
 log = get_logger("bus")
 
@@ -85,11 +88,18 @@ _MAX_CHUNK = 8 * 1024 * 1024
 
 
 def frames_subject(stream_id: str) -> str:
-    return f"aic.frames.{stream_id}"
+    return f"aic.frames.{subject_key(stream_id)}"
 
 
 def compressed_subject(stream_id: str) -> str:
-    return f"aic.compressed.{stream_id}"
+    return f"aic.compressed.{subject_key(stream_id)}"
+
+
+def stream_of_subject(subject: str) -> str | None:
+    """The stream id in a per-stream subject (``aic.<kind>.<tenant>.<name>``), or None if it holds none."""
+    parts = subject.split(".", 2)
+    sid = stream_of_key(parts[2]) if len(parts) == 3 else ""
+    return sid if STREAM_ID_RE.match(sid) else None
 
 
 def metrics_subject(worker_id: str) -> str:
@@ -97,7 +107,7 @@ def metrics_subject(worker_id: str) -> str:
 
 
 def deadletter_subject(stream_id: str) -> str:
-    return f"aic.deadletter.{stream_id}"
+    return f"aic.deadletter.{subject_key(stream_id)}"
 
 
 def _token(s: str) -> str:
@@ -276,24 +286,66 @@ class Bus:
             ),
         ]
 
-    async def config_kv(self):
-        """The per-stream config bucket (:mod:`shared.control`), created on first use."""
-        return await self._kv(KV_BUCKET, 16, "aic per-stream compression config")
+    async def config_kv(self) -> "StreamKV":
+        """The per-stream config bucket (:mod:`shared.control`)."""
+        return StreamKV(self, KV_BUCKET)
 
-    async def ingest_kv(self):
+    async def ingest_kv(self) -> "StreamKV":
         """Each stream's next batch number, kept by the gateway (``aic ingest``) so that a restarted
         ingest continues the numbering instead of publishing ids the bus drops as repeats."""
-        return await self._kv(INGEST_BUCKET, 1, "aic ingest: next batch number per stream")
+        return StreamKV(self, INGEST_BUCKET)
 
-    async def _kv(self, bucket: str, history: int, description: str):
+    def _kv(self, bucket: str) -> KeyValue:
+        # Bound without asking for the bucket's stream info, which a tenant's credentials may not
+        # read (it lists every tenant's keys); the admin creates it, with direct gets (ensure_topology).
+        return KeyValue(name=bucket, stream=f"KV_{bucket}", pre=f"$KV.{bucket}.", js=self.js, direct=True)
+
+    async def kv_keys(self, bucket: str, keys: str = ">") -> list[str]:
+        """The keys of ``bucket`` that match ``keys`` (a subject pattern, e.g. ``acme.*``), read with a
+        consumer whose filter is in its create subject, so that permissions can confine it to a
+        tenant's keys (nats-py's ``keys()`` asks for every key)."""
+        stream, prefix = f"KV_{bucket}", f"$KV.{bucket}."
+        name = f"keys-{secrets.token_hex(8)}"
+        info = await self.guarded(self.js.add_consumer(stream, jsapi.ConsumerConfig(
+            name=name, filter_subject=prefix + keys, deliver_policy=jsapi.DeliverPolicy.LAST_PER_SUBJECT,
+            ack_policy=jsapi.AckPolicy.NONE, headers_only=True, mem_storage=True, inactive_threshold=30.0)))
+        found: dict[str, None] = {}
         try:
-            return await self.guarded(self.js.key_value(bucket))
-        except BucketNotFoundError:
+            sub = await self.js.pull_subscribe_bind(durable=name, stream=stream)
+            pending = info.num_pending
+            while pending:
+                for msg in await self.guarded(sub.fetch(min(pending, 256), timeout=5)):
+                    pending = msg.metadata.num_pending
+                    if (msg.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
+                        found[msg.subject[len(prefix):]] = None
+            await sub.unsubscribe()
+        finally:
             try:
-                return await self.guarded(self.js.create_key_value(
-                    bucket=bucket, history=history, replicas=self.cfg.replicas, description=description))
-            except PermissionDenied:
-                raise TopologyMissing(_missing(f"KV bucket {bucket}", self.cfg.user)) from None
+                await self.js.delete_consumer(stream, name)
+            except Exception:
+                pass  # it expires after inactive_threshold anyway
+        return sorted(found)
+
+    async def _ensure_kv(self, bucket: str, history: int, description: str) -> None:
+        try:
+            si = await self.js.stream_info(f"KV_{bucket}")
+        except NotFoundError:
+            await self.js.create_key_value(jsapi.KeyValueConfig(
+                bucket=bucket, history=history, replicas=self.cfg.replicas, description=description, direct=True))
+            return
+        if not si.config.allow_direct:  # a bucket made before tenants: reads by key subject need direct gets
+            await self.js.update_stream(replace(si.config, allow_direct=True))
+        # Entries from before tenants are keyed by the bare stream id: move them under their subject key.
+        kv = self._kv(bucket)
+        for key in await self.kv_keys(bucket, "*"):
+            try:
+                entry = await kv.get(key)
+                await kv.create(subject_key(key), entry.value)
+            except KeyWrongLastSequenceError:
+                pass  # moved already (an interrupted earlier move)
+            except KeyNotFoundError:
+                continue
+            await kv.delete(key)
 
     async def prepare(self, streams: tuple[str, ...]) -> None:
         """For a service: make sure the streams it uses exist.  Creates the whole topology when one is
@@ -324,8 +376,8 @@ class Bus:
 
     async def ensure_topology(self) -> None:
         """Create or update every stream, durable consumer and KV bucket (admin credentials)."""
-        await self.config_kv()
-        await self.ingest_kv()
+        await self._ensure_kv(KV_BUCKET, 16, "aic per-stream compression config")
+        await self._ensure_kv(INGEST_BUCKET, 1, "aic ingest: next batch number per stream")
         for sc in self._stream_configs():
             try:
                 await self.js.stream_info(sc.name)
@@ -365,6 +417,16 @@ class Bus:
             ),
         )
 
+    async def follow(self, stream: str, subject: str) -> "Follower":
+        """Read ``subject``'s messages on ``stream`` in order, from its first, with a consumer of this
+        reader's own: named, so that its filter is in the create subject and permissions can confine a
+        reader to its tenant's streams; removed by :meth:`Follower.close`, or after a minute unused."""
+        name = f"rx-{secrets.token_hex(8)}"
+        await self.guarded(self.js.add_consumer(stream, jsapi.ConsumerConfig(
+            name=name, filter_subject=subject, deliver_policy=jsapi.DeliverPolicy.ALL,
+            ack_policy=jsapi.AckPolicy.NONE, mem_storage=True, inactive_threshold=60.0)))
+        return Follower(self, stream, name, await self.js.pull_subscribe_bind(durable=name, stream=stream))
+
     async def pull(self, stream: str, durable: str) -> JetStreamContext.PullSubscription:
         return await self.js.pull_subscribe_bind(durable=durable, stream=stream)
 
@@ -379,11 +441,18 @@ class Bus:
         never dedupe into one claim: whichever header JetStream keeps points at its own chunks.
         ``headers`` travel on the message itself (not on its chunks).
         """
+        try:
+            return await self.guarded(self._publish(subject, data, msg_id, kind, varies, headers))
+        except nats.errors.NoRespondersError:
+            raise TopologyMissing(f"no stream takes {subject}: " + _missing("its stream", self.cfg.user)) from None
+
+    async def _publish(self, subject: str, data: bytes, msg_id: str, kind: str, varies: bool,
+                       headers: dict[str, str] | None) -> jsapi.PubAck:
         headers = {**(headers or {}), MSG_ID_HEADER: msg_id}
         if len(data) <= self.max_inline:
             return await self.js.publish(subject, data, headers=headers)
         chunk = min(self.max_inline, _MAX_CHUNK)
-        blob_subject = f"aic.blobs.{kind}.{subject.rsplit('.', 1)[-1]}"
+        blob_subject = f"aic.blobs.{kind}.{subject.split('.', 2)[-1]}"  # the stream id: one tenant's chunks
         tag = hashlib.blake2b(data, digest_size=8).hexdigest() if varies else ""
         view = memoryview(data)
         futs = [
@@ -496,6 +565,62 @@ def _error_logger(bus: list, failures: list):
             log.warning("nats_error", error=redact(key))
 
     return on_error
+
+
+class StreamKV:
+    """A KV bucket keyed by stream id; each entry is kept under the stream's subject key
+    (:func:`~shared.schemas.subject_key`), so that a tenant's credentials reach its entries only."""
+
+    def __init__(self, bus: Bus, bucket: str):
+        self.bus, self.bucket, self.kv = bus, bucket, bus._kv(bucket)
+
+    async def get(self, stream_id: str):
+        return await self.bus.guarded(self.kv.get(subject_key(stream_id)))
+
+    async def put(self, stream_id: str, value: bytes | str) -> int:
+        return await self.bus.guarded(self.kv.put(subject_key(stream_id), _bytes(value)))
+
+    async def create(self, stream_id: str, value: bytes | str) -> int:
+        return await self.bus.guarded(self.kv.create(subject_key(stream_id), _bytes(value)))
+
+    async def update(self, stream_id: str, value: bytes | str, last: int) -> int:
+        return await self.bus.guarded(self.kv.update(subject_key(stream_id), _bytes(value), last=last))
+
+    async def delete(self, stream_id: str) -> bool:
+        return await self.bus.guarded(self.kv.delete(subject_key(stream_id)))
+
+    async def stream_ids(self, keys: str = ">") -> list[str]:
+        """The stream ids with an entry, of the keys ``keys`` (a pattern: ``acme.*``, ``_.*``)."""
+        return sorted(stream_of_key(k) for k in await self.bus.kv_keys(self.bucket, keys))
+
+    async def watchall(self):
+        """nats-py's watcher of every entry; ``stream_of_key(entry.key)`` is an entry's stream."""
+        return await self.kv.watchall()
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+class Follower:
+    """A reader's own consumer on one subject (:meth:`Bus.follow`)."""
+
+    def __init__(self, bus: Bus, stream: str, name: str, sub: JetStreamContext.PullSubscription):
+        self.bus, self.stream, self.name, self._sub = bus, stream, name, sub
+        self._ready: list[Msg] = []
+
+    async def next_msg(self, timeout: float) -> Msg:
+        """The next message; nats-py's TimeoutError when none came within ``timeout`` seconds."""
+        if not self._ready:
+            self._ready = list(reversed(await self.bus.guarded(self._sub.fetch(64, timeout=timeout))))
+        return self._ready.pop()
+
+    async def close(self) -> None:
+        await unsubscribe(self._sub)
+        try:
+            await self.bus.js.delete_consumer(self.stream, self.name)
+        except Exception:
+            pass  # gone already, or expires after its inactive threshold
 
 
 def _chunk_id(subject: str, msg_id: str, index: int, tag: str = "") -> str:

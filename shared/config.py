@@ -51,14 +51,14 @@ class BusConfig:
 
     @classmethod
     def from_env(cls, nats_url: str | None = None, folder: str | Path | None = None,
-                 role: str = "admin") -> "BusConfig":
+                 role: str = "admin", tenant: str | None = None) -> "BusConfig":
         """``nats_url``, else ``AIC_NATS_URL``, else a running ``aic up``'s (in ``folder``, see
         :mod:`shared.endpoints`); none of them is a clear error, never a default server.  The
         credentials: ``AIC_NATS_USER`` / ``AIC_NATS_PASSWORD_FILE`` / ``AIC_NATS_CA``, else ``role``'s
         of that ``aic up``."""
         from shared.endpoints import nats_client
 
-        c = nats_client(nats_url, folder, role)
+        c = nats_client(nats_url, folder, role, tenant)
         return cls(
             nats_url=c.url, user=c.user, password=c.password, ca_file=c.ca_file,
             ack_wait_s=float(env_int("AIC_ACK_WAIT_S", int(cls.ack_wait_s))),

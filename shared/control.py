@@ -27,19 +27,25 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields, replace
 
-from shared.schemas import MODES, STREAM_ID_RE
+from shared.schemas import MODES, STREAM_ID_RE, STREAM_ID_RULE, subject_key
 
 KV_BUCKET = "aic_config"
 #: Receivers and gateways publish bandwidth estimates on ``aic.control.<stream_id>`` as JSON {"kbps": N}.
 CONTROL_PREFIX = "aic.control"
 #: A receiver that cannot decode a chained stream asks for a real key frame on
-#: ``aic.control.<stream_id>.keyframe`` with JSON {"from_batch": N}: the stream's first batch N or later
+#: ``aic.keyframe.<stream_id>`` with JSON {"from_batch": N}: the stream's first batch N or later
 #: that a worker codes after the request starts with a key frame (keyframe_reason ``requested``).
-KEYFRAME_SUFFIX = "keyframe"
+#: (A prefix of its own: under ``aic.control.`` a tenant's stream named ``keyframe`` and a request
+#: for the default tenant's stream of the tenant's name would share a subject.)
+KEYFRAME_PREFIX = "aic.keyframe"
 
 
 def keyframe_subject(stream_id: str) -> str:
-    return f"{CONTROL_PREFIX}.{stream_id}.{KEYFRAME_SUFFIX}"
+    return f"{KEYFRAME_PREFIX}.{subject_key(stream_id)}"
+
+
+def estimate_subject(stream_id: str) -> str:
+    return f"{CONTROL_PREFIX}.{subject_key(stream_id)}"
 
 
 #: A receiver's estimate older than this no longer applies (and the bus keeps none older).
@@ -159,5 +165,5 @@ class StreamConfig:
 
 def check_stream_id(stream_id: str) -> str:
     if not STREAM_ID_RE.match(stream_id):
-        raise ConfigError("stream id must match [A-Za-z0-9_-]{1,64}")
+        raise ConfigError(f"stream id must be {STREAM_ID_RULE}")
     return stream_id

@@ -83,6 +83,10 @@ def _secret_file(path: Path, make) -> str:
     return value
 
 
+def _new_password() -> str:
+    return "aic" + secrets.token_hex(24)  # 192 random bits; a letter first keeps it a string in any config
+
+
 class NatsServer:
     """nats-server with JetStream; max_payload raised to 16 MiB so 720p batches of 8 travel inline
     (measured 2x the worker throughput of the claim check); larger ones use the claim check.
@@ -92,7 +96,8 @@ class NatsServer:
     - TLS on the client port, with a certificate signed by a CA generated into ``root/tls``
       (shared/pki.py); clients trust that CA only.
     - No anonymous access: one user per role (shared/roles.py), each with only its subjects;
-      passwords generated into ``root/users/<role>.password`` (0600).
+      passwords generated into ``root/users/<role>.password`` (0600), a tenant's into
+      ``root/users/<tenant>/<role>.password`` (:meth:`add_tenant`); the config holds bcrypt hashes.
     - The JetStream store encrypted at rest (``cipher: chachapoly``) with a key generated into
       ``root``, so raw frames on disk are unreadable without it.
 
@@ -122,39 +127,86 @@ class NatsServer:
         """The folder of ``<role>.password`` files (None without auth)."""
         return self.root / "users" if self.auth else None
 
-    def password(self, role: str) -> str | None:
-        return (self.credentials_dir / f"{role}.password").read_text().strip() if self.auth else None
+    def password(self, role: str, tenant: str | None = None) -> str | None:
+        from shared.roles import password_file
 
-    def client(self, role: str = "admin", **kw):
-        """A :class:`~shared.config.BusConfig` with ``role``'s credentials (``kw``: its other fields)."""
+        return password_file(self.credentials_dir, role, tenant).read_text().strip() if self.auth else None
+
+    def client(self, role: str = "admin", tenant: str | None = None, **kw):
+        """A :class:`~shared.config.BusConfig` with ``role``'s credentials (of ``tenant``, for a tenant
+        role); ``kw``: its other fields."""
         from shared.config import BusConfig
+        from shared.roles import user_name
 
-        return BusConfig(nats_url=self.url, user=role if self.auth else None, password=self.password(role),
-                         ca_file=str(self.ca_file) if self.ca_file else None, **kw)
+        return BusConfig(nats_url=self.url, user=user_name(role, tenant) if self.auth else None,
+                         password=self.password(role, tenant), ca_file=str(self.ca_file) if self.ca_file else None,
+                         **kw)
 
-    def env(self, role: str = "admin") -> dict[str, str]:
-        """The environment with which an aic command reaches this server as ``role``."""
+    def env(self, role: str = "admin", tenant: str | None = None) -> dict[str, str]:
+        """The environment with which an aic command reaches this server as ``role`` (of ``tenant``)."""
+        from shared.roles import password_file, user_name
+
         env = {"AIC_NATS_URL": self.url}
         if self.auth:
-            env.update(AIC_NATS_USER=role, AIC_NATS_PASSWORD_FILE=str(self.credentials_dir / f"{role}.password"))
+            env.update(AIC_NATS_USER=user_name(role, tenant),
+                       AIC_NATS_PASSWORD_FILE=str(password_file(self.credentials_dir, role, tenant)))
         if self.ca_file:
             env["AIC_NATS_CA"] = str(self.ca_file)
         return env
 
-    def start(self) -> "NatsServer":
+    @classmethod
+    def of_folder(cls, root: Path) -> "NatsServer":
+        """The server an ``aic up`` runs (or ran) with ``root``, as its config says: for adding tenants."""
+        import re
+
+        try:
+            text = (Path(root) / "nats-server.conf").read_text()
+        except FileNotFoundError:
+            raise ServerError(f"no NATS server was ever started in {root} (run `aic up` there first)") from None
+        port = re.search(r"^listen: [^:]+:(\d+)$", text, re.M)
+        server = cls(root, port=int(port[1]) if port else None, encrypt="cipher:" in text,
+                     tls="\ntls {" in text, auth="authorization {" in text)
+        monitor = re.search(r"^http: [^:]+:(\d+)$", text, re.M)
+        if monitor:
+            server.monitor_port = int(monitor[1])
+        return server
+
+    def add_tenant(self, tenant: str) -> list[Path]:
+        """Credentials for ``tenant``'s gateway, receiver and operator (kept if they exist), and a
+        running server told to load them; returns the password files."""
+        from shared.roles import TENANT_ROLES, password_file
+
+        files = []
+        for role in TENANT_ROLES:
+            path = password_file(self.credentials_dir, role, tenant)
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            _secret_file(path, _new_password)
+            files.append(path)
+        self._write_conf()
+        self.reload()
+        return files
+
+    def reload(self) -> None:
+        """Make the running server (this one, or another process's with this folder) re-read its config."""
+        try:
+            pid = int((self.root / "nats-server.pid").read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)  # nats-server applies a reload at once; give it a moment before the first login
+
+    def _write_conf(self) -> None:
         from shared import roles
 
-        self.root.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o700)
-        conf = self.root / "nats-server.conf"
         store = f'store_dir: "{self.root / "jetstream"}"'
-        env = dict(os.environ)
-        # Secrets reach the server through its environment, never through the config file.
-        if self.encrypt:
-            env["AIC_JS_KEY"] = _secret_file(self.root / STORE_KEY_FILE, lambda: secrets.token_hex(32))
+        if self.encrypt:  # the key reaches the server through its environment, never through this file
             store += ", cipher: chachapoly, key: $AIC_JS_KEY"
         text = (f"listen: 127.0.0.1:{self.port}\n"
                 f"http: 127.0.0.1:{self.monitor_port}\n"
+                f'pid_file: "{self.root / "nats-server.pid"}"\n'
                 f"max_payload: {self.max_payload}\n"
                 f"jetstream {{ {store} }}\n")
         if self.tls:
@@ -163,12 +215,23 @@ class NatsServer:
             t = ensure_server_tls(self.root / "tls")
             text += f'tls {{ cert_file: "{t.cert_file}", key_file: "{t.key_file}", timeout: 2 }}\n'
         if self.auth:
+            text += roles.authorization_conf(self.credentials_dir)
+        write_private(self.root / "nats-server.conf", text)
+
+    def start(self) -> "NatsServer":
+        from shared import roles
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        conf = self.root / "nats-server.conf"
+        env = dict(os.environ)
+        if self.encrypt:
+            env["AIC_JS_KEY"] = _secret_file(self.root / STORE_KEY_FILE, lambda: secrets.token_hex(32))
+        if self.auth:
             self.credentials_dir.mkdir(exist_ok=True, mode=0o700)
             for role in roles.ROLES:
-                env[roles.password_env(role)] = _secret_file(self.credentials_dir / f"{role}.password",
-                                                             lambda: "aic" + secrets.token_hex(24))
-            text += roles.authorization_conf()
-        conf.write_text(text)
+                _secret_file(self.credentials_dir / f"{role}.password", _new_password)
+        self._write_conf()
         log = self.root / "nats-server.log"
         self.proc = subprocess.Popen(
             [nats_server_binary(), "-c", str(conf), "-l", str(log)],

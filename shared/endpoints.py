@@ -118,11 +118,15 @@ def _read_secret(path: str | Path, what: str) -> str:
         raise NoServer(f"{what}: cannot read {path} ({exc.strerror})") from None
 
 
-def nats_client(flag: str | None = None, folder: str | Path | None = None, role: str = "admin") -> NatsClient:
+def nats_client(flag: str | None = None, folder: str | Path | None = None, role: str = "admin",
+                tenant: str | None = None) -> NatsClient:
     """The NATS server a command uses (see :func:`nats_url`) and its credentials: ``AIC_NATS_USER`` with
     ``AIC_NATS_PASSWORD_FILE`` (or a ``user:password@`` in the URL) and ``AIC_NATS_CA``; else, for
-    the server of an ``aic up`` running with ``folder``, ``role``'s credentials that it generated.
-    An ``aic up``'s credentials never go to a server it did not start."""
+    the server of an ``aic up`` running with ``folder``, the credentials it generated for ``role``
+    (of ``tenant``, else ``AIC_TENANT``, for a tenant role: ``aic tenant add``).  An ``aic up``'s
+    credentials never go to a server it did not start."""
+    from shared.roles import password_file, user_name
+
     url = nats_url(flag, folder)
     user, ca = env_str("AIC_NATS_USER"), env_str("AIC_NATS_CA")
     pw_file = env_str("AIC_NATS_PASSWORD_FILE")
@@ -132,9 +136,11 @@ def nats_client(flag: str | None = None, folder: str | Path | None = None, role:
         if found is not None and found.nats_url == url:
             ca = ca or found.nats_ca
             if found.nats_credentials:
-                user = role
-                password = _read_secret(Path(found.nats_credentials) / f"{role}.password",
-                                        f"the {role!r} credentials of the `aic up` running with {data_dir(folder)}")
+                tenant = tenant or env_str("AIC_TENANT")
+                user = user_name(role, tenant)
+                password = _read_secret(password_file(Path(found.nats_credentials), role, tenant),
+                                        f"the {user!r} credentials of the `aic up` running with {data_dir(folder)}"
+                                        + (f" (add the tenant with `aic tenant add {tenant}`)" if tenant else ""))
     return NatsClient(url, user, password, ca)
 
 

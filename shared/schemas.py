@@ -22,7 +22,45 @@ from shared.pixfmt import SUPPORTED as PIX_FMTS
 from shared.pixfmt import frame_size
 
 SCHEMA_VERSION = 1
-STREAM_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: A stream id: ``NAME``, a stream of the default tenant, or ``TENANT.NAME``: a name of 1-64
+#: characters of [A-Za-z0-9_-], a tenant of 1-32 that starts with a letter or digit (and is not
+#: ``default``: its streams have no prefix).
+STREAM_ID_PATTERN = r"^(?:[A-Za-z0-9][A-Za-z0-9_-]{0,31}\.)?[A-Za-z0-9_-]{1,64}$"  # (the API's validators: no look-ahead)
+STREAM_ID_RE = re.compile(r"^(?!default\.)" + STREAM_ID_PATTERN[1:])
+STREAM_ID_RULE = "[TENANT.]NAME of [A-Za-z0-9_-], NAME 1-64 and TENANT 1-32 characters"
+TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+DEFAULT_TENANT = "default"
+#: The default tenant's token in subjects and KV keys.  Every per-stream subject names the tenant
+#: as a token of its own (``aic.frames._.cam``, ``aic.frames.acme.cam``), so that credentials can be
+#: confined to one tenant with ``aic.frames.acme.*`` -- and, for the default tenant, ``aic.frames._.*``:
+#: a one-token pattern (``aic.frames.*``) would also match a literal ``>``, which a consumer's filter
+#: in its create subject may be (shared/roles.py).
+DEFAULT_TOKEN = "_"
+
+
+def subject_key(stream_id: str) -> str:
+    """A stream id as subject tokens and KV key: ``TENANT.NAME`` (``_.NAME`` for the default tenant)."""
+    return stream_id if "." in stream_id else f"{DEFAULT_TOKEN}.{stream_id}"
+
+
+def stream_of_key(key: str) -> str:
+    """The stream id of a subject key (:func:`subject_key`); a key of one token is one from before
+    tenants, the stream's id itself."""
+    tenant, dot, name = key.partition(".")
+    return name if dot and tenant == DEFAULT_TOKEN else key
+
+
+def tenant_of(stream_id: str) -> str:
+    """The tenant a stream belongs to (``DEFAULT_TENANT`` for an id without a prefix)."""
+    tenant, dot, _ = stream_id.partition(".")
+    return tenant if dot else DEFAULT_TENANT
+
+
+def check_tenant(tenant: str) -> str:
+    if not TENANT_RE.match(tenant) or tenant == DEFAULT_TENANT:
+        raise ValueError(f"tenant {tenant!r}: 1-32 characters of [A-Za-z0-9_-], the first a letter or digit, "
+                         f"not {DEFAULT_TENANT!r}")
+    return tenant
 STATUSES = ("ok", "rejected", "failed")
 
 
@@ -109,7 +147,7 @@ def _unix_time(obj: dict, key: str, *, optional: bool = False) -> float | None:
 def _stream_id(obj: dict) -> str:
     sid = _get(obj, "stream_id", str)
     if not STREAM_ID_RE.match(sid):
-        raise SchemaError("bad_field", "stream_id must match [A-Za-z0-9_-]{1,64}")
+        raise SchemaError("bad_field", f"stream_id must be {STREAM_ID_RULE}")
     return sid
 
 

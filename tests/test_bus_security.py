@@ -17,8 +17,8 @@ import pytest
 from conftest import unique
 from shared import bus as busmod
 from shared import roles
-from shared.bus import Bus, BusUnavailable, PermissionDenied
-from shared.control import KV_BUCKET
+from shared.bus import Bus, BusUnavailable, PermissionDenied, StreamKV
+from shared.control import KV_BUCKET, estimate_subject
 from shared.embedded import NatsServer
 
 pytestmark = pytest.mark.timeout(300)
@@ -141,13 +141,13 @@ async def _subscribe(subject: str, bus: Bus) -> None:
 
 
 async def _kv_put(bucket: str, bus: Bus) -> None:
-    kv = await bus.js.key_value(bucket)
-    await kv.put("matrix-key", b"0")
+    await StreamKV(bus, bucket).put("matrix", b"0")
 
 
 async def _read_compressed(bus: Bus) -> None:
-    sub = await bus.js.subscribe(busmod.compressed_subject(SID), ordered_consumer=True)
-    await sub.unsubscribe()
+    sub = await bus.follow(busmod.COMPRESSED_STREAM, busmod.compressed_subject(SID))
+    await sub.next_msg(timeout=5)
+    await sub.close()
 
 
 async def _get(stream: str, bus: Bus, direct: bool = True) -> None:
@@ -174,7 +174,7 @@ OPERATIONS = {
     "publish frames": (lambda b: _publish(busmod.frames_subject(SID), b), {"gateway"}),
     "publish a forged compressed payload": (lambda b: _publish(busmod.compressed_subject(SID), b), {"compressor"}),
     "publish a forged metrics record": (lambda b: _publish(busmod.metrics_subject("ATTACKER"), b), {"compressor"}),
-    "publish a forged reference": (lambda b: _publish(f"{busmod.REFS_PREFIX}.{SID}.0", b), {"compressor"}),
+    "publish a forged reference": (lambda b: _publish(f"{busmod.REFS_PREFIX}._.{SID}.0", b), {"compressor"}),
     "publish a dead letter": (lambda b: _publish(busmod.deadletter_subject(SID), b), {"compressor", "metrics"}),
     "fetch and ack frame batches": (lambda b: _fetch(busmod.FRAMES_STREAM, busmod.COMPRESSOR_CONSUMER, b),
                                     {"compressor"}),
@@ -188,7 +188,7 @@ OPERATIONS = {
     "read compressed payloads": (_read_compressed, {"receiver"}),
     "write a stream config": (lambda b: _kv_put(KV_BUCKET, b), {"operator", "metrics"}),
     "reset a stream's numbering": (lambda b: _kv_put(busmod.INGEST_BUCKET, b), {"gateway"}),
-    "publish a bandwidth estimate": (lambda b: _publish(f"aic.control.{SID}", b), {"receiver"}),
+    "publish a bandwidth estimate": (lambda b: _publish(estimate_subject(SID), b), {"receiver"}),
     "create a stream": (_create_stream, set()),
     "purge the frames": (_purge, set()),
     "delete a stream": (_delete_stream, set()),
@@ -217,16 +217,7 @@ async def test_each_role_may_do_its_own_job_only_and_a_refusal_leaves_no_trace(r
 
 
 async def _kv_keys(admin: Bus) -> dict:
-    out = {}
-    for bucket in (KV_BUCKET, busmod.INGEST_BUCKET):
-        kv = await admin.js.key_value(bucket)
-        try:
-            out[bucket] = sorted(await kv.keys())
-        except Exception as exc:  # nats-py raises NoKeysError for an empty bucket
-            if "NoKeys" not in type(exc).__name__:
-                raise
-            out[bucket] = []
-    return out
+    return {bucket: await admin.kv_keys(bucket) for bucket in (KV_BUCKET, busmod.INGEST_BUCKET)}
 
 
 async def test_the_admin_may_do_everything(nats_server, admin):

@@ -136,13 +136,14 @@ async def test_a_worker_started_after_the_receiver_spoke_knows_the_budget_before
     import asyncio
 
     from services.compressor.controls import StreamControls
+    from shared.control import estimate_subject
 
     sid, other = unique("rx"), unique("rx")
-    await bus.nc.publish(f"aic.control.{sid}", b'{"kbps": 250}')
-    await bus.nc.publish(f"aic.control.{sid}", b'{"kbps": 300}')  # only the latest counts
-    await bus.nc.publish(f"aic.control.{other}", b'{"kbps": "lots"}')  # invalid: ignored
+    await bus.nc.publish(estimate_subject(sid), b'{"kbps": 250}')
+    await bus.nc.publish(estimate_subject(sid), b'{"kbps": 300}')  # only the latest counts
+    await bus.nc.publish(estimate_subject(other), b'{"kbps": "lots"}')  # invalid: ignored
     await bus.nc.flush()
-    await asyncio.wait_for(retained(bus, {f"aic.control.{sid}": b'{"kbps": 300}', f"aic.control.{other}": None}), 10)
+    await asyncio.wait_for(retained(bus, {estimate_subject(sid): b'{"kbps": 300}', estimate_subject(other): None}), 10)
     controls, stop = StreamControls(), asyncio.Event()
     task = asyncio.create_task(controls.watch(bus, stop))
     try:

@@ -45,12 +45,12 @@ def test_each_segment_of_a_file_is_its_own_chain_cut_at_segment_and_periodic_key
     cfg = CompressorConfig(segment_batches=4, keyframe_every_s=every_6)
     chains = [chain_of(batch(seq, live=False), cfg) for seq in range(13)]
     starts = [0, 0, 0, 0, 4, 4, 6, 6, 8, 8, 8, 8, 12]
-    assert [key for key, _ in chains] == [f"s.c{n}" for n in starts]
+    assert [key for key, _ in chains] == [f"s~c{n}" for n in starts]
     assert [seq for seq, (_, last) in enumerate(chains) if last] == [3, 5, 7, 11]
     # A live stream is one chain, whatever its key frames.
     assert {chain_of(batch(seq, live=True), cfg) for seq in range(13)} == {("s", False)}
     # A file with neither is one chain too.
-    assert {chain_of(batch(seq, live=False), CompressorConfig(keyframe_every_s=0))[0] for seq in range(13)} == {"s.c0"}
+    assert {chain_of(batch(seq, live=False), CompressorConfig(keyframe_every_s=0))[0] for seq in range(13)} == {"s~c0"}
 
 
 async def test_a_waiting_batch_lends_its_slot_and_takes_one_back_before_it_codes():

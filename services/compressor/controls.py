@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from shared import bus as busmod
 from shared.aio import pause
 from shared.control import (
-    CONTROL_PREFIX, ESTIMATE_FRESH_S, KEYFRAME_SUFFIX, LEVEL_DOWN_MARGIN_DB, ConfigError, StreamConfig,
+    CONTROL_PREFIX, ESTIMATE_FRESH_S, KEYFRAME_PREFIX, LEVEL_DOWN_MARGIN_DB, ConfigError, StreamConfig,
 )
 from shared.logs import get_logger
-from shared.schemas import STREAM_ID_RE
+from shared.schemas import stream_of_key
 
 log = get_logger("compressor")
 
@@ -172,33 +172,33 @@ class StreamControls:
 
     async def _watch(self, bus, stop: asyncio.Event) -> None:
         async def on_estimate(msg):
-            sid = msg.subject.rsplit(".", 1)[-1]
-            if STREAM_ID_RE.match(sid):
+            sid = busmod.stream_of_subject(msg.subject)
+            if sid is not None:
                 self.estimate(sid, msg.data)
 
         async def on_keyframe(msg):
-            sid = msg.subject.split(".")[-2]
-            if STREAM_ID_RE.match(sid):
+            sid = busmod.stream_of_subject(msg.subject)
+            if sid is not None:
                 self.request_keyframe(sid, msg.data)
 
-        estimates = await bus.nc.subscribe(f"{CONTROL_PREFIX}.*", cb=on_estimate)
-        keyframes = await bus.nc.subscribe(f"{CONTROL_PREFIX}.*.{KEYFRAME_SUFFIX}", cb=on_keyframe)
+        subs = [await bus.nc.subscribe(f"{prefix}.*.*", cb=cb)  # <tenant>.<name> (shared/schemas.py)
+                for prefix, cb in ((CONTROL_PREFIX, on_estimate), (KEYFRAME_PREFIX, on_keyframe))]
         try:
             await self._load_retained_estimates(bus)
             await self._watch_kv(bus, stop)
         finally:
-            await estimates.unsubscribe()
-            await keyframes.unsubscribe()
+            for s in subs:
+                await s.unsubscribe()
 
     async def _load_retained_estimates(self, bus) -> None:
         """The latest estimate of every stream that has one in the last 30 s (the bus keeps them),
         read after subscribing so that nothing published in between is missed."""
         try:
-            info = await bus.js.stream_info(busmod.CONTROL_STREAM, subjects_filter=f"{CONTROL_PREFIX}.*")
+            info = await bus.js.stream_info(busmod.CONTROL_STREAM, subjects_filter=f"{CONTROL_PREFIX}.>")
             subjects = list((info.state.subjects or {}).keys())
             for subject in subjects:
-                sid = subject.rsplit(".", 1)[-1]
-                if not STREAM_ID_RE.match(sid) or sid in self.estimates:  # a live one already arrived
+                sid = busmod.stream_of_subject(subject)
+                if sid is None or sid in self.estimates:  # a live one already arrived
                     continue
                 msg = await bus.js.get_last_msg(busmod.CONTROL_STREAM, subject, direct=True)
                 age = time.time() - msg.time.timestamp() if msg.time else 0.0
@@ -220,7 +220,7 @@ class StreamControls:
                 if entry is None:  # the initial values have all arrived
                     self.ready.set()
                     continue
-                self.apply(entry.key, None if entry.operation in ("DEL", "PURGE") else entry.value)
+                self.apply(stream_of_key(entry.key), None if entry.operation in ("DEL", "PURGE") else entry.value)
         finally:
             self.ready.set()
             await watcher.stop()

@@ -35,6 +35,7 @@ from shared import bus as busmod
 from shared.codecs.reference import Reference, frame_digest
 from shared.logs import get_logger
 from shared.pixfmt import frame_size
+from shared.schemas import subject_key
 
 log = get_logger("compressor")
 
@@ -53,18 +54,20 @@ LOCAL_BYTES = 256 << 20
 
 
 def refs_subject(chain: str, part: int) -> str:
-    return f"{busmod.REFS_PREFIX}.{chain}.{part}"
+    return f"{busmod.REFS_PREFIX}.{subject_key(chain)}.{part}"
 
 
 def chain_key(stream_id: str, start: int | None = None) -> str:
     """The key a chain's references are kept under: its stream (``<stream>``: one chain), or, for a
-    stream that is not live, the chain that starts at batch ``start`` (``<stream>.c<start>``), since
-    several segments of one stream are coded at once and each has its own latest reference."""
-    return stream_id if start is None else f"{stream_id}.c{start}"
+    stream that is not live, the chain that starts at batch ``start`` (``<stream>~c<start>``), since
+    several segments of one stream are coded at once and each has its own latest reference.  (``~``,
+    which no stream id holds: with a dot, tenant ``a``'s stream ``c4`` and the default tenant's
+    stream ``a`` from batch 4 would share a key.)"""
+    return stream_id if start is None else f"{stream_id}~c{start}"
 
 
 def stream_of(chain: str) -> str:
-    return chain.partition(".")[0]  # stream ids hold no dots
+    return chain.partition("~")[0]
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,7 @@ class ReferenceStore:
         again, so it leaves the bus and this worker's memory now rather than at its expiry."""
         self._local.pop(chain, None)
         self._published.pop(chain, None)
-        await self.bus.js.purge_stream(busmod.REFS_STREAM, subject=f"{busmod.REFS_PREFIX}.{chain}.>")
+        await self.bus.js.purge_stream(busmod.REFS_STREAM, subject=f"{busmod.REFS_PREFIX}.{subject_key(chain)}.*")  # its parts only, not a longer id
 
     async def for_batch(self, chain: str, batch: int, wait_s: float | None = None) -> Handed:
         """Batch ``batch - 1``'s reference in ``chain`` (:func:`chain_key`), waiting up to ``wait_s``

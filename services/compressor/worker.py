@@ -654,8 +654,7 @@ class Compressor:
         else:
             sid, seq = peek_ids(msg.data)
         if sid is None:
-            token = msg.subject.rsplit(".", 1)[-1]
-            sid = token if STREAM_ID_RE.match(token) else "_invalid"
+            sid = busmod.stream_of_subject(msg.subject) or "_invalid"
         batch_id = f"{sid}:{seq}" if seq is not None else f"{sid}:js{stream_seq}"
         now = time.time()
         row = BatchMetrics(

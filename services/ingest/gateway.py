@@ -27,7 +27,7 @@ from shared import bus as busmod
 from shared.bus import Bus
 from shared.logs import get_logger
 from shared.pixfmt import frame_size, from_video_frame
-from shared.schemas import STREAM_ID_RE, FrameBatch
+from shared.schemas import STREAM_ID_RE, STREAM_ID_RULE, FrameBatch
 
 log = get_logger("ingest")
 
@@ -64,7 +64,7 @@ def read_batches(
 ) -> Iterator[FrameBatch]:
     """Frame batches of a source, in order; the last one may be shorter."""
     if not STREAM_ID_RE.match(stream_id):
-        raise ValueError("stream id must match [A-Za-z0-9_-]{1,64}")
+        raise ValueError(f"stream id must be {STREAM_ID_RULE}")
     if batch_frames < 1:
         raise ValueError("batch_frames must be >= 1")
     with open_source(source) as container:

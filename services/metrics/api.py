@@ -20,18 +20,18 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from services.metrics.queries import performance_summary
 from shared.control import ConfigError, StreamConfig
 from shared.logs import get_logger
-from shared.schemas import MODES
+from shared.schemas import MODES, STREAM_ID_PATTERN, STREAM_ID_RE, STREAM_ID_RULE
 
 log = get_logger("metrics-api")
 
 API = "/api/v1/aic"
 MAX_PAGE = 1000
-STREAM_ID = r"^[A-Za-z0-9_-]{1,64}$"
+STREAM_ID = STREAM_ID_PATTERN
 
 
 class Unavailable(Exception):
@@ -39,12 +39,19 @@ class Unavailable(Exception):
 
 
 class ConfigBody(BaseModel):
-    stream_id: str = Field(pattern=STREAM_ID)
+    stream_id: str = Field(pattern=STREAM_ID, description="NAME, or TENANT.NAME for a tenant's stream")
     mode: Literal[MODES] = "adaptive"  # type: ignore[valid-type]
     target: float | None = Field(None, ge=10, le=100, description="PSNR-Y dB for the learned path")
     level_min: int | None = Field(None, ge=0, le=7)
     level_max: int | None = Field(None, ge=0, le=7)
     budget_kbps: float | None = Field(None, ge=1, le=1e6)
+
+    @field_validator("stream_id")
+    @classmethod
+    def _not_default_prefixed(cls, v: str) -> str:
+        if not STREAM_ID_RE.match(v):
+            raise ValueError(f"stream_id must be {STREAM_ID_RULE} (the default tenant's streams have no prefix)")
+        return v
 
 
 class ConfigOut(BaseModel):
@@ -211,13 +218,10 @@ def create_app(pool_getter, kv_getter) -> FastAPI:
     @app.get(f"{API}/config", tags=["config"], response_model=list[ConfigOut],
              summary="Per-stream configs (all, or one stream)", responses={404: {"description": "no such stream config"}})
     async def get_config(stream_id: str | None = Query(None, pattern=STREAM_ID)):
-        from nats.js.errors import KeyNotFoundError, NoKeysError
+        from nats.js.errors import KeyNotFoundError
 
         bucket = await kv()
-        try:
-            keys = [stream_id] if stream_id else sorted(await bucket.keys())
-        except NoKeysError:
-            keys = []
+        keys = [stream_id] if stream_id else await bucket.stream_ids()
         out = []
         for key in keys:
             try:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import av
 import numpy as np
-from nats.js import api as jsapi
 
 from shared import bus as busmod
 from shared.bus import Bus, ClaimError
@@ -161,11 +160,7 @@ async def decode_stream(
     stats = DecodeStats(stream_id)
     writer = VideoWriter(out)
     receiver = Receiver(bus, stream_id, stats)
-    sub = await bus.js.subscribe(
-        busmod.compressed_subject(stream_id),
-        ordered_consumer=True,
-        config=jsapi.ConsumerConfig(deliver_policy=jsapi.DeliverPolicy.ALL),
-    )
+    sub = await bus.follow(busmod.COMPRESSED_STREAM, busmod.compressed_subject(stream_id))
     pending: dict[int, object] = {}
     next_seq = start_seq
 
@@ -226,7 +221,7 @@ async def decode_stream(
             await emit(pending[seq])
             next_seq = seq + 1
     finally:
-        await sub.unsubscribe()
+        await sub.close()
         writer.close()
         stats.files = writer.files
     log.info("decode_done", stream_id=stream_id, batches=stats.batches, frames=stats.frames, gaps=len(stats.gaps),
