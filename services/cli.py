@@ -287,10 +287,11 @@ def cmd_ingest(a: argparse.Namespace) -> int:
                 bus, a.source, a.stream_id, a.batch_frames, a.frames, a.realtime, stop=stop, start_seq=a.start_seq
             )
             print(f"{s.stream_id}: {s.batches} batches, {s.frames} frames, {s.raw_bytes / 1e6:.1f} MB in {s.seconds:.1f}s")
-            if s.duplicates:  # never silent: these batches were not coded
-                print(f"aic ingest: warning: JetStream dropped {s.duplicates} of {s.batches} batches as repeats of "
-                      f"ids {s.stream_id}:N published in the last {BusConfig.dedup_window_s:g} s (was the "
-                      f"aic_ingest bucket, which keeps each stream's next number, reset?)", file=sys.stderr)
+            if s.duplicates:  # never silent
+                print(f"aic ingest: warning: the ids of {s.duplicates} of {s.batches} batches ({s.stream_id}:N) were "
+                      f"taken on the bus already, and they went again under fresh ids: was the aic_ingest bucket, "
+                      f"which keeps each stream's next number, reset, or did another gateway take them?",
+                      file=sys.stderr)
         finally:
             await bus.close()
         return 0

@@ -157,3 +157,36 @@ async def test_configs_and_numbering_written_before_tenants_stay_readable(nats_s
         assert StreamConfig.from_json((await (await op.config_kv()).get("old-cam")).value).mode == "aggressive"
     finally:
         await op.close()
+
+
+@pytest.mark.slow
+async def test_another_tenants_gateway_can_neither_inject_into_a_stream_nor_make_the_bus_drop_its_batches(
+    nats_server, tenants, postgres, tmp_path
+):
+    victim = f"acme.{unique('cam')}"
+    gw, rx, attacker = [await _connect(nats_server, r, t) for r, t in (("gateway", "acme"), ("receiver", "acme"),
+                                                                       ("gateway", "beta"))]
+    from services.ingest import read_batches
+    from tests.conftest import metrics_writer, wait_rows
+
+    try:
+        forged = next(read_batches("lavfi:testsrc2=size=96x64:rate=30", victim, 8, 8))
+        # 1. On its own subject, a batch that names the victim's stream (and takes batch 1's id first).
+        await attacker.publish(busmod.frames_subject("beta.decoy"), forged.pack(), f"{victim}:1", kind="frames")
+        # 2. Ids the victim's batches will carry, taken first on its own subject: dedup is stream-wide.
+        for seq in (0, 2, 3):
+            await attacker.publish(busmod.frames_subject("beta.decoy"), b"junk", f"{victim}:{seq}", kind="frames")
+        worker = compressor(nats_server.client("compressor", ack_wait_s=10.0, max_deliver=3), codec="x264-psnr")
+        writer = metrics_writer(nats_server.client("metrics"), postgres.url)
+        async with running(worker, writer):
+            stats = await ingest(gw, SOURCE, victim, 8, 32, progress=False)
+            got = await decode_stream(rx, victim, tmp_path / "out.y4m", idle_timeout=3, expect_batches=4)
+            decoy = await wait_rows(postgres.url, ["beta.decoy"], 4)
+            rows = await wait_rows(postgres.url, [victim], 4)
+        assert stats.batches == 4 and stats.duplicates == 4  # every id was taken, every batch went again
+        assert got.batches == 4 and got.frames == 32 and not got.gaps  # all the victim's own, in order
+        assert sorted(r["batch_seq"] for r in rows) == [0, 1, 2, 3] and all(r["status"] == "ok" for r in rows)
+        assert all(r["status"] == "rejected" and r["stream_id"] == "beta.decoy" for r in decoy)
+    finally:
+        for b in (gw, rx, attacker):
+            await b.close()

@@ -404,6 +404,8 @@ class Compressor:
         attempts = meta.num_delivered or 1
         beat = asyncio.create_task(self._heartbeat(msg))
         ids = _ids_from_msg_id((msg.headers or {}).get(busmod.MSG_ID_HEADER, ""))
+        if ids[0] != busmod.stream_of_subject(msg.subject):
+            ids = (None, None)  # an id naming another stream than its subject's is not the gateway's
         if ids[0] is not None:
             self.refs.begin(*ids)
         outcome = None
@@ -416,6 +418,11 @@ class Compressor:
                 fb = await asyncio.get_running_loop().run_in_executor(None, unpack_frame_batch, data,
                                                                       self.cfg.limits)
                 del data
+                if fb.stream_id != busmod.stream_of_subject(msg.subject):
+                    # Permissions bind a gateway to its tenant's subjects, not the bytes it sends: a
+                    # batch that names another stream would be coded into that stream.
+                    raise SchemaError("bad_field", f"stream_id {fb.stream_id!r} is not the stream of subject "
+                                                   f"{msg.subject!r}")
                 outcome = await self._code(fb, await self._handed(fb, ids, slot))
             except (SchemaError, ClaimError) as exc:
                 code = getattr(exc, "code", "claim_missing")
@@ -653,8 +660,9 @@ class Compressor:
             sid, seq = _ids_from_msg_id((msg.headers or {}).get(busmod.MSG_ID_HEADER, ""))
         else:
             sid, seq = peek_ids(msg.data)
-        if sid is None:
-            sid = busmod.stream_of_subject(msg.subject) or "_invalid"
+        on_subject = busmod.stream_of_subject(msg.subject) or "_invalid"
+        if sid != on_subject:  # unreadable, or naming another stream than its subject's: the subject counts
+            sid, seq = on_subject, None
         batch_id = f"{sid}:{seq}" if seq is not None else f"{sid}:js{stream_seq}"
         now = time.time()
         row = BatchMetrics(
@@ -702,7 +710,9 @@ def _stored_at(msg) -> float | None:
 
 
 def _ids_from_msg_id(msg_id: str) -> tuple[str | None, int | None]:
-    sid, _, seq = msg_id.rpartition(":")
+    """(stream, batch) of a gateway's message id ``STREAM:SEQ``, or ``STREAM:SEQ#NONCE`` (republished
+    because the plain id was taken, services/ingest/gateway.py)."""
+    sid, _, seq = msg_id.partition("#")[0].rpartition(":")
     if STREAM_ID_RE.match(sid) and seq.isdigit():
         return sid, int(seq)
     return None, None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import secrets
 import sys
 import threading
 import time
@@ -34,7 +35,7 @@ log = get_logger("ingest")
 BATCHES = Counter("aic_ingest_batches_total", "Frame batches published and acknowledged by JetStream", ["stream"])
 FRAMES = Counter("aic_ingest_frames_total", "Frames published", ["stream"])
 RAW_BYTES = Counter("aic_ingest_raw_bytes_total", "Raw frame bytes published", ["stream"])
-DUPLICATES = Counter("aic_ingest_duplicates_total", "Publishes JetStream dropped as duplicates", ["stream"])
+DUPLICATES = Counter("aic_ingest_duplicates_total", "Batches whose id was taken already (published again)", ["stream"])
 PUBLISH_SECONDS = Histogram(
     "aic_ingest_publish_seconds", "Publish of one batch until JetStream's ack (claim check included)", ["stream"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
@@ -279,14 +280,23 @@ async def ingest(
         try:
             data = fb.pack()
             t = time.perf_counter()
-            ack = await bus.publish(subject, data, fb.msg_id, kind="frames",
-                                    headers={busmod.CAPTURED_HEADER: repr(fb.captured_at)})
+            headers = {busmod.CAPTURED_HEADER: repr(fb.captured_at)}
+            ack = await bus.publish(subject, data, fb.msg_id, kind="frames", headers=headers)
+            taken = bool(ack.duplicate)
+            if taken:
+                # JetStream dedupes by id across the whole stream, so an id can be taken by a message on
+                # another tenant's subject (published first to make the bus drop this one) as well as
+                # by a retry of our own.  Again under an id nobody can guess: a batch that was ours
+                # already is still coded once (payloads and rows are keyed by stream and number).
+                log.warning("batch_id_taken", batch_id=fb.msg_id)
+                ack = await bus.publish(subject, data, f"{fb.msg_id}#{secrets.token_hex(6)}", kind="frames",
+                                        headers=headers)
             PUBLISH_SECONDS.labels(stream_id).observe(time.perf_counter() - t)
             BATCHES.labels(stream_id).inc()
             FRAMES.labels(stream_id).inc(fb.frame_count)
             RAW_BYTES.labels(stream_id).inc(fb.raw_bytes)
-            DUPLICATES.labels(stream_id).inc(bool(ack.duplicate))
-            stats.duplicates += bool(ack.duplicate)
+            DUPLICATES.labels(stream_id).inc(taken)
+            stats.duplicates += taken
             log.debug("batch_published", batch_id=fb.msg_id, frames=fb.frame_count, bytes=len(data), seq=ack.seq)
         except BaseException as exc:
             errors.append(exc)
