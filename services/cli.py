@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -139,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "0 disables it (default %(default)s; env AIC_HTTP_PORT)")
     p.add_argument("--http-host", default=env_str("AIC_HTTP_HOST", "127.0.0.1"),
                    help="address the API listens on (default %(default)s; env AIC_HTTP_HOST)")
+    p.add_argument("--api-rate", type=float, default=float(env_str("AIC_API_RATE", "20")),
+                   help="API requests a second per token (twice that at once), then 429 (default %(default)s; "
+                        "env AIC_API_RATE)")
+    p.add_argument("--open-metrics", action="store_true", default=env_str("AIC_OPEN_METRICS") == "1",
+                   help="serve the API's /metrics without a token (env AIC_OPEN_METRICS=1)")
     _partition_args(p)
     _metrics_port(p)
 
@@ -202,6 +208,24 @@ def build_parser() -> argparse.ArgumentParser:
                                     "exist) and load them into the running NATS server")
     t.add_argument("tenant", help="tenant name, [A-Za-z0-9_-]{1,32}; its stream ids are TENANT.NAME")
     t.add_argument("--data-dir", help="the data folder of the `aic up` (default: $AIC_DATA_DIR or ./.aic)")
+
+    p = sub.add_parser("token", help="bearer tokens for the HTTP API: create, list, revoke",
+                       description="Tokens for the HTTP API (services/metrics/auth.py): a role (viewer reads; operator "
+                                   "also sets configs; admin does everything and reads the audit) and a tenant it is "
+                                   "confined to.  The database keeps a digest only: the token is printed once.")
+    ksub = p.add_subparsers(dest="token_command", required=True)
+    k = ksub.add_parser("create", help="make a token and print it (once)")
+    k.add_argument("--role", required=True, choices=("viewer", "operator", "admin"))
+    k.add_argument("--tenant", default="default",
+                   help="the tenant it reaches ('*': every tenant, admins only; default %(default)s)")
+    k.add_argument("--expires", default="90d", help="lifetime, e.g. 90d, 12h, or 'never' (default %(default)s)")
+    k.add_argument("--name", default="", help="who or what it is for (shown in the audit)")
+    _db_args(k)
+    k = ksub.add_parser("list", help="every token: id, role, tenant, expiry, revocation (never the token)")
+    _db_args(k)
+    k = ksub.add_parser("revoke", help="stop a token working, at once")
+    k.add_argument("token_id", help="the id (aic_<id>_...) of the token")
+    _db_args(k)
 
     p = sub.add_parser("report", help="what the pipeline did: terminal tables, and an HTML page with plots")
     p.add_argument("--since", default="1h", help="period to report, e.g. 30m, 1h, 2d (default %(default)s)")
@@ -269,7 +293,9 @@ def cmd_metrics(a: argparse.Namespace) -> int:
                         database_url=MetricsConfig.database_url_from_env(a.database_url, a.data_dir),
                         retention_days=a.retention_days, partitions_ahead=a.partitions_ahead)
     _serve_metrics(a.metrics_port)
-    return run_service(MetricsService(cfg, a.http_host, a.http_port).run)
+    if a.api_rate <= 0:
+        raise ValueError("--api-rate must be > 0")
+    return run_service(MetricsService(cfg, a.http_host, a.http_port, a.api_rate, a.open_metrics).run)
 
 
 def cmd_ingest(a: argparse.Namespace) -> int:
@@ -406,7 +432,6 @@ A stream with no config runs on the workers' own flags.
 
 
 def cmd_config(a: argparse.Namespace) -> int:
-    import json
 
     from nats.js.errors import KeyNotFoundError
 
@@ -485,6 +510,36 @@ def cmd_tenant(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(a: argparse.Namespace) -> int:
+    import asyncpg
+
+    from services.metrics import auth
+    from services.metrics.migrations import migrate
+
+    async def main() -> int:
+        conn = await asyncpg.connect(MetricsConfig.database_url_from_env(a.database_url, a.data_dir))
+        try:
+            await migrate(conn)  # the tokens table exists from migration 8 on
+            if a.token_command == "create":
+                expires = None if a.expires == "never" else auth.parse_duration(a.expires)
+                t, secret = await auth.create_token(conn, a.role, a.tenant, expires, a.name)
+                print(secret)
+                print(f"token {t.id}: role {t.role}, tenant {t.tenant}, expires "
+                      f"{t.expires_at.isoformat(timespec='seconds') if t.expires_at else 'never'}; use it as "
+                      f"'Authorization: Bearer <token>'; it is not shown again", file=sys.stderr)
+            elif a.token_command == "list":
+                for row in await auth.list_tokens(conn):
+                    print(json.dumps(row, default=str))
+            elif not await auth.revoke_token(conn, a.token_id.removeprefix(auth.PREFIX).partition("_")[0]):
+                print(f"aic token: no working token {a.token_id}", file=sys.stderr)
+                return 1
+            return 0
+        finally:
+            await conn.close()
+
+    return asyncio.run(main())
+
+
 def cmd_report(a: argparse.Namespace) -> int:
     from services.report import run
 
@@ -525,6 +580,7 @@ COMMANDS = {
     "config": cmd_config,
     "report": cmd_report,
     "tenant": cmd_tenant,
+    "token": cmd_token,
 }
 PASSTHROUGH = {"train": cmd_train, "bench": cmd_bench}
 

@@ -7,11 +7,13 @@ import subprocess
 import sys
 import time
 
+import asyncpg
 import httpx
 import pytest
 
 from services.metrics.migrations import refresh_rollups
 from services.metrics.writer import RowStore, to_record
+from shared.aio import run_blocking
 from shared.embedded import free_port
 from shared.schemas import BatchMetrics
 from tests.conftest import unique
@@ -23,7 +25,7 @@ pytestmark = pytest.mark.slow
 def api(nats_server, postgres):
     """``aic metrics`` as a user runs it, with its API on a free port; yields the base URL."""
     port = free_port()
-    env = {**os.environ, **nats_server.env("admin"), "AIC_DATABASE_URL": postgres.url}
+    env = {**os.environ, **nats_server.env("metrics"), "AIC_DATABASE_URL": postgres.url, "AIC_API_RATE": "1000"}
     proc = subprocess.Popen([sys.executable, "-m", "services.metrics", "--http-port", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -43,6 +45,24 @@ def api(nats_server, postgres):
         proc.wait(30)
 
 
+@pytest.fixture
+def admin_token(api, postgres) -> dict:
+    """Headers with a token that reaches everything (made after the service migrated the database)."""
+    return {"Authorization": f"Bearer {run_blocking(make_token(postgres.url, 'admin', '*'))}"}
+
+
+async def make_token(url: str, role: str, tenant: str = "default", **kw) -> str:
+    from services.metrics.auth import create_token
+    from services.metrics.migrations import migrate
+
+    conn = await asyncpg.connect(url)
+    try:
+        await migrate(conn)
+        return (await create_token(conn, role, tenant, **kw))[1]
+    finally:
+        await conn.close()
+
+
 async def seed(url: str, sid: str, n: int) -> None:
     store = RowStore(url)
     now = time.time()
@@ -56,9 +76,9 @@ async def seed(url: str, sid: str, n: int) -> None:
         await store.close()
 
 
-async def test_config_round_trips_through_the_kv_the_workers_watch(api, bus):
+async def test_config_round_trips_through_the_kv_the_workers_watch(api, admin_token, bus):
     sid = unique("cfg")
-    async with httpx.AsyncClient(base_url=api) as c:
+    async with httpx.AsyncClient(base_url=api, headers=admin_token) as c:
         r = await c.post("/api/v1/aic/config", json={"stream_id": sid, "mode": "aggressive", "level_max": 3})
         assert r.status_code == 200, r.text
         assert r.json()["effective"] == {"mode": "aggressive", "target_psnr_y": 30.0, "level_min": 0, "level_max": 3,
@@ -74,21 +94,21 @@ async def test_config_round_trips_through_the_kv_the_workers_watch(api, bus):
     assert b"aggressive" in entry.value  # the same record `aic config get` and the workers read
 
 
-async def test_a_corrupt_stored_config_is_the_servers_fault_not_the_clients(api, bus):
+async def test_a_corrupt_stored_config_is_the_servers_fault_not_the_clients(api, admin_token, bus):
     sid = unique("bad")
     await (await bus.config_kv()).put(sid, b'{"mode": "turbo"}')  # written around the API's validation
-    async with httpx.AsyncClient(base_url=api) as c:
+    async with httpx.AsyncClient(base_url=api, headers=admin_token) as c:
         one = await c.get("/api/v1/aic/config", params={"stream_id": sid})
         assert one.status_code == 500 and one.json()["error"] == "stored_config_invalid"
         listed = await c.get("/api/v1/aic/config")
         assert listed.status_code == 200 and sid not in [x["stream_id"] for x in listed.json()]
 
 
-async def test_metrics_are_filtered_and_paginated_without_gaps_or_repeats(api, postgres):
+async def test_metrics_are_filtered_and_paginated_without_gaps_or_repeats(api, admin_token, postgres):
     sid = unique("page")
     await seed(postgres.url, sid, 25)
     seen, cursor = [], None
-    async with httpx.AsyncClient(base_url=api) as c:
+    async with httpx.AsyncClient(base_url=api, headers=admin_token) as c:
         while True:
             params = {"stream_id": sid, "limit": 10, **({"cursor": cursor} if cursor else {})}
             page = (await c.get("/api/v1/aic/metrics", params=params)).json()
@@ -108,9 +128,11 @@ async def test_metrics_are_filtered_and_paginated_without_gaps_or_repeats(api, p
         assert (await c.get("/healthz")).json() == {"status": "ok"}
 
 
-def test_no_input_the_openapi_spec_admits_makes_a_server_error(api):
+def test_no_input_the_openapi_spec_admits_makes_a_server_error(api, admin_token):
+    # Under authentication: an admin token reaches every operation, so the fuzzing gets past the 401s.
     r = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "run", f"{api}/openapi.json", "--checks", "not_a_server_error",
+         "-H", f"Authorization: {admin_token['Authorization']}",
          "--max-examples", "40", "--seed", "1", "--no-color", "--request-timeout", "10"],
         capture_output=True, text=True, timeout=280,
     )  # fmt: skip

@@ -36,6 +36,7 @@ async def test_a_body_over_the_limit_is_refused_with_413_before_it_is_read(clien
 
 async def test_a_body_under_the_limit_reaches_the_handler(client):
     async with client:
-        r = await client.post("/api/v1/aic/config", json={"stream_id": "s", "mode": "off"})
-        assert r.status_code == 503 and r.json()["error"] == "unavailable"  # the handler ran: no KV here
+        r = await client.post("/api/v1/aic/config", json={"stream_id": "s", "mode": "off"},
+                              headers={"Authorization": "Bearer aic_0_x"})
+        assert r.status_code == 503 and r.json()["error"] == "unavailable"  # read and checked: no database here
         assert (await client.get("/healthz")).status_code == 200

@@ -110,7 +110,7 @@ async def test_upgrading_an_unpartitioned_table_keeps_every_row(db_url):
         await conn.execute("INSERT INTO batch_metrics (batch_id, stream_id, status, worker_id, completed_at, captured_at) "
                            "VALUES ('a:0', 'a', 'ok', 'w', now(), now() - interval '3 days'), "
                            "       ('a:1', 'a', 'rejected', 'w', now(), NULL)")
-        assert await migrate(conn) == [3, 4, 5, 6, 7]
+        assert await migrate(conn) == [v for v, _, _ in MIGRATIONS[2:]]
         rows = await conn.fetch("SELECT batch_id, time, captured_at, completed_at FROM batch_metrics ORDER BY 1")
         assert [r["batch_id"] for r in rows] == ["a:0", "a:1"]
         assert rows[0]["time"] == rows[0]["captured_at"] and rows[1]["time"] == rows[1]["completed_at"]

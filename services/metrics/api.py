@@ -2,10 +2,13 @@
 
 Reads come from PostgreSQL (rollups where they suffice), per-stream config
 from the same NATS KV bucket that ``aic config`` and the workers use.  Every
-error is JSON ``{"error": ..., "detail": ...}`` with its status: 400 for a
-config that does not validate, 404 for an unknown stream config, 413 for a
-request body over 64 KiB, 422 for malformed parameters, 503 when the
-database or NATS is unreachable.
+call under ``/api/v1/aic`` needs a bearer token (services/metrics/auth.py) and
+reaches only its tenant's streams.  Every error is JSON ``{"error": ...,
+"detail": ...}`` with its status: 400 for a config that does not validate, 401
+without a working token, 403 beyond the token's role or tenant, 404 for an
+unknown stream config, 413 for a request body over 64 KiB, 422 for malformed
+parameters, 429 over the token's request rate (with Retry-After), 503 when
+the database or NATS is unreachable.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from datetime import datetime, timedelta, timezone
 from typing import Literal
 
 import asyncpg
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, field_validator
 
+from services.metrics import auth
+from services.metrics.auth import Token
 from services.metrics.queries import performance_summary
 from shared.control import ConfigError, StreamConfig
 from shared.logs import get_logger
@@ -72,6 +77,19 @@ class BadRequest(Exception):
     """A parameter that parses but makes no sense (422)."""
 
 
+class Refused(Exception):
+    """A request without a working token (401), beyond its token (403), or over its rate (429)."""
+
+    def __init__(self, status: int, error: str, detail: str, retry_after: float | None = None):
+        super().__init__(detail)
+        self.status, self.error, self.detail, self.retry_after = status, error, detail, retry_after
+
+
+_REFUSALS = {401: {"description": "no token, or one that is unknown, expired or revoked"},
+             403: {"description": "beyond the token's role or tenant"},
+             429: {"description": "over the token's request rate (Retry-After says when to try again)"}}
+
+
 def _utc(t: datetime | None, default: datetime) -> datetime:
     """A query time as an aware UTC datetime (naive means UTC), within 1970..2200."""
     if t is None:
@@ -100,6 +118,22 @@ def _json_row(r: asyncpg.Record) -> dict:
     for k, v in r.items():
         out[k] = v.isoformat() if isinstance(v, datetime) else (json.loads(v) if k == "extra" and isinstance(v, str) else v)
     return out
+
+
+def _json_text(value: bytes | str | None) -> str | None:
+    """A stored config as JSON text for the audit (one that is not JSON is kept as a JSON string)."""
+    if value is None:
+        return None
+    text = value.decode(errors="replace") if isinstance(value, bytes) else value
+    try:
+        json.loads(text)
+        return text
+    except ValueError:
+        return json.dumps(text)
+
+
+def _loads(v):
+    return json.loads(v) if isinstance(v, str) else v
 
 
 def _config_out(stream_id: str, cfg: StreamConfig) -> ConfigOut:
@@ -158,12 +192,22 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": detail})
 
 
-def create_app(pool_getter, kv_getter) -> FastAPI:
-    """The app.  ``pool_getter()`` returns an asyncpg pool, ``kv_getter()`` the config KV (both awaitable)."""
+def create_app(pool_getter, kv_getter, rate: float = auth.DEFAULT_RATE, open_metrics: bool = False) -> FastAPI:
+    """The app.  ``pool_getter()`` returns an asyncpg pool, ``kv_getter()`` the config KV (both awaitable);
+    ``rate``: requests a second per token; ``open_metrics``: /metrics without a token."""
     app = FastAPI(title="aic metrics and control API", version="1",
                   description="Per-batch metrics, rollup summaries, bandwidth statistics and live per-stream "
-                              "compression config of an aic pipeline.")
+                              "compression config of an aic pipeline.  Calls under /api/v1/aic need "
+                              "`Authorization: Bearer <token>` (`aic token create`).")
     app.add_middleware(BodyLimit)
+    limiter = auth.RateLimiter(rate)
+
+    @app.exception_handler(Refused)
+    async def _refused(_: Request, exc: Refused):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(max(1, int(exc.retry_after + 0.999)))
+        return JSONResponse({"error": exc.error, "detail": exc.detail}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(Unavailable)
     async def _unavailable(_: Request, exc: Unavailable):
@@ -200,6 +244,39 @@ def create_app(pool_getter, kv_getter) -> FastAPI:
         except Exception as exc:  # nats errors of every kind mean the same to a client
             raise Unavailable(f"nats: {exc}") from None
 
+    async def token(request: Request) -> Token:
+        """The caller's token, checked: 401 without a working one, 429 over its rate."""
+        scheme, _, presented = (request.headers.get("authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            raise Refused(401, "unauthorized", "this call needs Authorization: Bearer <token> (aic token create)")
+        try:
+            found = await auth.verify(await pool(), presented.strip())
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            raise Unavailable(f"database: {exc}") from None
+        if found is None:
+            raise Refused(401, "unauthorized", "the token is unknown, expired or revoked")
+        wait = limiter.take(found.id)
+        if wait:
+            raise Refused(429, "rate_limited", f"over {limiter.rate:g} requests a second for this token", wait)
+        return found
+
+    def viewer(t: Token = Depends(token)) -> Token:
+        return t
+
+    def operator(t: Token = Depends(token)) -> Token:
+        if not t.may("operator"):
+            raise Refused(403, "forbidden", f"a {t.role} token may not change configs")
+        return t
+
+    def admin(t: Token = Depends(token)) -> Token:
+        if not t.may("admin"):
+            raise Refused(403, "forbidden", "only an admin token may do this")
+        return t
+
+    def reach(t: Token, stream_id: str | None) -> None:
+        if stream_id is not None and not t.reaches(stream_id):
+            raise Refused(403, "forbidden", f"stream {stream_id} is not of this token's tenant ({t.tenant})")
+
     @app.get("/healthz", tags=["ops"], summary="The process is alive")
     async def healthz() -> dict:
         return {"status": "ok"}
@@ -211,17 +288,23 @@ def create_app(pool_getter, kv_getter) -> FastAPI:
         await kv()
         return {"status": "ready"}
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response,
+            dependencies=[] if open_metrics else [Depends(token)], responses={} if open_metrics else _REFUSALS)(metrics)
+
     @app.get(f"{API}/config", tags=["config"], response_model=list[ConfigOut],
-             summary="Per-stream configs (all, or one stream)", responses={404: {"description": "no such stream config"}})
-    async def get_config(stream_id: str | None = Query(None, pattern=STREAM_ID)):
+             summary="Per-stream configs (all of the token's tenant, or one stream)",
+             responses={404: {"description": "no such stream config"}, **_REFUSALS})
+    async def get_config(stream_id: str | None = Query(None, pattern=STREAM_ID), t: Token = Depends(viewer)):
         from nats.js.errors import KeyNotFoundError
 
+        from shared.roles import stream_ids
+
+        reach(t, stream_id)
         bucket = await kv()
-        keys = [stream_id] if stream_id else await bucket.stream_ids()
+        keys = [stream_id] if stream_id else await bucket.stream_ids(stream_ids(t.tenant_filter) if t.tenant_filter else ">")
         out = []
         for key in keys:
             try:
@@ -239,16 +322,40 @@ def create_app(pool_getter, kv_getter) -> FastAPI:
         return out
 
     @app.post(f"{API}/config", tags=["config"], response_model=ConfigOut,
-              summary="Set a stream's config (applied by every worker to its next batch)",
-              responses={400: {"description": "the config does not validate"}})
-    async def post_config(body: ConfigBody):
+              summary="Set a stream's config (applied by every worker to its next batch; audited)",
+              responses={400: {"description": "the config does not validate"}, **_REFUSALS})
+    async def post_config(body: ConfigBody, t: Token = Depends(operator)):
+        from nats.js.errors import KeyNotFoundError
+
+        reach(t, body.stream_id)
         fields = body.model_dump(exclude={"stream_id"})
         cfg = StreamConfig.from_dict({k: v for k, v in fields.items() if v is not None})
-        await (await kv()).put(body.stream_id, cfg.to_json())
+        bucket = await kv()
+        try:
+            before = (await bucket.get(body.stream_id)).value
+        except KeyNotFoundError:
+            before = None
+        after = cfg.to_json()
+        # Audited first: a change that is not in the audit never happens.
+        try:
+            await auth.audit_config(await pool(), t, body.stream_id, "set", _json_text(before), _json_text(after))
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            raise Unavailable(f"database: {exc}") from None
+        await bucket.put(body.stream_id, after)
+        log.info("config_set", stream_id=body.stream_id, token_id=t.id, role=t.role)
         return _config_out(body.stream_id, cfg)
 
+    @app.get(f"{API}/audit", tags=["config"], summary="Config changes: who, when, before and after (admin)",
+             responses=_REFUSALS)
+    async def get_audit(stream_id: str | None = Query(None, pattern=STREAM_ID), limit: int = Query(100, ge=1, le=MAX_PAGE),
+                        t: Token = Depends(admin)) -> list[dict]:
+        rows = await fetch("SELECT id, at, token_id, token_name, role, stream_id, action, before, after FROM config_audit "
+                           "WHERE ($1::text IS NULL OR stream_id = $1) AND ($2::text IS NULL OR aic_tenant(stream_id) = $2) "
+                           "ORDER BY id DESC LIMIT $3", stream_id, t.tenant_filter, limit)
+        return [{**_json_row(r), "before": _loads(r["before"]), "after": _loads(r["after"])} for r in rows]
+
     @app.get(f"{API}/metrics", tags=["metrics"], response_model=MetricsPage,
-             summary="Per-batch rows, newest first, filtered and paginated")
+             summary="Per-batch rows, newest first, filtered and paginated", responses=_REFUSALS)
     async def get_metrics(
         stream_id: str | None = Query(None, pattern=STREAM_ID),
         codec: str | None = Query(None, pattern=r"^[A-Za-z0-9_-]{1,32}$"),
@@ -256,7 +363,9 @@ def create_app(pool_getter, kv_getter) -> FastAPI:
         until: datetime | None = Query(None, description="event time, exclusive (default: now)"),
         limit: int = Query(100, ge=1, le=MAX_PAGE),
         cursor: str | None = Query(None, max_length=200, description="next_cursor of the previous page"),
+        t: Token = Depends(viewer),
     ):
+        reach(t, stream_id)
         now = datetime.now(timezone.utc)
         lo, hi = _utc(since, now - timedelta(hours=1)), _utc(until, now)
         after_time, after_id = hi, ""  # (time, batch_id) < (hi, '') is exactly time < hi
@@ -268,8 +377,9 @@ def create_app(pool_getter, kv_getter) -> FastAPI:
             """SELECT * FROM batch_metrics
                WHERE time >= $1 AND time < $2 AND ($3::text IS NULL OR stream_id = $3)
                  AND ($4::text IS NULL OR codec = $4) AND (time, batch_id) < ($5, $6)
+                 AND ($8::text IS NULL OR aic_tenant(stream_id) = $8)
                ORDER BY time DESC, batch_id DESC LIMIT $7""",
-            lo, hi, stream_id, codec, after_time, after_id, limit + 1,
+            lo, hi, stream_id, codec, after_time, after_id, limit + 1, t.tenant_filter,
         )
         items = [_json_row(r) for r in rows[:limit]]
         nxt = None
@@ -279,26 +389,32 @@ def create_app(pool_getter, kv_getter) -> FastAPI:
         return MetricsPage(items=items, next_cursor=nxt)
 
     @app.get(f"{API}/performance/summary", tags=["metrics"],
-             summary="Per codec and mode: batches, bytes, kbps, quality, latency, fallbacks (hourly rollups)")
+             summary="Per codec and mode: batches, bytes, kbps, quality, latency, fallbacks (hourly rollups)",
+             responses=_REFUSALS)
     async def summary(
         stream_id: str | None = Query(None, pattern=STREAM_ID),
         since: datetime | None = Query(None, description="default: 24 hours ago"),
         until: datetime | None = Query(None, description="default: now"),
+        t: Token = Depends(viewer),
     ) -> list[dict]:
+        reach(t, stream_id)
         now = datetime.now(timezone.utc)
         lo, hi = _utc(since, now - timedelta(hours=24)), _utc(until, now)
         if lo >= hi:
             raise BadRequest("since must be before until")
         try:
-            return await performance_summary(await pool(), lo, hi, stream_id)
+            return await performance_summary(await pool(), lo, hi, stream_id, t.tenant_filter)
         except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
             raise Unavailable(f"database: {exc}") from None
 
     @app.get(f"{API}/stats/bandwidth", tags=["metrics"],
-             summary="Bandwidth saved against native, from measured baselines only (sampled batches)")
-    async def bandwidth(stream_id: str | None = Query(None, pattern=STREAM_ID)) -> list[dict]:
+             summary="Bandwidth saved against native, from measured baselines only (sampled batches)",
+             responses=_REFUSALS)
+    async def bandwidth(stream_id: str | None = Query(None, pattern=STREAM_ID), t: Token = Depends(viewer)) -> list[dict]:
+        reach(t, stream_id)
         rows = await fetch("SELECT * FROM v_bandwidth_saved WHERE ($1::text IS NULL OR stream_id = $1) "
-                           "ORDER BY stream_id, codec", stream_id)
+                           "AND ($2::text IS NULL OR aic_tenant(stream_id) = $2) ORDER BY stream_id, codec",
+                           stream_id, t.tenant_filter)
         return [_json_row(r) for r in rows]
 
     return app

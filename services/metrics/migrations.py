@@ -247,6 +247,38 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             ('first', 'no_reference', 'timeout', 'periodic', 'requested', 'resolution', 'codec_change', 'segment'));
         """,
     ),
+    (
+        8,
+        "API bearer tokens (digests only), the audit of config changes, and the tenant of a stream id",
+        """
+        CREATE TABLE api_tokens (
+            id          text PRIMARY KEY,
+            digest      text NOT NULL,
+            name        text NOT NULL DEFAULT '',
+            role        text NOT NULL CHECK (role IN ('viewer', 'operator', 'admin')),
+            tenant      text NOT NULL,
+            created_at  timestamptz NOT NULL DEFAULT now(),
+            expires_at  timestamptz,
+            revoked_at  timestamptz,
+            CHECK (tenant <> '*' OR role = 'admin')
+        );
+        CREATE TABLE config_audit (
+            id          bigserial PRIMARY KEY,
+            at          timestamptz NOT NULL DEFAULT now(),
+            token_id    text NOT NULL,
+            token_name  text NOT NULL,
+            role        text NOT NULL,
+            stream_id   text NOT NULL,
+            action      text NOT NULL CHECK (action IN ('set', 'delete')),
+            before      jsonb,
+            after       jsonb
+        );
+        CREATE INDEX config_audit_stream ON config_audit (stream_id, at);
+        -- A stream id's tenant: TENANT.NAME, or the default tenant's plain NAME (shared/schemas.py).
+        CREATE FUNCTION aic_tenant(stream_id text) RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE AS
+            $$ SELECT CASE WHEN strpos(stream_id, '.') = 0 THEN 'default' ELSE split_part(stream_id, '.', 1) END $$;
+        """,
+    ),
 ]
 
 

@@ -13,7 +13,7 @@ import asyncpg
 
 
 async def performance_summary(conn: asyncpg.Connection, since: datetime, until: datetime,
-                              stream_id: str | None = None) -> list[dict]:
+                              stream_id: str | None = None, tenant: str | None = None) -> list[dict]:
     """Per codec and mode over [since, until): batches, bytes, kbps, quality, worst p95 latency, fallbacks."""
     rows = await conn.fetch(
         """
@@ -26,8 +26,9 @@ async def performance_summary(conn: asyncpg.Connection, since: datetime, until: 
                sum(fallback_latency)::bigint AS fallback_latency, sum(fallback_error)::bigint AS fallback_error
         FROM batch_rollup_1h
         WHERE bucket >= date_trunc('hour', $1::timestamptz) AND bucket < $2 AND ($3::text IS NULL OR stream_id = $3)
+          AND ($4::text IS NULL OR aic_tenant(stream_id) = $4)
         GROUP BY codec, mode ORDER BY codec, mode
         """,
-        since, until, stream_id,
+        since, until, stream_id, tenant,
     )
     return [dict(r) for r in rows]

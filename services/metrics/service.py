@@ -17,8 +17,10 @@ log = get_logger("metrics")
 class MetricsService:
     """``run(stop)``: the writer until ``stop``, and the API on ``http_port`` (0: no API)."""
 
-    def __init__(self, cfg: MetricsConfig, http_host: str = "127.0.0.1", http_port: int = 0):
+    def __init__(self, cfg: MetricsConfig, http_host: str = "127.0.0.1", http_port: int = 0,
+                 api_rate: float = 20.0, open_metrics: bool = False):
         self.cfg, self.http_host, self.http_port = cfg, http_host, http_port
+        self.api_rate, self.open_metrics = api_rate, open_metrics
         self.writer = MetricsWriter(cfg)
         self._pool: asyncpg.Pool | None = None
         self._bus: Bus | None = None
@@ -47,7 +49,7 @@ class MetricsService:
 
             from services.metrics.api import create_app
 
-            config = uvicorn.Config(create_app(self.pool, self.kv), host=self.http_host, port=self.http_port,
+            config = uvicorn.Config(create_app(self.pool, self.kv, self.api_rate, self.open_metrics), host=self.http_host, port=self.http_port,
                                     log_level="warning", lifespan="off", access_log=False)
             self.server = uvicorn.Server(config)
             self.server.install_signal_handlers = lambda: None  # run_service owns the signals
