@@ -209,6 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("tenant", help="tenant name, [A-Za-z0-9_-]{1,32}; its stream ids are TENANT.NAME")
     t.add_argument("--data-dir", help="the data folder of the `aic up` (default: $AIC_DATA_DIR or ./.aic)")
 
+    p = sub.add_parser("bus", help="bus administration (with the NATS admin's credentials)")
+    bsub = p.add_subparsers(dest="bus_command", required=True)
+    b = bsub.add_parser("init", help="create or update every stream, consumer and bucket (aic up does it at start; "
+                                     "a deployment runs it once, before the services)")
+    _bus_args(b)
+
+    p = sub.add_parser("secrets", help="the secrets of the containerised topology (docker-compose.yml)")
+    ssub = p.add_subparsers(dest="secrets_command", required=True)
+    s = ssub.add_parser("init", help="make every secret docker-compose.yml mounts (kept where they exist; 0600)")
+    s.add_argument("folder", nargs="?", default="secrets", help="where (default %(default)s)")
+    s.add_argument("--nats-name", action="append", dest="nats_names",
+                   help="a name clients use for the NATS server, in its certificate (repeatable; default: nats)")
+
     p = sub.add_parser("token", help="bearer tokens for the HTTP API: create, list, revoke",
                        description="Tokens for the HTTP API (services/metrics/auth.py): a role (viewer reads; operator "
                                    "also sets configs; admin does everything and reads the audit) and a tenant it is "
@@ -239,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "drop those past retention")
     _db_args(m)
     _partition_args(m)
+    m.add_argument("--role-passwords", metavar="DIR",
+                   help="give the service roles aic_writer (the metrics writer) and aic_reader (the API's reads) the "
+                        "passwords in DIR/<role>.password, generated 0600 where missing (with the owner's URL)")
     return parser
 
 
@@ -286,11 +302,14 @@ def cmd_compressor(a: argparse.Namespace) -> int:
 
 
 def cmd_metrics(a: argparse.Namespace) -> int:
+    from shared.endpoints import with_password_file
     from services.metrics.service import MetricsService
     from services.runtime import run_service
 
     cfg = MetricsConfig(bus=BusConfig.from_env(a.nats_url, a.data_dir, role="metrics"),
                         database_url=MetricsConfig.database_url_from_env(a.database_url, a.data_dir),
+                        api_database_url=with_password_file(env_str("AIC_API_DATABASE_URL") or "",
+                                                            env_str("AIC_API_DATABASE_PASSWORD_FILE")) or None,
                         retention_days=a.retention_days, partitions_ahead=a.partitions_ahead)
     _serve_metrics(a.metrics_port)
     if a.api_rate <= 0:
@@ -510,6 +529,31 @@ def cmd_tenant(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bus(a: argparse.Namespace) -> int:
+    from shared.bus import Bus
+
+    async def main() -> int:
+        bus = await Bus.connect(BusConfig.from_env(a.nats_url, a.data_dir, role="admin"), name="aic-bus-init")
+        try:
+            await bus.guarded(bus.ensure_topology())
+        finally:
+            await bus.close()
+        print("bus topology: every stream, consumer and bucket is in place")
+        return 0
+
+    return asyncio.run(main())
+
+
+def cmd_secrets(a: argparse.Namespace) -> int:
+    from services.secrets import init
+
+    folder = Path(a.folder)
+    for path in init(folder, a.nats_names or ["nats"]):
+        print(path)
+    print(f"secrets in {folder.resolve()} (owner-only; keep them out of version control)", file=sys.stderr)
+    return 0
+
+
 def cmd_token(a: argparse.Namespace) -> int:
     import asyncpg
 
@@ -553,13 +597,20 @@ def cmd_report(a: argparse.Namespace) -> int:
 def cmd_db(a: argparse.Namespace) -> int:
     import asyncpg
 
-    from services.metrics.migrations import maintain_partitions, migrate
+    from services.metrics.migrations import READER, WRITER, maintain_partitions, migrate, set_role_passwords
+    from shared.embedded import new_password, secret_file
 
     async def main() -> None:
         conn = await asyncpg.connect(MetricsConfig.database_url_from_env(a.database_url, a.data_dir))
         try:
             applied = await migrate(conn)
             print(f"applied migrations: {applied or 'none (up to date)'}")
+            if a.role_passwords:
+                folder = Path(a.role_passwords)
+                folder.mkdir(parents=True, exist_ok=True)
+                files = {r: folder / f"{r}.password" for r in (WRITER, READER)}
+                await set_role_passwords(conn, {r: secret_file(f, new_password) for r, f in files.items()})
+                print("role passwords: " + ", ".join(f"{r} {f}" for r, f in files.items()))
             created, dropped = await maintain_partitions(conn, a.partitions_ahead, a.retention_days)
             print(f"day partitions: {created} created, {dropped} dropped (retention {a.retention_days or 'off'})")
         finally:
@@ -581,6 +632,8 @@ COMMANDS = {
     "report": cmd_report,
     "tenant": cmd_tenant,
     "token": cmd_token,
+    "bus": cmd_bus,
+    "secrets": cmd_secrets,
 }
 PASSTHROUGH = {"train": cmd_train, "bench": cmd_bench}
 

@@ -20,6 +20,8 @@ from shared.config import BusConfig, env_str
 from shared.embedded import free_port, NatsServer, PostgresServer
 from shared.logs import get_logger
 
+WRITER, READER = "aic_writer", "aic_reader"  # the database roles of the metrics service (migration 9)
+
 log = get_logger("stack")
 
 
@@ -83,8 +85,13 @@ class Stack:
             if self.database_url is None and self.with_metrics:
                 self.postgres = PostgresServer(self.data_dir / "postgres").start()
                 self.database_url = self.postgres.url
+                # The schema and the service roles exist before any service starts: only the owner may make them.
+                run_blocking(self._prepare_database())
             base = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            if self.database_url:
+            if self.postgres is not None:
+                base["AIC_DATABASE_URL"] = self.postgres.role_url(WRITER)  # rows in, nothing else
+                base["AIC_API_DATABASE_URL"] = self.postgres.role_url(READER)  # reads, by tenant
+            elif self.database_url:
                 base["AIC_DATABASE_URL"] = self.database_url
             logs = self.data_dir / "logs"
             for i in range(self.compressors):
@@ -129,6 +136,18 @@ class Stack:
         if self.nats is not None:
             return self.nats.client(role, **kw)
         return replace(BusConfig.from_env(self.nats_url), **kw)
+
+    async def _prepare_database(self) -> None:
+        import asyncpg
+
+        from services.metrics.migrations import migrate, set_role_passwords
+
+        conn = await asyncpg.connect(self.database_url)
+        try:
+            await migrate(conn)
+            await set_role_passwords(conn, {r: self.postgres.role_password(r) for r in (WRITER, READER)})
+        finally:
+            await conn.close()
 
     async def _create_topology(self) -> None:
         from shared.bus import Bus, PermissionDenied

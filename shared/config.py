@@ -155,6 +155,9 @@ class CompressorConfig:
 class MetricsConfig:
     bus: BusConfig = field(default_factory=BusConfig)
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    # The HTTP API's reads: as aic_reader (row-level security by tenant) where the deployment gives
+    # it (AIC_API_DATABASE_URL); else the writer's URL.
+    api_database_url: str | None = None
     max_rows: int = 1000
     flush_interval_s: float = 0.25
     retention_days: int = 30  # day partitions older than this are dropped; 0 keeps everything

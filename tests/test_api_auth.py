@@ -13,7 +13,7 @@ import pytest
 
 from services.metrics.api import create_app
 from services.metrics.auth import create_token, revoke_token
-from services.metrics.migrations import migrate
+from services.metrics.migrations import READER, WRITER, migrate, set_role_passwords
 from shared.bus import Bus
 from shared.control import StreamConfig
 from tests.conftest import unique
@@ -25,9 +25,13 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture
 async def env(nats_server, postgres):
     """(client factory, tokens by name, the config KV, the pool)."""
-    pool = await asyncpg.create_pool(postgres.url, min_size=1, max_size=2)
-    async with pool.acquire() as conn:
-        await migrate(conn)
+    owner = await asyncpg.connect(postgres.url)
+    await migrate(owner)
+    await set_role_passwords(owner, {r: postgres.role_password(r) for r in (WRITER, READER)})
+    await owner.close()
+    # As aic up runs it: the API reads as aic_reader (row-level security by the token's tenant).
+    pool = await asyncpg.create_pool(postgres.role_url(READER), min_size=1, max_size=2)
+    async with asyncpg.create_pool(postgres.url, min_size=1, max_size=1) as owner_pool, owner_pool.acquire() as conn:
         tokens = {}
         for name, role, tenant, kw in (("admin", "admin", "*", {}), ("viewer", "viewer", "acme", {}),
                                        ("op", "operator", "acme", {}), ("beta-op", "operator", "beta", {}),
@@ -90,7 +94,9 @@ async def test_beyond_its_role_or_tenant_a_token_gets_403_and_changes_nothing(en
             r = await (c.post(path, json=body) if method == "post" else c.get(path))
             assert r.status_code == 403 and r.json()["error"] == "forbidden", (who, path, r.text)
     assert {sid: (await kv.get(sid)).value for sid in ("acme.cam", "beta.cam")} == before
-    assert await pool.fetchval("SELECT count(*) FROM config_audit WHERE stream_id IN ('acme.cam', 'beta.cam')") == 0
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT set_config('aic.tenant', '*', true)")
+        assert await conn.fetchval("SELECT count(*) FROM config_audit WHERE stream_id IN ('acme.cam', 'beta.cam')") == 0
 
 
 async def test_listings_hold_only_the_tokens_tenant(env, postgres):

@@ -114,6 +114,80 @@ def test_compose_writes_no_password_and_both_ends_read_the_same_secret_file():
     services = compose["services"]
     assert "POSTGRES_PASSWORD" not in services["postgres"]["environment"]
     assert services["postgres"]["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
-    assert services["metrics"]["environment"]["AIC_DATABASE_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+    assert services["db-init"]["environment"]["AIC_DATABASE_PASSWORD_FILE"] == "/run/secrets/postgres_password"
     assert ":" not in services["metrics"]["environment"]["AIC_DATABASE_URL"].split("//")[1].split("@")[0]
     assert compose["secrets"]["postgres_password"]["file"] == "./secrets/postgres_password"
+
+
+def test_compose_uses_the_security_model_of_aic_up_with_every_secret_made_by_aic_secrets_init(tmp_path):
+    """TLS and a user per role on the bus, the writer and reader roles on the database: each service
+    names its own credentials as secret files, and `aic secrets init` makes every file the compose
+    file mounts."""
+    from services.secrets import init
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    want = {"ingest": "gateway", "compressor": "compressor", "metrics": "metrics", "bus-init": "admin"}
+    for name, role in want.items():
+        env = services[name]["environment"]
+        assert env["AIC_NATS_URL"].startswith("tls://") and env["AIC_NATS_USER"] == role, name
+        assert env["AIC_NATS_PASSWORD_FILE"] == f"/run/secrets/nats_{role}" and env["AIC_NATS_CA"] == "/run/secrets/nats_ca"
+        assert {f"nats_{role}", "nats_ca"} <= set(services[name]["secrets"])
+    metrics = services["metrics"]["environment"]
+    assert metrics["AIC_DATABASE_URL"].startswith("postgresql://aic_writer@")
+    assert metrics["AIC_API_DATABASE_URL"].startswith("postgresql://aic_reader@")
+    conf = (ROOT / "deploy/nats-server.conf").read_text()
+    assert "tls {" in conf and 'include "secrets/auth.conf"' in conf
+    made = init(tmp_path / "secrets", ["nats"])
+    assert all(p.stat().st_mode & 0o077 == 0 for p in made if p.suffix != ".pem")
+    for secret in compose["secrets"].values():
+        assert (tmp_path / secret["file"]).exists(), secret["file"]
+    assert (tmp_path / "secrets/nats/auth.conf").exists() and (tmp_path / "secrets/nats/server.key").exists()
+    assert "password:" in (tmp_path / "secrets/nats/auth.conf").read_text()
+    assert all((tmp_path / "secrets" / f"nats_{r}.password").read_text().strip() not in
+               (tmp_path / "secrets/nats/auth.conf").read_text() for r in want.values())
+
+
+async def test_the_compose_nats_config_serves_tls_and_the_roles_with_the_secrets_aic_secrets_init_made(tmp_path):
+    """deploy/nats-server.conf as the container runs it (paths moved to a temporary folder): the
+    admin reaches JetStream over TLS for the name ``nats``; an anonymous client is refused."""
+    import asyncio
+    import shutil
+    import ssl
+    import subprocess
+
+    import nats
+
+    from services.secrets import init
+    from shared.embedded import free_port, nats_server_binary
+
+    init(tmp_path / "secrets", ["nats"])
+    root = tmp_path / "etc"
+    shutil.copytree(tmp_path / "secrets" / "nats", root / "secrets")
+    port, http = free_port(), free_port()
+    conf = ((ROOT / "deploy/nats-server.conf").read_text().replace("/etc/nats", str(root))
+            .replace("/data/", f"{tmp_path}/data/").replace("0.0.0.0:4222", f"127.0.0.1:{port}")
+            .replace("0.0.0.0:8222", f"127.0.0.1:{http}"))
+    (root / "nats-server.conf").write_text(conf)
+    proc = subprocess.Popen([nats_server_binary(), "-c", str(root / "nats-server.conf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "secrets/nats/ca.pem"))
+        password = (tmp_path / "secrets/nats_admin.password").read_text().strip()
+        for _ in range(50):
+            try:
+                nc = await nats.connect(f"tls://127.0.0.1:{port}", tls=ctx, tls_hostname="nats", user="admin",
+                                        password=password, allow_reconnect=False, connect_timeout=2)
+                break
+            except Exception:
+                await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the compose nats-server did not serve the admin")
+        assert (await nc.jetstream().account_info()).api is not None
+        await nc.close()
+        with pytest.raises(Exception, match="Authorization"):
+            await nats.connect(f"tls://127.0.0.1:{port}", tls=ctx, tls_hostname="nats", allow_reconnect=False,
+                               max_reconnect_attempts=0, connect_timeout=2)
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -25,7 +25,7 @@ def aic(*args, **kw) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("command", ["up", "ingest", "compressor", "metrics", "decode", "demo", "db", "config", "report",
-                                     "train", "bench"])
+                                     "tenant", "token", "bus", "secrets", "train", "bench"])
 def test_every_command_explains_itself(command):
     r = aic(command, "--help", timeout=60)
     assert r.returncode == 0

@@ -232,11 +232,20 @@ def create_app(pool_getter, kv_getter, rate: float = auth.DEFAULT_RATE, open_met
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise Unavailable(f"database: {exc}") from None
 
-    async def fetch(sql: str, *args) -> list[asyncpg.Record]:
+    async def as_tenant(tenant: str, work):
+        """``work(conn)`` in a transaction that tells the database whose request this is: connected as
+        aic_reader, row-level security then shows only ``tenant``'s rows ('*': every tenant's), a
+        second wall behind the queries' own tenant filters."""
         try:
-            return await (await pool()).fetch(sql, *args)
+            async with (await pool()).acquire() as conn:
+                async with conn.transaction(readonly=True):
+                    await conn.execute("SELECT set_config('aic.tenant', $1, true)", tenant)
+                    return await work(conn)
         except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
             raise Unavailable(f"database: {exc}") from None
+
+    async def fetch(sql: str, *args, tenant: str = auth.ALL_TENANTS) -> list[asyncpg.Record]:
+        return await as_tenant(tenant, lambda conn: conn.fetch(sql, *args))
 
     async def kv():
         try:
@@ -351,7 +360,7 @@ def create_app(pool_getter, kv_getter, rate: float = auth.DEFAULT_RATE, open_met
                         t: Token = Depends(admin)) -> list[dict]:
         rows = await fetch("SELECT id, at, token_id, token_name, role, stream_id, action, before, after FROM config_audit "
                            "WHERE ($1::text IS NULL OR stream_id = $1) AND ($2::text IS NULL OR aic_tenant(stream_id) = $2) "
-                           "ORDER BY id DESC LIMIT $3", stream_id, t.tenant_filter, limit)
+                           "ORDER BY id DESC LIMIT $3", stream_id, t.tenant_filter, limit, tenant=t.tenant)
         return [{**_json_row(r), "before": _loads(r["before"]), "after": _loads(r["after"])} for r in rows]
 
     @app.get(f"{API}/metrics", tags=["metrics"], response_model=MetricsPage,
@@ -379,7 +388,7 @@ def create_app(pool_getter, kv_getter, rate: float = auth.DEFAULT_RATE, open_met
                  AND ($4::text IS NULL OR codec = $4) AND (time, batch_id) < ($5, $6)
                  AND ($8::text IS NULL OR aic_tenant(stream_id) = $8)
                ORDER BY time DESC, batch_id DESC LIMIT $7""",
-            lo, hi, stream_id, codec, after_time, after_id, limit + 1, t.tenant_filter,
+            lo, hi, stream_id, codec, after_time, after_id, limit + 1, t.tenant_filter, tenant=t.tenant,
         )
         items = [_json_row(r) for r in rows[:limit]]
         nxt = None
@@ -402,10 +411,7 @@ def create_app(pool_getter, kv_getter, rate: float = auth.DEFAULT_RATE, open_met
         lo, hi = _utc(since, now - timedelta(hours=24)), _utc(until, now)
         if lo >= hi:
             raise BadRequest("since must be before until")
-        try:
-            return await performance_summary(await pool(), lo, hi, stream_id, t.tenant_filter)
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
-            raise Unavailable(f"database: {exc}") from None
+        return await as_tenant(t.tenant, lambda conn: performance_summary(conn, lo, hi, stream_id, t.tenant_filter))
 
     @app.get(f"{API}/stats/bandwidth", tags=["metrics"],
              summary="Bandwidth saved against native, from measured baselines only (sampled batches)",
@@ -414,7 +420,7 @@ def create_app(pool_getter, kv_getter, rate: float = auth.DEFAULT_RATE, open_met
         reach(t, stream_id)
         rows = await fetch("SELECT * FROM v_bandwidth_saved WHERE ($1::text IS NULL OR stream_id = $1) "
                            "AND ($2::text IS NULL OR aic_tenant(stream_id) = $2) ORDER BY stream_id, codec",
-                           stream_id, t.tenant_filter)
+                           stream_id, t.tenant_filter, tenant=t.tenant)
         return [_json_row(r) for r in rows]
 
     return app

@@ -110,8 +110,7 @@ async def verify(conn, presented: str) -> Token | None:
     if not presented.startswith(PREFIX) or len(presented) > 200:
         return None
     token_id, _, secret = presented[len(PREFIX):].partition("_")
-    row = await conn.fetchrow("SELECT digest, name, role, tenant, expires_at, revoked_at FROM api_tokens WHERE id = $1",
-                              token_id)
+    row = await conn.fetchrow("SELECT * FROM aic_token($1)", token_id)  # (the API's role reads no digest table)
     if row is None or not hmac.compare_digest(row["digest"], digest(secret)):
         return None
     if row["revoked_at"] is not None or (row["expires_at"] is not None and row["expires_at"] <= datetime.now(timezone.utc)):
@@ -143,8 +142,5 @@ class RateLimiter:
 
 async def audit_config(conn, token: Token, stream_id: str, action: str, before: str | None, after: str | None) -> None:
     """Record a config change: who (the token), when, the stream, the config before and after."""
-    await conn.execute(
-        "INSERT INTO config_audit (token_id, token_name, role, stream_id, action, before, after) "
-        "VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7::jsonb)",
-        token.id, token.name, token.role, stream_id, action, before, after,
-    )
+    await conn.execute("SELECT aic_audit_config($1, $2, $3, $4, $5, $6::jsonb, $7::jsonb)",
+                       token.id, token.name, token.role, stream_id, action, before, after)

@@ -279,11 +279,110 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             $$ SELECT CASE WHEN strpos(stream_id, '.') = 0 THEN 'default' ELSE split_part(stream_id, '.', 1) END $$;
         """,
     ),
+    (
+        9,
+        "roles: aic_writer (rows in, upkeep through owner functions) and aic_reader (reads, row-level security by tenant)",
+        # Roles are the cluster's, not the database's: made if missing.  Their passwords are set by
+        # whoever holds them (aic up, aic db migrate --role-passwords): never in a migration.
+        """
+        DO $$ BEGIN
+            IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'aic_writer') THEN CREATE ROLE aic_writer LOGIN; END IF;
+            IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'aic_reader') THEN CREATE ROLE aic_reader LOGIN; END IF;
+            EXECUTE format('GRANT CONNECT, TEMPORARY ON DATABASE %I TO aic_writer, aic_reader', current_database());
+        END $$;
+        REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+        GRANT USAGE ON SCHEMA public TO aic_writer, aic_reader;
+        GRANT SELECT ON aic_schema_migrations TO aic_writer, aic_reader;
+
+        -- The writer: rows in; partitions, retention and rollups through functions that run as the owner.
+        GRANT SELECT, INSERT ON batch_metrics TO aic_writer;
+        GRANT INSERT ON rollup_dirty TO aic_writer;
+        ALTER FUNCTION aic_ensure_partition(date) SECURITY DEFINER SET search_path = public, pg_temp;
+        ALTER FUNCTION aic_drop_partitions_before(date) SECURITY DEFINER SET search_path = public, pg_temp;
+        ALTER FUNCTION aic_refresh_rollups() SECURITY DEFINER SET search_path = public, pg_temp;
+        ALTER FUNCTION aic_rollup(regclass, text, timestamptz[]) SET search_path = public, pg_temp;
+        REVOKE EXECUTE ON FUNCTION aic_ensure_partition(date), aic_drop_partitions_before(date),
+            aic_refresh_rollups(), aic_rollup(regclass, text, timestamptz[]) FROM PUBLIC;
+        GRANT EXECUTE ON FUNCTION aic_ensure_partition(date), aic_drop_partitions_before(date), aic_refresh_rollups()
+            TO aic_writer;
+
+        -- The reader (the HTTP API): every read confined to the tenant the request set (aic.tenant:
+        -- a tenant, or '*' for an admin token that serves them all; unset: nothing).
+        CREATE FUNCTION aic_request_tenant() RETURNS text LANGUAGE sql STABLE AS
+            $$ SELECT coalesce(nullif(current_setting('aic.tenant', true), ''), '-') $$;
+        GRANT SELECT ON batch_metrics, batch_rollup_1m, batch_rollup_1h, config_audit,
+            v_bandwidth_saved, v_fallback_rate, v_quality_distribution, v_slowest_streams TO aic_reader;
+        ALTER VIEW v_bandwidth_saved SET (security_invoker = true);
+        ALTER VIEW v_fallback_rate SET (security_invoker = true);
+        ALTER VIEW v_quality_distribution SET (security_invoker = true);
+        ALTER VIEW v_slowest_streams SET (security_invoker = true);
+        ALTER TABLE batch_metrics ENABLE ROW LEVEL SECURITY;
+        ALTER TABLE batch_rollup_1m ENABLE ROW LEVEL SECURITY;
+        ALTER TABLE batch_rollup_1h ENABLE ROW LEVEL SECURITY;
+        ALTER TABLE config_audit ENABLE ROW LEVEL SECURITY;
+        CREATE POLICY reader_by_tenant ON batch_metrics FOR SELECT TO aic_reader
+            USING (aic_request_tenant() IN ('*', aic_tenant(stream_id)));
+        CREATE POLICY reader_by_tenant ON batch_rollup_1m FOR SELECT TO aic_reader
+            USING (aic_request_tenant() IN ('*', aic_tenant(stream_id)));
+        CREATE POLICY reader_by_tenant ON batch_rollup_1h FOR SELECT TO aic_reader
+            USING (aic_request_tenant() IN ('*', aic_tenant(stream_id)));
+        CREATE POLICY reader_by_tenant ON config_audit FOR SELECT TO aic_reader
+            USING (aic_request_tenant() IN ('*', aic_tenant(stream_id)));
+        CREATE POLICY writer_rows ON batch_metrics FOR ALL TO aic_writer USING (true) WITH CHECK (true);
+
+        -- Tokens and the audit: through functions, so the reader holds no digest and writes no table.
+        CREATE FUNCTION aic_token(token_id text)
+            RETURNS TABLE (digest text, name text, role text, tenant text, expires_at timestamptz, revoked_at timestamptz)
+            LANGUAGE sql STABLE SECURITY DEFINER SET search_path = public, pg_temp AS
+            $$ SELECT digest, name, role, tenant, expires_at, revoked_at FROM api_tokens WHERE id = token_id $$;
+        CREATE FUNCTION aic_audit_config(token_id text, token_name text, role text, stream_id text, action text,
+                                         before jsonb, after jsonb) RETURNS void
+            LANGUAGE sql SECURITY DEFINER SET search_path = public, pg_temp AS
+            $$ INSERT INTO config_audit (token_id, token_name, role, stream_id, action, before, after)
+               VALUES (token_id, token_name, role, stream_id, action, before, after) $$;
+        REVOKE EXECUTE ON FUNCTION aic_token(text), aic_audit_config(text, text, text, text, text, jsonb, jsonb) FROM PUBLIC;
+        GRANT EXECUTE ON FUNCTION aic_token(text), aic_audit_config(text, text, text, text, text, jsonb, jsonb)
+            TO aic_reader;
+        """,
+    ),
 ]
 
 
+#: The roles the services log in as (migration 9): the metrics writer, and the API's reads.
+WRITER, READER = "aic_writer", "aic_reader"
+
+
+class SchemaBehind(RuntimeError):
+    """The schema needs migrations that this connection's role may not apply."""
+
+
+async def schema_version(conn: asyncpg.Connection) -> int:
+    if await conn.fetchval("SELECT to_regclass('aic_schema_migrations')") is None:
+        return 0
+    return await conn.fetchval("SELECT coalesce(max(version), 0) FROM aic_schema_migrations")
+
+
 async def migrate(conn: asyncpg.Connection) -> list[int]:
-    """Apply pending migrations; returns the versions applied now."""
+    """Apply pending migrations; returns the versions applied now.  A schema that is up to date is
+    left alone, so that the writer and reader roles, which may not change it, can call this too."""
+    if await schema_version(conn) >= MIGRATIONS[-1][0]:
+        return []
+    try:
+        return await _migrate(conn)
+    except asyncpg.InsufficientPrivilegeError as exc:
+        raise SchemaBehind(f"the database schema is at version {await schema_version(conn)} and needs version "
+                           f"{MIGRATIONS[-1][0]}, which this role may not apply ({exc}): run `aic db migrate` with "
+                           "the database owner's URL (aic up does it at start)") from None
+
+
+async def set_role_passwords(conn: asyncpg.Connection, passwords: dict[str, str]) -> None:
+    """Give the service roles their passwords (SCRAM; the passwords never enter a migration or a log)."""
+    for role, password in passwords.items():
+        literal = await conn.fetchval("SELECT quote_literal($1)", password)
+        await conn.execute(f"SET password_encryption = 'scram-sha-256'; ALTER ROLE {role} PASSWORD {literal}")
+
+
+async def _migrate(conn: asyncpg.Connection) -> list[int]:
     applied_now = []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)

@@ -31,7 +31,8 @@ class MetricsService:
         # Created on first use and kept; a database that is down makes requests 503 until it is back.
         async with self._pool_lock:
             if self._pool is None:
-                self._pool = await asyncpg.create_pool(self.cfg.database_url, min_size=1, max_size=4, timeout=5)
+                self._pool = await asyncpg.create_pool(self.cfg.api_database_url or self.cfg.database_url,
+                                                       min_size=1, max_size=4, timeout=5)
         return self._pool
 
     async def kv(self):

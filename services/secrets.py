@@ -1,0 +1,46 @@
+"""``aic secrets init``: every secret of the containerised topology (docker-compose.yml), made once
+into one folder with the same model ``aic up`` uses on one machine.
+
+    secrets/
+      postgres_password          the database owner's (POSTGRES_PASSWORD_FILE)
+      aic_writer.password        the metrics writer's database role
+      aic_reader.password        the API's reading role (row-level security by tenant)
+      nats_<role>.password       one NATS user per role (shared/roles.py)
+      nats/ca.pem                the CA clients trust (AIC_NATS_CA)
+      nats/server.pem, .key      nats-server's certificate, for the names given (default: nats)
+      nats/auth.conf             the server's users: bcrypt hashes and permissions (included by
+                                 deploy/nats-server.conf)
+
+Existing files are kept (run it again to add what is missing); every secret is 0600.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shared.embedded import new_password, secret_file
+from shared.endpoints import write_private
+from shared.pki import ensure_server_tls
+from shared.roles import ROLES, authorization_conf
+
+DB_ROLES = ("aic_writer", "aic_reader")
+
+
+def init(folder: Path, nats_names: list[str]) -> list[Path]:
+    """Make the secrets under ``folder``; returns the files (made now or kept)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    files = [folder / "postgres_password", *(folder / f"{r}.password" for r in DB_ROLES)]
+    for f in files:
+        secret_file(f, new_password)
+    # nats-server's users come from one password file per role, named as shared/roles.py expects them.
+    users = folder / "nats-users"
+    users.mkdir(exist_ok=True, mode=0o700)
+    for role in ROLES:
+        path = folder / f"nats_{role}.password"
+        password = secret_file(path, new_password)
+        write_private(users / f"{role}.password", password + "\n")
+        files.append(path)
+    tls = ensure_server_tls(folder / "nats", nats_names)  # (the nats image runs as root: 0600 files read)
+    auth = write_private(folder / "nats" / "auth.conf", authorization_conf(users))
+    return files + [tls.ca_file, tls.cert_file, tls.key_file, auth]
