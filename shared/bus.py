@@ -1,6 +1,6 @@
 """The bus: JetStream streams, consumers and the claim check for large messages.
 
-Topology (created or updated idempotently by :meth:`Bus.ensure_topology`):
+Topology (created or updated idempotently by :meth:`Bus.ensure_topology`, with admin credentials):
 
 =================  =====================  ==========  ==========================================
 stream             subjects               retention   consumers
@@ -14,6 +14,13 @@ AIC_CONTROL        aic.control.<s>        last, 30 s  workers read the last per 
 AIC_REFS           aic.refs.<s>.<part>    last, 10 m  the next batch's worker (reference hand-off)
 AIC_ADVISORIES     max-deliveries events  limits      ``exhausted`` (failed batches)
 =================  =====================  ==========  ==========================================
+
+``<s>`` is a stream id as subject tokens, tenant first: ``_.NAME`` for the default tenant's stream
+``NAME``, ``T.NAME`` for tenant T's (:func:`~shared.schemas.subject_key`), so that permissions can
+confine a tenant's credentials to ``….T.*`` (shared/roles.py).  Key-frame requests travel on
+``aic.keyframe.<s>`` (core NATS).  Only the admin creates or changes the topology
+(:meth:`Bus.ensure_topology`: ``aic up``, ``aic bus init``); services check that their streams
+exist (:meth:`Bus.prepare`).
 
 Receivers publish bandwidth estimates on ``aic.control.<stream>`` with plain
 NATS; workers subscribe to them, and AIC_CONTROL (in memory, one message per
