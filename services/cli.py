@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where embedded servers keep data (default: $AIC_DATA_DIR or ./.aic)")
     p.add_argument("--compressors", type=int, default=1, help="compressor processes to start (default 1)")
     p.add_argument("--codec", default=env_str("AIC_CODEC", "auto"), help=CODEC_HELP)
+    p.add_argument("--https", action="store_true",
+                   help="serve the HTTP API over HTTPS, with a certificate from the CA that signs NATS's")
 
     p = sub.add_parser("compressor", help="run a compressor worker on the shared consumer")
     _bus_args(p)
@@ -145,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "env AIC_API_RATE)")
     p.add_argument("--open-metrics", action="store_true", default=env_str("AIC_OPEN_METRICS") == "1",
                    help="serve the API's /metrics without a token (env AIC_OPEN_METRICS=1)")
+    p.add_argument("--tls-cert", default=env_str("AIC_API_TLS_CERT"),
+                   help="serve the API over HTTPS with this certificate (PEM; env AIC_API_TLS_CERT)")
+    p.add_argument("--tls-key", default=env_str("AIC_API_TLS_KEY"), help="its private key (env AIC_API_TLS_KEY)")
     _partition_args(p)
     _metrics_port(p)
 
@@ -314,7 +319,10 @@ def cmd_metrics(a: argparse.Namespace) -> int:
     _serve_metrics(a.metrics_port)
     if a.api_rate <= 0:
         raise ValueError("--api-rate must be > 0")
-    return run_service(MetricsService(cfg, a.http_host, a.http_port, a.api_rate, a.open_metrics).run)
+    if bool(a.tls_cert) != bool(a.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    tls = (a.tls_cert, a.tls_key) if a.tls_cert else None
+    return run_service(MetricsService(cfg, a.http_host, a.http_port, a.api_rate, a.open_metrics, tls).run)
 
 
 def cmd_ingest(a: argparse.Namespace) -> int:
@@ -389,13 +397,15 @@ def cmd_up(a: argparse.Namespace) -> int:
     stopping = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.append(1))
-    stack = Stack(data_dir(a.data_dir), compressors=a.compressors, compressor_args=["--codec", a.codec])
+    stack = Stack(data_dir(a.data_dir), compressors=a.compressors, compressor_args=["--codec", a.codec],
+                  https=a.https)
     with stack:
         print(f"NATS        {redact(stack.nats_url)}", flush=True)
         print(f"PostgreSQL  {redact(stack.database_url or '-')}"
               + (f"   password: {stack.postgres.password_file}" if stack.postgres else ""), flush=True)
         if stack.http_port:
-            print(f"API         http://127.0.0.1:{stack.http_port}/docs", flush=True)
+            print(f"API         {stack.api_url}/docs   (tokens: aic token create --role viewer|operator|admin)"
+                  + (f"   CA {stack.nats.ca_file}" if stack.https and stack.nats else ""), flush=True)
         print(f"data        {stack.data_dir}   logs: {stack.data_dir / 'logs'}", flush=True)
         print(f"endpoints   {stack.endpoints_path}   (other aic commands run with this data folder use them)",
               flush=True)

@@ -67,6 +67,7 @@ class Stack:
     database_url: str | None = None
     with_metrics: bool = True
     http_port: int | None = None  # the metrics service's API; None: a free port
+    https: bool = False  # the API over HTTPS, its certificate from the embedded NATS's CA
     nats: NatsServer | None = None
     postgres: PostgresServer | None = None
     services: list[ServiceProcess] = field(default_factory=list)
@@ -107,13 +108,13 @@ class Stack:
                 self.http_port = self.http_port or free_port()
                 self.services.append(
                     ServiceProcess("metrics", [sys.executable, "-m", "services.metrics", "--http-port",
-                                               str(self.http_port)], {**base, **self.nats_env("metrics")},
-                                   logs / "metrics.log")
+                                               str(self.http_port), *self._https_args()],
+                                   {**base, **self.nats_env("metrics")}, logs / "metrics.log")
                 )
             for s in self.services:
                 s.start()
             # Other commands run with this data folder find the servers here (shared/endpoints.py).
-            api = f"http://127.0.0.1:{self.http_port}" if self.with_metrics else None
+            api = self.api_url if self.with_metrics else None
             n = self.nats
             self.endpoints_path = endpoints.write(self.data_dir, endpoints.Endpoints(
                 self.nats_url, self.database_url, api, os.getpid(), time.time(),
@@ -123,6 +124,20 @@ class Stack:
             self.stop()
             raise
         return self
+
+    @property
+    def api_url(self) -> str:
+        return f"{'https' if self.https else 'http'}://127.0.0.1:{self.http_port}"
+
+    def _https_args(self) -> list[str]:
+        if not self.https:
+            return []
+        if self.nats is None or self.nats.ca_file is None:
+            raise ValueError("--https signs the API's certificate with the embedded NATS's CA: none here")
+        from shared.pki import ensure_server_tls
+
+        t = ensure_server_tls(self.nats.ca_file.parent, stem="api")
+        return ["--tls-cert", str(t.cert_file), "--tls-key", str(t.key_file)]
 
     def nats_env(self, role: str) -> dict[str, str]:
         """The environment with which a process reaches this stack's NATS as ``role`` (an external

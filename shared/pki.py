@@ -116,13 +116,15 @@ def default_names() -> list[str]:
     return ["127.0.0.1", "localhost", "::1", socket.gethostname()]
 
 
-def ensure_server_tls(folder: Path, names: list[str] | None = None) -> ServerTls:
+def ensure_server_tls(folder: Path, names: list[str] | None = None, stem: str = "server") -> ServerTls:
     """The CA and a server certificate under ``folder``: made on first use, the server certificate
-    reissued when it nears expiry or lacks one of ``names``; the CA is kept (clients trust it)."""
+    reissued when it nears expiry or lacks one of ``names``; the CA is kept (clients trust it).
+    ``stem`` names the certificate's files (``server.pem``/``server.key``; ``api`` for the HTTP
+    API's, signed by the same CA)."""
     x509, _, serialization, _ = _crypto()
     names = names or default_names()
     folder.mkdir(parents=True, exist_ok=True)
-    tls = ServerTls(folder / CA_FILE, folder / CERT_FILE, folder / KEY_FILE)
+    tls = ServerTls(folder / CA_FILE, folder / f"{stem}.pem", folder / f"{stem}.key")
     ca_key_path = folder / CA_KEY_FILE
     if tls.ca_file.exists() and ca_key_path.exists():
         ca_cert = x509.load_pem_x509_certificate(tls.ca_file.read_bytes())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -137,3 +138,37 @@ def test_no_input_the_openapi_spec_admits_makes_a_server_error(api, admin_token)
         capture_output=True, text=True, timeout=280,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+def test_the_api_serves_https_with_a_certificate_from_the_stacks_ca(nats_server, postgres, tmp_path):
+    """``aic up --https``: the API's certificate is signed by the CA that signs NATS's, so clients trust
+    one CA for both; a client that trusts only the system's CAs, or speaks plain HTTP, gets nothing."""
+    from shared.pki import ensure_server_tls
+
+    tls = ensure_server_tls(nats_server.ca_file.parent, stem="api")
+    trust = ssl.create_default_context(cafile=str(nats_server.ca_file))
+    port = free_port()
+    env = {**os.environ, **nats_server.env("metrics"), "AIC_DATABASE_URL": postgres.url}
+    proc = subprocess.Popen([sys.executable, "-m", "services.metrics", "--http-port", str(port), "--tls-cert",
+                             str(tls.cert_file), "--tls-key", str(tls.key_file)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"https://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.get(f"{url}/healthz", verify=trust, timeout=2)
+                break
+            except httpx.ConnectError as exc:
+                if "CERTIFICATE" in str(exc):
+                    raise
+                assert time.monotonic() < deadline and proc.poll() is None, "metrics service did not start"
+                time.sleep(0.3)
+        assert r.status_code == 200 and tls.ca_file == nats_server.ca_file
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            httpx.get(f"{url}/healthz", timeout=2)  # the system's CAs do not know aic's
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)  # no plain HTTP
+    finally:
+        proc.terminate()
+        proc.wait(30)

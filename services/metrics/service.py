@@ -18,9 +18,10 @@ class MetricsService:
     """``run(stop)``: the writer until ``stop``, and the API on ``http_port`` (0: no API)."""
 
     def __init__(self, cfg: MetricsConfig, http_host: str = "127.0.0.1", http_port: int = 0,
-                 api_rate: float = 20.0, open_metrics: bool = False):
+                 api_rate: float = 20.0, open_metrics: bool = False, tls: tuple[str, str] | None = None):
         self.cfg, self.http_host, self.http_port = cfg, http_host, http_port
         self.api_rate, self.open_metrics = api_rate, open_metrics
+        self.tls = tls  # (certificate, key) files: the API serves HTTPS
         self.writer = MetricsWriter(cfg)
         self._pool: asyncpg.Pool | None = None
         self._bus: Bus | None = None
@@ -50,12 +51,14 @@ class MetricsService:
 
             from services.metrics.api import create_app
 
-            config = uvicorn.Config(create_app(self.pool, self.kv, self.api_rate, self.open_metrics), host=self.http_host, port=self.http_port,
-                                    log_level="warning", lifespan="off", access_log=False)
+            tls = dict(ssl_certfile=self.tls[0], ssl_keyfile=self.tls[1]) if self.tls else {}
+            config = uvicorn.Config(create_app(self.pool, self.kv, self.api_rate, self.open_metrics), host=self.http_host,
+                                    port=self.http_port, log_level="warning", lifespan="off", access_log=False, **tls)
             self.server = uvicorn.Server(config)
             self.server.install_signal_handlers = lambda: None  # run_service owns the signals
             api = asyncio.create_task(self.server.serve())
-            log.info("api_started", url=f"http://{self.http_host}:{self.http_port}", docs="/docs")
+            log.info("api_started", url=f"{'https' if self.tls else 'http'}://{self.http_host}:{self.http_port}",
+                     docs="/docs")
         try:
             return await self.writer.run(stop)
         finally:
