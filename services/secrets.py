@@ -10,12 +10,15 @@ into one folder with the same model ``aic up`` uses on one machine.
       nats/server.pem, .key      nats-server's certificate, for the names given (default: nats)
       nats/auth.conf             the server's users: bcrypt hashes and permissions (included by
                                  deploy/nats-server.conf)
+      nats_store.key             the JetStream store's encryption key (given to nats-server in its
+                                 environment)
 
 Existing files are kept (run it again to add what is missing); every secret is 0600.
 """
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 from shared.embedded import new_password, secret_file
@@ -33,6 +36,8 @@ def init(folder: Path, nats_names: list[str]) -> list[Path]:
     files = [folder / "postgres_password", *(folder / f"{r}.password" for r in DB_ROLES)]
     for f in files:
         secret_file(f, new_password)
+    files.append(folder / "nats_store.key")
+    secret_file(files[-1], lambda: secrets.token_hex(32))
     # nats-server's users come from one password file per role, named as shared/roles.py expects them.
     users = folder / "nats-users"
     users.mkdir(exist_ok=True, mode=0o700)

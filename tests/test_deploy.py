@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -169,7 +170,8 @@ async def test_the_compose_nats_config_serves_tls_and_the_roles_with_the_secrets
             .replace("/data/", f"{tmp_path}/data/").replace("0.0.0.0:4222", f"127.0.0.1:{port}")
             .replace("0.0.0.0:8222", f"127.0.0.1:{http}"))
     (root / "nats-server.conf").write_text(conf)
-    proc = subprocess.Popen([nats_server_binary(), "-c", str(root / "nats-server.conf")],
+    key = (tmp_path / "secrets/nats_store.key").read_text().strip()  # as the container's entrypoint hands it over
+    proc = subprocess.Popen([nats_server_binary(), "-c", str(root / "nats-server.conf")], env={**os.environ, "AIC_JS_KEY": key},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         ctx = ssl.create_default_context(cafile=str(tmp_path / "secrets/nats/ca.pem"))
@@ -183,8 +185,12 @@ async def test_the_compose_nats_config_serves_tls_and_the_roles_with_the_secrets
                 await asyncio.sleep(0.1)
         else:
             raise AssertionError("the compose nats-server did not serve the admin")
-        assert (await nc.jetstream().account_info()).api is not None
+        js = nc.jetstream()
+        await js.add_stream(name="AT_REST", subjects=["rest.>"])
+        await js.publish("rest.x", b"RAW-FRAME-BYTES" * 100)
         await nc.close()
+        stored = b"".join(p.read_bytes() for p in (tmp_path / "data").rglob("*") if p.is_file())
+        assert stored and b"RAW-FRAME-BYTES" not in stored  # the store is encrypted at rest
         with pytest.raises(Exception, match="Authorization"):
             await nats.connect(f"tls://127.0.0.1:{port}", tls=ctx, tls_hostname="nats", allow_reconnect=False,
                                max_reconnect_attempts=0, connect_timeout=2)
