@@ -164,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "stopped, 0 for a new stream; the bus keeps the number). Numbers already published "
                         "are refused: a batch id names one batch for good")
     p.add_argument("--realtime", action="store_true", help="pace publishing at the source frame rate")
+    p.add_argument("--outage-s", type=float, default=float(env_str("AIC_OUTAGE_S", "120")),
+                   help="how long a publish without JetStream's ack is tried again (same message id) before the "
+                        "ingest gives up, naming the batches that did not reach the bus (default %(default)s; "
+                        "env AIC_OUTAGE_S)")
+    p.add_argument("--buffer-batches", type=int, default=env_int("AIC_BUFFER_BATCHES", 32),
+                   help="a live source's batches held while the bus is away; beyond, each is dropped, counted and "
+                        "given a rejected row (dropped_at_gateway) once the bus is back (default %(default)s)")
     _metrics_port(p)
 
     p = sub.add_parser("decode", help="receiver: decode a stream's compressed batches to a video file")
@@ -330,6 +337,9 @@ def cmd_ingest(a: argparse.Namespace) -> int:
     from services.runtime import run_service
     from shared.bus import Bus
 
+    if a.outage_s <= 0 or a.buffer_batches < 0:
+        raise ValueError("--outage-s must be > 0 and --buffer-batches >= 0")
+
     _serve_metrics(a.metrics_port)
 
     async def main(stop: asyncio.Event) -> int:
@@ -337,13 +347,18 @@ def cmd_ingest(a: argparse.Namespace) -> int:
                                 name=f"aic-ingest-{a.stream_id}")
         try:
             s = await ingest(
-                bus, a.source, a.stream_id, a.batch_frames, a.frames, a.realtime, stop=stop, start_seq=a.start_seq
+                bus, a.source, a.stream_id, a.batch_frames, a.frames, a.realtime, stop=stop, start_seq=a.start_seq,
+                outage_s=a.outage_s, buffer_batches=a.buffer_batches
             )
             print(f"{s.stream_id}: {s.batches} batches, {s.frames} frames, {s.raw_bytes / 1e6:.1f} MB in {s.seconds:.1f}s")
             if s.duplicates:  # never silent
                 print(f"aic ingest: warning: the ids of {s.duplicates} of {s.batches} batches ({s.stream_id}:N) were "
                       f"taken on the bus already, and they went again under fresh ids: was the aic_ingest bucket, "
                       f"which keeps each stream's next number, reset, or did another gateway take them?",
+                      file=sys.stderr)
+            if s.dropped:  # never silent: a live source could not wait for the bus
+                print(f"aic ingest: warning: {s.dropped} of {s.batches} batches were dropped while the bus was away "
+                      f"(each has a rejected row, reason dropped_at_gateway; --buffer-batches holds more)",
                       file=sys.stderr)
         finally:
             await bus.close()

@@ -84,6 +84,9 @@ REFS_MAX_AGE_S = 600.0
 EXHAUSTED_SUBJECT = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{FRAMES_STREAM}.{COMPRESSOR_CONSUMER}"
 EXHAUSTED_CONSUMER = "exhausted"
 CLAIM_HEADER = "Aic-Claim"
+#: On an empty frames message: the gateway dropped this batch (a live source while the bus was away);
+#: the worker records it as a rejected row (``dropped_at_gateway: <why>``).
+DROPPED_HEADER = "Aic-Dropped"
 #: A frame batch's capture time (``repr`` of the float): a failure row keyed on it cannot make a second
 #: row beside the batch's ``ok`` row, whose key is the same capture time.
 CAPTURED_HEADER = "Aic-Captured-At"
@@ -231,6 +234,9 @@ class Bus:
                 fut.cancel()
             else:
                 fut.exception()  # retrieved: no "never retrieved" warning
+            if not task.done():  # abandoned (this call was cancelled or timed out): so is its work
+                task.cancel()
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     @classmethod
     async def connect_until(cls, cfg: BusConfig, name: str, stop: asyncio.Event) -> "Bus | None":
@@ -254,7 +260,10 @@ class Bus:
             try:
                 await self.nc.drain()
             except Exception:
-                await self.nc.close()
+                try:
+                    await self.nc.close()
+                except Exception:  # a TLS transport the server dropped mid-write (asyncio's sslproto)
+                    pass
 
     # ------------------------------------------------------------------ topology
 

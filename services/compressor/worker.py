@@ -410,6 +410,10 @@ class Compressor:
             self.refs.begin(*ids)
         outcome = None
         try:
+            dropped = (msg.headers or {}).get(busmod.DROPPED_HEADER)
+            if dropped is not None:  # a live batch the gateway could not keep while the bus was away
+                await self._give_up(msg, "rejected", f"dropped_at_gateway: {dropped[:200]}", attempts)
+                return
             try:
                 # The envelope around the frames is small; a claim beyond this is refused unread.
                 data = await self.bus.payload(msg, max_size=self.cfg.limits.max_batch_bytes + (1 << 20))
@@ -655,8 +659,8 @@ class Compressor:
 
     async def _report_failure(self, msg, stream_seq: int, status: str, reason: str, attempts: int) -> None:
         """Publish the dead letter and the metrics row of a batch that ends without a payload."""
-        if (msg.headers or {}).get(busmod.CLAIM_HEADER):
-            # The frames are elsewhere, but the message id is the gateway's "stream:seq".
+        if (msg.headers or {}).get(busmod.CLAIM_HEADER) or (msg.headers or {}).get(busmod.DROPPED_HEADER):
+            # The frames are elsewhere (or were dropped), but the message id is the gateway's "stream:seq".
             sid, seq = _ids_from_msg_id((msg.headers or {}).get(busmod.MSG_ID_HEADER, ""))
         else:
             sid, seq = peek_ids(msg.data)

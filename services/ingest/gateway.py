@@ -42,8 +42,83 @@ PUBLISH_SECONDS = Histogram(
 )  # fmt: skip
 
 
+DROPPED = Counter("aic_ingest_dropped_total", "Batches of a live source dropped while the bus was away (each gets a "
+                  "rejected row, reason dropped_at_gateway)", ["stream"])
+RETRIES = Counter("aic_ingest_publish_retries_total", "Publishes tried again after no ack (same message id)", ["stream"])
+
+#: How long the gateway keeps trying a publish that gets no ack before it gives up (``--outage-s``).
+OUTAGE_S = 120.0
+#: One try's wait for JetStream's ack; then the same message id again (duplicates are dropped).
+ATTEMPT_S = 5.0
+
+
 class SourceError(RuntimeError):
     """A source that cannot be opened or holds no video."""
+
+
+class BusOutage(ConnectionError):
+    """The bus stayed away longer than the outage bound; ``batches`` did not reach it."""
+
+    def __init__(self, stream_id: str, batches: list[int], outage_s: float):
+        self.stream_id, self.batches = stream_id, sorted(batches)
+        what = f"batches {_ranges(self.batches)} of {stream_id} did not reach it" if self.batches else \
+            f"no batch of {stream_id} was read"
+        super().__init__(f"the bus acknowledged nothing for {outage_s:g} s: {what} (run the ingest again when it is "
+                         "back: the numbering continues after the last batch it acknowledged)")
+
+
+def _ranges(numbers: list[int]) -> str:
+    out: list[list[int]] = []
+    for n in numbers:
+        if out and n == out[-1][1] + 1:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out) or "none"
+
+
+class Outage:
+    """When the bus last stopped acknowledging, shared by every publish of one ingest: an outage is
+    measured once, from its first unanswered try, not again by each batch waiting behind it."""
+
+    def __init__(self, bound_s: float):
+        self.bound_s, self.since = bound_s, None
+
+    def failed(self) -> float:
+        now = time.monotonic()
+        self.since = self.since or now
+        return now - self.since
+
+    def ok(self) -> None:
+        self.since = None
+
+
+async def until_acked(what: str, attempt, outage: Outage, stream_id: str, on_retry=None):
+    """``await attempt()`` until it succeeds, trying again (the same message, so the same id) after a
+    try that got no answer, while the outage lasts less than its bound; then ``TimeoutError``.
+    Refusals (permissions, a missing stream) are not retried: they do not pass."""
+    from nats.errors import Error as NatsError
+
+    from shared.bus import PermissionDenied, TopologyMissing
+
+    delay = 0.2
+    while True:
+        try:
+            result = await asyncio.wait_for(attempt(), ATTEMPT_S)
+            outage.ok()
+            return result
+        except (PermissionDenied, TopologyMissing):
+            raise
+        except (asyncio.TimeoutError, OSError, NatsError) as exc:
+            lasted = outage.failed()
+            if lasted >= outage.bound_s:
+                raise TimeoutError(f"{what}: no ack for {outage.bound_s:g} s") from None
+            if on_retry is not None:
+                on_retry()
+            log.warning("publish_retry", stream_id=stream_id, what=what, error=type(exc).__name__,
+                        outage_s=round(lasted, 1))
+            await asyncio.sleep(min(delay, max(0.05, outage.bound_s - lasted)))
+            delay = min(2.0, delay * 2)
 
 
 LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "srt", "udp", "rtp", "tcp")
@@ -198,6 +273,8 @@ class BatchNumbers:
     def __init__(self, kv, stream_id: str):
         self.kv, self.stream_id = kv, stream_id
         self.revision: int | None = None
+        self.reserved = 0
+        self.nonce = secrets.token_hex(4)
 
     async def load(self) -> int:
         """The first free number (0 for a new stream)."""
@@ -209,22 +286,32 @@ class BatchNumbers:
             return 0
         self.revision = entry.revision
         try:
-            return max(0, int(entry.value or b"0"))
-        except ValueError:
+            self.reserved = max(0, int((entry.value or b"0").split()[0]))
+            return self.reserved
+        except (ValueError, IndexError):
             log.warning("ingest_cursor_invalid", stream_id=self.stream_id)
             return 0
 
     async def reserve(self, next_free: int) -> None:
-        """Record that numbers below ``next_free`` are taken."""
+        """Record that numbers below ``next_free`` are taken (a lower number than recorded: nothing to do)."""
         from nats.js.errors import KeyWrongLastSequenceError
 
-        value = str(next_free).encode()
+        if next_free <= self.reserved:
+            return
+        # The value names this gateway, so that a write whose ack was lost (and is tried again) is
+        # told apart from another gateway's.
+        value = f"{next_free} {self.nonce}".encode()
         try:
             if self.revision is None:
                 self.revision = await self.kv.create(self.stream_id, value)
             else:
                 self.revision = await self.kv.update(self.stream_id, value, last=self.revision)
+            self.reserved = next_free
         except KeyWrongLastSequenceError:
+            entry = await self.kv.get(self.stream_id)
+            if entry.value == value:  # our own write, applied before its ack got lost
+                self.revision, self.reserved = entry.revision, next_free
+                return
             raise BatchNumberError(
                 f"another ingest is publishing stream {self.stream_id!r} (its batch numbers moved under this "
                 f"one); run one gateway per stream id") from None
@@ -237,6 +324,7 @@ class IngestStats:
     frames: int = 0
     raw_bytes: int = 0
     duplicates: int = 0
+    dropped: int = 0  # live batches dropped while the bus was away (each with a rejected row)
     seconds: float = 0.0
     batch_ids: list[str] = field(default_factory=list)
 
@@ -252,12 +340,25 @@ async def ingest(
     progress: bool | None = None,
     stop: asyncio.Event | None = None,
     start_seq: int | None = None,
+    outage_s: float = OUTAGE_S,
+    buffer_batches: int = 32,
 ) -> IngestStats:
     """Publish a source's batches on ``aic.frames.<stream_id>``; returns what was published.
-    ``start_seq`` None continues the stream's numbering where its last ingest stopped (0 at first)."""
+    ``start_seq`` None continues the stream's numbering where its last ingest stopped (0 at first).
+
+    Nothing acknowledged to the gateway is lost: a publish without JetStream's ack is tried again
+    with the same message id (the bus drops repeats) for up to ``outage_s``.  A file pauses while the
+    bus is away (at most ``in_flight`` batches wait); a live source keeps capturing, holds up to
+    ``buffer_batches`` batches, and drops those beyond, each counted and given a rejected row
+    (``dropped_at_gateway``) once the bus is back.  Past ``outage_s`` without an ack, :class:`BusOutage`
+    names the batches that did not reach the bus."""
     stats = IngestStats(stream_id)
     numbers = BatchNumbers(await bus.ingest_kv(), stream_id)
-    next_free = await numbers.load()
+    outage = Outage(outage_s)
+    try:
+        next_free = await until_acked("reading the stream's numbering", numbers.load, outage, stream_id)
+    except TimeoutError:
+        raise BusOutage(stream_id, [], outage_s) from None
     if start_seq is None:
         start_seq = next_free
     elif start_seq < next_free:
@@ -272,25 +373,48 @@ async def ingest(
     slots = asyncio.Semaphore(in_flight)
     pending: set[asyncio.Task] = set()
     errors: list[BaseException] = []
+    unsent: set[int] = set()  # batches read whose publish has not been acknowledged yet
+    in_order = asyncio.Lock()  # numbers are reserved in batch order, each before its batch goes out
+    dropped: list[int] = []
+
+    def retried() -> None:
+        RETRIES.labels(stream_id).inc()
+
+    async def reserve(seq: int) -> None:
+        async with in_order:
+            await until_acked(f"reserving batch {seq}", lambda: numbers.reserve(seq + 1), outage, stream_id, retried)
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=max_frames, unit="frame", desc=stream_id, disable=not show, leave=False)
     t0 = time.monotonic()
 
-    async def publish(fb: FrameBatch) -> None:
+    async def send(data: bytes, msg_id: str, headers: dict, what: str):
+        """(ack, whether it took more than one try)."""
+        tries = []
+
+        def again() -> None:
+            tries.append(1)
+            retried()
+
+        ack = await until_acked(what, lambda: bus.publish(subject, data, msg_id, kind="frames", headers=headers),
+                                outage, stream_id, again)
+        return ack, bool(tries)
+
+    async def publish(fb: FrameBatch, slotted: bool) -> None:
         try:
+            await reserve(fb.batch_seq)
             data = fb.pack()
             t = time.perf_counter()
             headers = {busmod.CAPTURED_HEADER: repr(fb.captured_at)}
-            ack = await bus.publish(subject, data, fb.msg_id, kind="frames", headers=headers)
-            taken = bool(ack.duplicate)
+            ack, again = await send(data, fb.msg_id, headers, f"batch {fb.batch_seq}")
+            # A repeat after a try whose ack was lost is our own message, stored once.
+            taken = bool(ack.duplicate) and not again
             if taken:
                 # JetStream dedupes by id across the whole stream, so an id can be taken by a message on
                 # another tenant's subject (published first to make the bus drop this one) as well as
                 # by a retry of our own.  Again under an id nobody can guess: a batch that was ours
                 # already is still coded once (payloads and rows are keyed by stream and number).
                 log.warning("batch_id_taken", batch_id=fb.msg_id)
-                ack = await bus.publish(subject, data, f"{fb.msg_id}#{secrets.token_hex(6)}", kind="frames",
-                                        headers=headers)
+                ack, _ = await send(data, f"{fb.msg_id}#{secrets.token_hex(6)}", headers, f"batch {fb.batch_seq}")
             PUBLISH_SECONDS.labels(stream_id).observe(time.perf_counter() - t)
             BATCHES.labels(stream_id).inc()
             FRAMES.labels(stream_id).inc(fb.frame_count)
@@ -298,10 +422,24 @@ async def ingest(
             DUPLICATES.labels(stream_id).inc(taken)
             stats.duplicates += taken
             log.debug("batch_published", batch_id=fb.msg_id, frames=fb.frame_count, bytes=len(data), seq=ack.seq)
+            unsent.discard(fb.batch_seq)
         except BaseException as exc:
             errors.append(exc)
         finally:
-            slots.release()
+            if slotted:
+                slots.release()
+
+    async def report_dropped(fb: FrameBatch) -> None:
+        """A dropped live batch's number, taken in order, and its marker once the bus is back: the
+        worker turns it into a rejected row, so the loss is counted where every batch is."""
+        try:
+            await reserve(fb.batch_seq)
+            headers = {busmod.CAPTURED_HEADER: repr(fb.captured_at), busmod.DROPPED_HEADER: "the bus was away"}
+            await send(b"", fb.msg_id, headers, f"marker of dropped batch {fb.batch_seq}")
+            stats.dropped += 1
+            unsent.discard(fb.batch_seq)
+        except BaseException as exc:
+            errors.append(exc)
 
     try:
         async for fb in _threaded(read_batches(source, stream_id, batch_frames, max_frames, start_seq), stop=stop):
@@ -316,11 +454,19 @@ async def ingest(
                 fb = dataclasses.replace(fb, captured_at=time.time())
             elif not live:
                 fb = dataclasses.replace(fb, live=False)
-            await slots.acquire()
-            # Reserved before publishing, in order: a restart never reuses a number (a crash may
-            # leave one unused, a gap receivers skip).
-            await numbers.reserve(fb.batch_seq + 1)
-            task = asyncio.create_task(publish(fb))
+            unsent.add(fb.batch_seq)
+            if live and len(pending) >= in_flight + buffer_batches:
+                # The bus is away and the buffer is full: a live source cannot wait.
+                dropped.append(fb.batch_seq)
+                DROPPED.labels(stream_id).inc()
+                log.warning("batch_dropped", stream_id=stream_id, batch_seq=fb.batch_seq, buffered=len(pending))
+                task = asyncio.create_task(report_dropped(fb))
+            else:
+                if not live:
+                    await slots.acquire()  # a file waits for the bus; a live source cannot
+                # Reserved in the task, in order and before its publish: a restart never reuses a
+                # number (a crash may leave one unused, a gap receivers skip).
+                task = asyncio.create_task(publish(fb, slotted=not live))
             pending.add(task)
             task.add_done_callback(pending.discard)
             stats.batches += 1
@@ -328,11 +474,17 @@ async def ingest(
             stats.raw_bytes += fb.raw_bytes
             stats.batch_ids.append(fb.msg_id)
             bar.update(fb.frame_count)
-        if pending:
-            await asyncio.gather(*pending)
+        while pending and not errors:
+            await asyncio.wait(set(pending), return_when=asyncio.FIRST_COMPLETED)
+        if pending:  # given up: what is still retrying did not reach the bus either
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
     finally:
         bar.close()
     if errors:
+        if any(isinstance(e, TimeoutError) for e in errors):
+            raise BusOutage(stream_id, sorted(unsent), outage_s)
         raise errors[0]
     stats.seconds = time.monotonic() - t0
     log.info(
