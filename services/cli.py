@@ -367,18 +367,8 @@ def cmd_ingest(a: argparse.Namespace) -> int:
     return run_service(main)
 
 
-def _ranges(numbers: list[int]) -> str:
-    """Sorted [1, 2, 3, 7] → '1-3, 7'."""
-    runs: list[list[int]] = []
-    for n in numbers:
-        if runs and n == runs[-1][1] + 1:
-            runs[-1][1] = n
-        else:
-            runs.append([n, n])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
-
-
 def cmd_decode(a: argparse.Namespace) -> int:
+    from services.ingest.gateway import ranges_text as _ranges
     from services.receiver import decode_stream
     from services.runtime import run_service
     from shared.bus import Bus

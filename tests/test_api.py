@@ -31,19 +31,28 @@ def api(nats_server, postgres):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "metrics service did not get ready"
-            time.sleep(0.3)
+        wait_ready(f"{url}/readyz", proc)
         yield url
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def wait_ready(url: str, proc, **kw) -> httpx.Response:
+    """GET ``url`` until it answers 200 (a minute at most, while ``proc`` lives); a TLS failure is final."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            r = httpx.get(url, timeout=2, **kw)
+            if r.status_code == 200:
+                return r
+        except httpx.ConnectError as exc:
+            if "CERTIFICATE" in str(exc):
+                raise
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline and proc.poll() is None, "metrics service did not get ready"
+        time.sleep(0.3)
 
 
 @pytest.fixture
@@ -154,16 +163,7 @@ def test_the_api_serves_https_with_a_certificate_from_the_stacks_ca(nats_server,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"https://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                r = httpx.get(f"{url}/healthz", verify=trust, timeout=2)
-                break
-            except httpx.ConnectError as exc:
-                if "CERTIFICATE" in str(exc):
-                    raise
-                assert time.monotonic() < deadline and proc.poll() is None, "metrics service did not start"
-                time.sleep(0.3)
+        r = wait_ready(f"{url}/healthz", proc, verify=trust)
         assert r.status_code == 200 and tls.ca_file == nats_server.ca_file
         with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             httpx.get(f"{url}/healthz", timeout=2)  # the system's CAs do not know aic's

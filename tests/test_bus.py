@@ -183,6 +183,6 @@ async def test_the_receiver_starts_at_the_lowest_batch_the_bus_still_holds(bus, 
 
 
 def test_missing_batches_are_printed_as_ranges():
-    from services.cli import _ranges
+    from services.ingest.gateway import ranges_text as _ranges
 
     assert _ranges([1, 2, 3, 7, 9, 10]) == "1-3, 7, 9-10"

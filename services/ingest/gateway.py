@@ -61,13 +61,14 @@ class BusOutage(ConnectionError):
 
     def __init__(self, stream_id: str, batches: list[int], outage_s: float):
         self.stream_id, self.batches = stream_id, sorted(batches)
-        what = f"batches {_ranges(self.batches)} of {stream_id} did not reach it" if self.batches else \
+        what = f"batches {ranges_text(self.batches)} of {stream_id} did not reach it" if self.batches else \
             f"no batch of {stream_id} was read"
         super().__init__(f"the bus acknowledged nothing for {outage_s:g} s: {what} (run the ingest again when it is "
                          "back: the numbering continues after the last batch it acknowledged)")
 
 
-def _ranges(numbers: list[int]) -> str:
+def ranges_text(numbers: list[int]) -> str:
+    """Sorted [1, 2, 3, 7] → '1-3, 7'."""
     out: list[list[int]] = []
     for n in numbers:
         if out and n == out[-1][1] + 1:
