@@ -17,7 +17,7 @@ from pathlib import Path
 from shared import endpoints
 from shared.aio import run_blocking
 from shared.config import BusConfig, env_str
-from shared.embedded import free_port, NatsServer, PostgresServer
+from shared.embedded import NatsServer, PostgresServer, ServerError, die_with_parent, free_port
 from shared.logs import get_logger
 
 WRITER, READER = "aic_writer", "aic_reader"  # the database roles of the metrics service (migration 9)
@@ -42,6 +42,7 @@ class ServiceProcess:
             self.proc = subprocess.Popen(
                 self.argv, env=self.env, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
                 start_new_session=True,  # the supervisor decides when it stops, not the terminal's Ctrl-C
+                preexec_fn=die_with_parent(signal.SIGTERM),  # and a supervisor killed with -9 leaves no orphan
             )
 
     def alive(self) -> bool:
@@ -72,11 +73,14 @@ class Stack:
     postgres: PostgresServer | None = None
     services: list[ServiceProcess] = field(default_factory=list)
     endpoints_path: Path | None = None
+    _lock: object = field(default=None, repr=False)
+    _server_restarts: dict = field(default_factory=dict, repr=False)
 
     def start(self) -> "Stack":
         self.nats_url = self.nats_url or env_str("AIC_NATS_URL")
         self.database_url = self.database_url or env_str("AIC_DATABASE_URL")
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_folder()
         try:
             if self.nats_url is None:
                 self.nats = NatsServer(self.data_dir / "nats").start()
@@ -178,9 +182,50 @@ class Stack:
         finally:
             await bus.close()
 
+    def _lock_folder(self) -> None:
+        """One ``aic up`` per data folder: a second one would start a second nats-server on the same
+        JetStream store.  The lock dies with its process (kill -9 included); children do not hold it."""
+        import fcntl
+
+        path = self.data_dir / "aic.lock"
+        self._lock = open(path, "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "?"
+            self._lock.close()
+            self._lock = None
+            raise ServerError(f"another aic up (pid {holder}) runs with the data folder {self.data_dir}: stop it "
+                              "first, or use another --data-dir") from None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(f"{os.getpid()}\n")
+        self._lock.flush()
+
+    def _supervise_servers(self, now: float) -> None:
+        """Restart NATS or PostgreSQL if it died (same address, same data), after a growing pause."""
+        for name, server in (("nats", self.nats), ("postgres", self.postgres)):
+            if server is None or server.proc is None or server.proc.poll() is None:
+                continue
+            restarts, at = self._server_restarts.get(name, (0, None))
+            if at is None:
+                log.warning("server_exited", server=name, code=server.proc.returncode, restarts=restarts)
+                self._server_restarts[name] = (restarts, now + min(10.0, 0.5 * 2**restarts))
+            elif now >= at:
+                try:
+                    server.start()
+                    log.warning("server_restarted", server=name, restarts=restarts + 1)
+                    self._server_restarts[name] = (restarts + 1, None)
+                except (ServerError, OSError) as exc:
+                    log.error("server_restart_failed", server=name, error=str(exc))
+                    self._server_restarts[name] = (restarts + 1, now + min(10.0, 0.5 * 2 ** (restarts + 1)))
+
     def supervise_once(self) -> None:
-        """Restart any service that died, after a growing pause, as a process supervisor would (non-blocking)."""
+        """Restart any server or service that died, after a growing pause, as a process supervisor
+        would (non-blocking, except while a server starts again)."""
         now = time.monotonic()
+        self._supervise_servers(now)
         for s in self.services:
             if s.proc is None or s.alive():
                 continue
@@ -201,6 +246,9 @@ class Stack:
             self.postgres.stop()
         if self.nats:
             self.nats.stop()
+        if self._lock is not None:
+            self._lock.close()  # (releases the folder)
+            self._lock = None
 
     def __enter__(self) -> "Stack":
         return self.start()

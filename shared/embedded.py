@@ -25,6 +25,29 @@ from pathlib import Path
 from shared.endpoints import write_private
 
 
+def die_with_parent(sig: int = signal.SIGTERM):
+    """A ``preexec_fn`` that has the child get ``sig`` when the process that started it dies, kill -9
+    included (Linux ``PR_SET_PDEATHSIG``): a supervisor that is killed leaves no orphan.  Elsewhere,
+    nothing."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    if not hasattr(libc, "prctl") or not sys.platform.startswith("linux"):
+        return None
+    parent = os.getpid()
+
+    def set_signal() -> None:  # runs in the child, after any change of user, before exec
+        libc.prctl(1, sig)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died already, before the call
+            os.kill(os.getpid(), sig)
+
+    return set_signal
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -252,9 +275,11 @@ class NatsServer:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C goes to the supervisor, which stops NATS last, after the drains
+                preexec_fn=die_with_parent(signal.SIGTERM),
             )
             try:
                 _wait(ready, 30, "nats-server", log, self.proc)
+                self._fixed_port = True  # a restart (a supervisor's) keeps the address clients know
                 break
             except ServerError:
                 # A free port taken by another process between our check and the server's bind (more
@@ -416,6 +441,7 @@ class PostgresServer:
                 stderr=subprocess.STDOUT,
                 user=self._user,
                 start_new_session=True,  # Ctrl-C goes to the supervisor, which stops us in order
+                preexec_fn=die_with_parent(signal.SIGINT),  # PostgreSQL's fast shutdown
             )
 
         def ready() -> bool:

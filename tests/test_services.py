@@ -300,3 +300,75 @@ async def test_a_stop_ends_an_ingest_whose_live_source_went_quiet(bus, monkeypat
     finally:
         quiet.set()
     assert stats.batches == 1
+
+
+def _start_up(folder, env):
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--data-dir", str(folder)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    while True:  # up once it names its services
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        if line.startswith("services"):
+            return proc
+
+
+def _wait_for(check, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.25)
+    raise AssertionError("condition not reached in time")
+
+
+def _alive_pid(path) -> int | None:
+    try:
+        pid = int(path.read_text().split()[0])
+        os.kill(pid, 0)
+        return pid
+    except (FileNotFoundError, ValueError, IndexError, ProcessLookupError):
+        return None
+
+
+@pytest.mark.slow
+def test_kill_9_of_aic_up_leaves_no_orphan_and_a_second_aic_up_on_its_folder_is_refused(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("AIC_NATS_URL", "AIC_DATABASE_URL")}
+    folder = tmp_path / "aic"
+    first = _start_up(folder, env)
+    try:
+        second = aic("up", "--data-dir", str(folder), env=env, timeout=60)
+        assert second.returncode == 2 and f"another aic up (pid {first.pid})" in second.stderr, second.stderr
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        # NATS, PostgreSQL and the services die with it.
+        _wait_for(lambda: not subprocess.run(["pgrep", "-f", str(folder)], capture_output=True, text=True).stdout.split(),
+                  timeout=30)
+        again = _start_up(folder, env)  # the folder is free again, and its stores are whole
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(60) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+
+
+@pytest.mark.slow
+def test_aic_up_restarts_a_nats_server_or_postgres_that_died(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("AIC_NATS_URL", "AIC_DATABASE_URL")}
+    folder = tmp_path / "aic"
+    proc = _start_up(folder, env)
+    try:
+        for pidfile in (folder / "nats" / "nats-server.pid", folder / "postgres" / "pgdata" / "postmaster.pid"):
+            old = _wait_for(lambda: _alive_pid(pidfile))
+            os.kill(old, signal.SIGKILL)
+            _wait_for(lambda: (_alive_pid(pidfile) or old) != old, timeout=90)
+        # Back at the same addresses: another command reaches both through the endpoints file.
+        got = aic("config", "get", "--data-dir", str(folder), env=env, timeout=60)
+        assert got.returncode == 0, got.stderr
+        got = aic("db", "migrate", "--data-dir", str(folder), env=env, timeout=60)
+        assert got.returncode == 0 and "up to date" in got.stdout, got.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
