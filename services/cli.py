@@ -356,6 +356,9 @@ def cmd_ingest(a: argparse.Namespace) -> int:
                       f"taken on the bus already, and they went again under fresh ids: was the aic_ingest bucket, "
                       f"which keeps each stream's next number, reset, or did another gateway take them?",
                       file=sys.stderr)
+            if s.damage.corrupt_packets:  # never silent: frames of the source were unreadable
+                print(f"aic ingest: warning: {s.damage.corrupt_packets} corrupt packets of {a.source} were skipped",
+                      file=sys.stderr)
             if s.dropped:  # never silent: a live source could not wait for the bus
                 print(f"aic ingest: warning: {s.dropped} of {s.batches} batches were dropped while the bus was away "
                       f"(each has a rejected row, reason dropped_at_gateway; --buffer-batches holds more)",

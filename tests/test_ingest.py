@@ -3,8 +3,11 @@
 from contextlib import contextmanager
 from types import SimpleNamespace
 
+import re
+
 import av
 import numpy as np
+import pytest
 
 from services.ingest import gateway, read_batches
 from shared.pixfmt import from_video_frame
@@ -16,12 +19,27 @@ def frames_of(sizes):
             for w, h in sizes]
 
 
-def fake_source(monkeypatch, frames):
+class Packet:
+    def __init__(self, frame=None):
+        self.frame, self.pts = frame, 0
+
+    def decode(self):
+        if self.frame is None:  # what the decoder says of a packet it cannot read
+            raise av.InvalidDataError(1094995529, "Invalid data found when processing input")
+        return [self.frame]
+
+
+def fake_source(monkeypatch, frames, corrupt_after=()):
     stream = SimpleNamespace(thread_type=None, guessed_rate=25, average_rate=25)
+    packets = []
+    for i, f in enumerate(frames):
+        packets.append(Packet(f))
+        if i in corrupt_after:
+            packets.append(Packet())
 
     @contextmanager
     def open_source(_):
-        yield SimpleNamespace(streams=SimpleNamespace(video=[stream]), decode=lambda _s: iter(frames))
+        yield SimpleNamespace(streams=SimpleNamespace(video=[stream]), demux=lambda _s: iter(packets))
 
     monkeypatch.setattr(gateway, "open_source", open_source)
 
@@ -49,3 +67,23 @@ def test_a_resolution_change_mid_batch_starts_a_new_batch_at_the_new_size(monkey
 def test_max_frames_stops_the_source(monkeypatch):
     fake_source(monkeypatch, frames_of([(16, 16)] * 10))
     assert sum(b.frame_count for b in read_batches("fake", "s", batch_frames=4, max_frames=6)) == 6
+
+
+def test_a_corrupt_packet_is_skipped_and_counted_not_the_end_of_the_source(monkeypatch):
+    fake_source(monkeypatch, frames_of([(16, 16)] * 10), corrupt_after={2, 6})
+    damage = gateway.SourceDamage()
+    batches = list(read_batches("fake", "s", batch_frames=4, damage=damage))
+    assert sum(b.frame_count for b in batches) == 10 and damage.corrupt_packets == 2
+
+
+@pytest.mark.parametrize("kw, says", [
+    ({"stream_id": "a b"}, "stream id 'a b'"),
+    ({"max_frames": 0}, "--frames 0"),
+    ({"max_frames": -5}, "--frames -5"),
+    ({"batch_frames": 300}, "--batch-frames 300: must be 1..256"),
+    ({"batch_frames": 0}, "--batch-frames 0"),
+])
+def test_a_request_the_workers_would_refuse_is_a_clear_error_before_anything_is_read(kw, says):
+    args = {"stream_id": "s", "batch_frames": 8, "max_frames": None, **kw}
+    with pytest.raises(ValueError, match=re.escape(says)):
+        gateway.check_request(**args)

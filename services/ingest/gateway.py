@@ -25,10 +25,10 @@ from prometheus_client import Counter, Histogram
 from tqdm import tqdm
 
 from shared import bus as busmod
-from shared.bus import Bus
+from shared.bus import Bus, TopologyMissing
 from shared.logs import get_logger
 from shared.pixfmt import frame_size, from_video_frame
-from shared.schemas import STREAM_ID_RE, STREAM_ID_RULE, FrameBatch
+from shared.schemas import STREAM_ID_RE, STREAM_ID_RULE, FrameBatch, Limits
 
 log = get_logger("ingest")
 
@@ -78,6 +78,19 @@ def ranges_text(numbers: list[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out) or "none"
 
 
+def _transient() -> tuple[type[BaseException], ...]:
+    """What a bus that is away (or restarting) raises; anything else is an answer, not an outage."""
+    from nats import errors as e
+    from nats.js import errors as je
+
+    return (asyncio.TimeoutError, ConnectionError, e.TimeoutError, e.NoRespondersError, e.StaleConnectionError,
+            e.OutboundBufferLimitError, e.ConnectionClosedError, e.NoServersError, e.ConnectionReconnectingError,
+            e.ConnectionDrainingError, je.ServiceUnavailableError)
+
+
+_TRANSIENT = _transient()
+
+
 class Outage:
     """When the bus last stopped acknowledging, shared by every publish of one ingest: an outage is
     measured once, from its first unanswered try, not again by each batch waiting behind it."""
@@ -98,19 +111,15 @@ async def until_acked(what: str, attempt, outage: Outage, stream_id: str, on_ret
     """``await attempt()`` until it succeeds, trying again (the same message, so the same id) after a
     try that got no answer, while the outage lasts less than its bound; then ``TimeoutError``.
     Refusals (permissions, a missing stream) are not retried: they do not pass."""
-    from nats.errors import Error as NatsError
-
-    from shared.bus import PermissionDenied, TopologyMissing
-
     delay = 0.2
     while True:
         try:
             result = await asyncio.wait_for(attempt(), ATTEMPT_S)
             outage.ok()
             return result
-        except (PermissionDenied, TopologyMissing):
-            raise
-        except (asyncio.TimeoutError, OSError, NatsError) as exc:
+        except (*_TRANSIENT, TopologyMissing) as exc:
+            if isinstance(exc, TopologyMissing) and outage.since is None:
+                raise  # no stream takes the subject, and the bus is there: an answer, not an outage
             lasted = outage.failed()
             if lasted >= outage.bound_s:
                 raise TimeoutError(f"{what}: no ack for {outage.bound_s:g} s") from None
@@ -136,14 +145,45 @@ def open_source(source: str) -> av.container.InputContainer:
         raise SourceError(f"cannot open {source!r}: {exc}") from None
 
 
-def read_batches(
-    source: str, stream_id: str, batch_frames: int = 8, max_frames: int | None = None, start_seq: int = 0
-) -> Iterator[FrameBatch]:
-    """Frame batches of a source, in order; the last one may be shorter."""
+def check_request(stream_id: str, batch_frames: int, max_frames: int | None, limits: Limits = Limits()) -> None:
+    """What an ingest is asked for, checked before anything is read or published: a batch larger
+    than the workers accept would be published and then rejected, every one of them."""
     if not STREAM_ID_RE.match(stream_id):
-        raise ValueError(f"stream id must be {STREAM_ID_RULE}")
-    if batch_frames < 1:
-        raise ValueError("batch_frames must be >= 1")
+        raise ValueError(f"stream id {stream_id!r}: must be {STREAM_ID_RULE}")
+    if not 1 <= batch_frames <= limits.max_frames:
+        raise ValueError(f"--batch-frames {batch_frames}: must be 1..{limits.max_frames} (the workers' limit per batch)")
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"--frames {max_frames}: must be at least 1 (or left out: the whole source)")
+
+
+def _frames(container, vs, damage: "SourceDamage | None") -> Iterator:
+    """The decoded frames of ``vs``: a packet the decoder cannot read (a corrupt one in a broadcast
+    capture, say) is skipped and counted, not the end of the source."""
+    for packet in container.demux(vs):
+        try:
+            frames = packet.decode()
+        except av.InvalidDataError as exc:
+            if damage is not None:
+                damage.corrupt_packets += 1
+            log.warning("corrupt_packet_skipped", pts=packet.pts, error=str(exc)[:200])
+            continue
+        yield from frames
+
+
+@dataclass
+class SourceDamage:
+    """What a source's reading survived: corrupt packets skipped."""
+
+    corrupt_packets: int = 0
+
+
+def read_batches(
+    source: str, stream_id: str, batch_frames: int = 8, max_frames: int | None = None, start_seq: int = 0,
+    damage: SourceDamage | None = None,
+) -> Iterator[FrameBatch]:
+    """Frame batches of a source, in order; the last one may be shorter.  Corrupt packets are
+    skipped, and counted in ``damage``."""
+    check_request(stream_id, batch_frames, max_frames)
     with open_source(source) as container:
         if not container.streams.video:
             raise SourceError(f"{source!r} has no video stream")
@@ -154,7 +194,7 @@ def read_batches(
         buf: np.ndarray | None = None
         seq, n, k, first_pts = start_seq, 0, 0, 0
         size: tuple[int, int] | None = None
-        for vf in container.decode(vs):
+        for vf in _frames(container, vs, damage):
             if size is None:
                 size = (vf.width, vf.height)
             elif (vf.width, vf.height) != size:
@@ -326,6 +366,7 @@ class IngestStats:
     raw_bytes: int = 0
     duplicates: int = 0
     dropped: int = 0  # live batches dropped while the bus was away (each with a rejected row)
+    damage: "SourceDamage" = field(default_factory=lambda: SourceDamage())
     seconds: float = 0.0
     batch_ids: list[str] = field(default_factory=list)
 
@@ -353,6 +394,7 @@ async def ingest(
     ``buffer_batches`` batches, and drops those beyond, each counted and given a rejected row
     (``dropped_at_gateway``) once the bus is back.  Past ``outage_s`` without an ack, :class:`BusOutage`
     names the batches that did not reach the bus."""
+    check_request(stream_id, batch_frames, max_frames)
     stats = IngestStats(stream_id)
     numbers = BatchNumbers(await bus.ingest_kv(), stream_id)
     outage = Outage(outage_s)
@@ -443,7 +485,8 @@ async def ingest(
             errors.append(exc)
 
     try:
-        async for fb in _threaded(read_batches(source, stream_id, batch_frames, max_frames, start_seq), stop=stop):
+        async for fb in _threaded(read_batches(source, stream_id, batch_frames, max_frames, start_seq, stats.damage),
+                                  stop=stop):
             if errors or (stop is not None and stop.is_set()):
                 break
             if realtime:
@@ -455,6 +498,9 @@ async def ingest(
                 fb = dataclasses.replace(fb, captured_at=time.time())
             elif not live:
                 fb = dataclasses.replace(fb, live=False)
+            if fb.raw_bytes > Limits().max_batch_bytes:
+                raise ValueError(f"a batch of {fb.frame_count} frames at {fb.width}x{fb.height} is {fb.raw_bytes >> 20} "
+                                 f"MiB, over the workers' {Limits().max_batch_bytes >> 20} MiB: use fewer --batch-frames")
             unsent.add(fb.batch_seq)
             if live and len(pending) >= in_flight + buffer_batches:
                 # The bus is away and the buffer is full: a live source cannot wait.
