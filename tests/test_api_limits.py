@@ -40,3 +40,41 @@ async def test_a_body_under_the_limit_reaches_the_handler(client):
                               headers={"Authorization": "Bearer aic_0_x"})
         assert r.status_code == 503 and r.json()["error"] == "unavailable"  # read and checked: no database here
         assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_readyz_answers_within_a_second_naming_the_server_that_does_not():
+    import asyncio
+    import time
+
+    async def hangs():
+        await asyncio.sleep(30)  # a server that accepted the connection and never answers
+
+    from contextlib import asynccontextmanager
+    from types import SimpleNamespace
+
+    @asynccontextmanager
+    async def nothing():
+        yield
+
+    async def answer(*_):
+        return []
+
+    conn = SimpleNamespace(transaction=lambda **_: nothing(), execute=answer, fetch=answer)
+    answering = SimpleNamespace(acquire=lambda: nothing_with(conn))
+
+    @asynccontextmanager
+    async def nothing_with(value):
+        yield value
+
+    async def ok():  # a database (or bus) that answers
+        return answering
+
+    for db, kv, down in ((hangs, ok, {"database"}), (ok, hangs, {"nats"}), (hangs, _unavailable, {"database", "nats"})):
+        app = create_app(db, kv)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as c:
+            t0 = time.monotonic()
+            r = await c.get("/readyz")
+            assert time.monotonic() - t0 < 1.0
+            assert r.status_code == 503 and set(r.json()["detail"]) == down, r.text
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(ok, ok)), base_url="http://api") as c:
+        assert (await c.get("/readyz")).json() == {"status": "ready"}

@@ -13,6 +13,7 @@ the database or NATS is unreachable.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from datetime import datetime, timedelta, timezone
@@ -118,6 +119,21 @@ def _json_row(r: asyncpg.Record) -> dict:
     for k, v in r.items():
         out[k] = v.isoformat() if isinstance(v, datetime) else (json.loads(v) if k == "extra" and isinstance(v, str) else v)
     return out
+
+
+#: How long /readyz waits for each backing server.
+PROBE_S = 0.5
+
+
+async def _probe(aw) -> str | None:
+    """None if ``aw`` completes within PROBE_S, else what went wrong."""
+    try:
+        await asyncio.wait_for(aw, PROBE_S)
+        return None
+    except asyncio.TimeoutError:
+        return f"no answer within {PROBE_S:g} s"
+    except Exception as exc:  # Unavailable, or whatever the server's client raised
+        return str(exc) or type(exc).__name__
 
 
 def _json_text(value: bytes | str | None) -> str | None:
@@ -290,11 +306,21 @@ def create_app(pool_getter, kv_getter, rate: float = auth.DEFAULT_RATE, open_met
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["ops"], summary="The database and NATS are reachable",
-             responses={503: {"description": "a backing server is unreachable"}})
-    async def readyz() -> dict:
-        await fetch("SELECT 1")
-        await kv()
+    @app.get("/readyz", tags=["ops"], summary="The database and NATS are reachable (an answer within a second)",
+             responses={503: {"description": "a backing server is unreachable: which, and why"}})
+    async def readyz():
+        async def nats() -> None:
+            bucket = await kv()
+            nc = getattr(getattr(bucket, "bus", None), "nc", None)
+            if nc is not None and not nc.is_connected:
+                raise Unavailable("not connected (reconnecting)")
+
+        # Both at once, each bounded: a probe must not wait out a dead server's timeouts.
+        problems = dict(zip(("database", "nats"), await asyncio.gather(
+            _probe(fetch("SELECT 1")), _probe(nats()))))
+        problems = {k: v for k, v in problems.items() if v is not None}
+        if problems:
+            return JSONResponse({"error": "unavailable", "detail": problems}, status_code=503)
         return {"status": "ready"}
 
     async def metrics() -> Response:
