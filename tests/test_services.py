@@ -372,3 +372,21 @@ def test_aic_up_restarts_a_nats_server_or_postgres_that_died(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_no_log_event_passes_a_field_structlog_uses_for_itself():
+    """structlog's ``level`` (and ``event``, ``timestamp``) would overwrite such a field: the batch
+    line once showed "level": "info" where the rate level should be."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    reserved = {"level", "event", "timestamp", "logger"}
+    found = []
+    for path in [*root.glob("services/**/*.py"), *root.glob("shared/**/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "log"
+                    and node.func.attr in ("debug", "info", "warning", "error", "critical", "exception")):
+                found += [f"{path.name}:{node.lineno} {k.arg}" for k in node.keywords if k.arg in reserved]
+    assert found == []

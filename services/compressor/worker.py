@@ -555,7 +555,7 @@ class Compressor:
             status="ok",
             batch_id=row.batch_id,
             codec=row.codec,
-            level=row.level,
+            rate_level=row.level,  # (not "level": that is the log line's own)
             fallback=row.fallback_reason,
             keyframe=row.keyframe_reason,
             frames=row.frames,
