@@ -24,27 +24,22 @@ from pathlib import Path
 from shared.embedded import new_password, secret_file
 from shared.endpoints import write_private
 from shared.pki import ensure_server_tls
-from shared.roles import ROLES, authorization_conf
-
-DB_ROLES = ("aic_writer", "aic_reader")
+from shared.roles import DB_READER, DB_WRITER, ROLES, User, authorization_conf
 
 
 def init(folder: Path, nats_names: list[str]) -> list[Path]:
     """Make the secrets under ``folder``; returns the files (made now or kept)."""
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)
-    files = [folder / "postgres_password", *(folder / f"{r}.password" for r in DB_ROLES)]
+    files = [folder / "postgres_password", *(folder / f"{r}.password" for r in (DB_WRITER, DB_READER))]
     for f in files:
         secret_file(f, new_password)
     files.append(folder / "nats_store.key")
     secret_file(files[-1], lambda: secrets.token_hex(32))
-    # nats-server's users come from one password file per role, named as shared/roles.py expects them.
-    users = folder / "nats-users"
-    users.mkdir(exist_ok=True, mode=0o700)
+    users = []
     for role in ROLES:
         path = folder / f"nats_{role}.password"
-        password = secret_file(path, new_password)
-        write_private(users / f"{role}.password", password + "\n")
+        users.append(User(role, role, None, secret_file(path, new_password)))
         files.append(path)
     tls = ensure_server_tls(folder / "nats", nats_names)  # (the nats image runs as root: 0600 files read)
     auth = write_private(folder / "nats" / "auth.conf", authorization_conf(users))

@@ -19,11 +19,32 @@ from shared.aio import run_blocking
 from shared.config import BusConfig, env_str
 from shared.embedded import NatsServer, PostgresServer, ServerError, die_with_parent, free_port
 from shared.logs import get_logger
+from shared.roles import DB_READER as READER
+from shared.roles import DB_WRITER as WRITER
 
-WRITER, READER = "aic_writer", "aic_reader"  # the database roles of the metrics service (migration 9)
 
 log = get_logger("stack")
 
+
+@dataclass
+class Backoff:
+    """When a process that died starts again: after a pause that doubles with each restart."""
+
+    cap_s: float = 5.0
+    restarts: int = 0
+    restart_at: float | None = None
+
+    def due(self, now: float, what: str, code: int | None) -> bool:
+        """Asked while the process is down: the first time, logs its exit and sets the pause (False);
+        True once the pause is over (counted as a restart)."""
+        if self.restart_at is None:
+            log.warning("process_exited", process=what, code=code, restarts=self.restarts)
+            self.restart_at = now + min(self.cap_s, 0.5 * 2**self.restarts)
+            return False
+        if now < self.restart_at:
+            return False
+        self.restarts, self.restart_at = self.restarts + 1, None
+        return True
 
 
 @dataclass
@@ -33,8 +54,7 @@ class ServiceProcess:
     env: dict
     log_path: Path
     proc: subprocess.Popen | None = None
-    restarts: int = 0
-    restart_at: float | None = None
+    backoff: Backoff = field(default_factory=Backoff)
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +94,8 @@ class Stack:
     services: list[ServiceProcess] = field(default_factory=list)
     endpoints_path: Path | None = None
     _lock: object = field(default=None, repr=False)
-    _server_restarts: dict = field(default_factory=dict, repr=False)
+    _server_backoff: dict = field(default_factory=lambda: {"nats": Backoff(10.0), "postgres": Backoff(10.0)},
+                                  repr=False)
 
     def start(self) -> "Stack":
         self.nats_url = self.nats_url or env_str("AIC_NATS_URL")
@@ -203,38 +224,21 @@ class Stack:
         self._lock.write(f"{os.getpid()}\n")
         self._lock.flush()
 
-    def _supervise_servers(self, now: float) -> None:
-        """Restart NATS or PostgreSQL if it died (same address, same data), after a growing pause."""
+    def supervise_once(self) -> None:
+        """Restart NATS, PostgreSQL (same address, same data) or a service that died, after a growing
+        pause, as a process supervisor would (non-blocking, except while a server starts again)."""
+        now = time.monotonic()
         for name, server in (("nats", self.nats), ("postgres", self.postgres)):
             if server is None or server.proc is None or server.proc.poll() is None:
                 continue
-            restarts, at = self._server_restarts.get(name, (0, None))
-            if at is None:
-                log.warning("server_exited", server=name, code=server.proc.returncode, restarts=restarts)
-                self._server_restarts[name] = (restarts, now + min(10.0, 0.5 * 2**restarts))
-            elif now >= at:
+            if self._server_backoff[name].due(now, name, server.proc.returncode):
                 try:
                     server.start()
-                    log.warning("server_restarted", server=name, restarts=restarts + 1)
-                    self._server_restarts[name] = (restarts + 1, None)
-                except (ServerError, OSError) as exc:
-                    log.error("server_restart_failed", server=name, error=str(exc))
-                    self._server_restarts[name] = (restarts + 1, now + min(10.0, 0.5 * 2 ** (restarts + 1)))
-
-    def supervise_once(self) -> None:
-        """Restart any server or service that died, after a growing pause, as a process supervisor
-        would (non-blocking, except while a server starts again)."""
-        now = time.monotonic()
-        self._supervise_servers(now)
+                    log.warning("process_restarted", process=name)
+                except (ServerError, OSError) as exc:  # still down: the next pause is longer
+                    log.error("restart_failed", process=name, error=str(exc))
         for s in self.services:
-            if s.proc is None or s.alive():
-                continue
-            if s.restart_at is None:
-                log.warning("service_exited", service=s.name, code=s.proc.returncode, restarts=s.restarts)
-                s.restart_at = now + min(5.0, 0.5 * 2**s.restarts)
-            elif now >= s.restart_at:
-                s.restarts += 1
-                s.restart_at = None
+            if s.proc is not None and not s.alive() and s.backoff.due(now, s.name, s.proc.returncode):
                 s.start()
 
     def stop(self) -> None:

@@ -40,8 +40,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import secrets
 import logging
+import secrets
 import time
 from dataclasses import dataclass, replace
 
@@ -172,16 +172,15 @@ class Bus:
         """Connect, waiting at most ``wait_s`` for the first connection (nats-py alone would retry
         forever); once connected, reconnects are unlimited.  Raises :class:`BusUnavailable`, or
         :class:`PermissionDenied` for credentials the server refuses."""
-        bus: list[Bus] = []
-        failures: list[Exception] = []
-        kwargs.setdefault("error_cb", _error_logger(bus, failures))
+        state = _Connecting()
+        kwargs.setdefault("error_cb", _error_logger(state))
         if cfg.user is not None:
             kwargs.update(user=cfg.user, password=cfg.password or "", inbox_prefix=f"_INBOX.{cfg.user}")
         if cfg.ca_file or cfg.nats_url.startswith("tls://"):
             from shared.pki import client_context
 
             kwargs["tls"] = client_context(cfg.ca_file)
-        connecting = asyncio.ensure_future(nats.connect(
+        state.task = asyncio.ensure_future(nats.connect(
             cfg.nats_url,
             name=name,
             max_reconnect_attempts=-1,
@@ -190,25 +189,22 @@ class Bus:
             drain_timeout=5,
             **kwargs,
         ))  # fmt: skip
-        failures.append(connecting)  # the error logger cancels it at a refusal: retrying cannot help
         try:
-            nc = await asyncio.wait_for(connecting, wait_s)
+            nc = await asyncio.wait_for(state.task, wait_s)
         except (asyncio.TimeoutError, asyncio.CancelledError, OSError, nats.errors.Error) as exc:
-            if isinstance(exc, asyncio.CancelledError) and not any(_refused(f) for f in failures[1:]):
-                raise
-            failures.pop(0)
-            why = next((str(f) for f in failures if _refused(f)), None)
-            if why or _refused(exc):
+            if isinstance(exc, asyncio.CancelledError) and state.refusal is None:
+                raise  # our caller's cancellation, not the error logger's
+            if state.refusal is not None or _refused(exc):
                 raise PermissionDenied(f"the NATS server at {redact(cfg.nats_url)} refused the credentials of "
-                                       f"user {cfg.user or '(none)'}: {why or exc}") from None
-            tls = next((f for f in failures if "CERTIFICATE" in str(f) or "SSL" in type(f).__name__), None)
+                                       f"user {cfg.user or '(none)'}: {state.refusal or exc}") from None
+            tls = next((f for f in state.errors if "CERTIFICATE" in str(f) or "SSL" in type(f).__name__), None)
             if tls is not None:
                 raise BusUnavailable(f"TLS with the NATS server at {redact(cfg.nats_url)} failed: {tls} "
                                      f"(CA file: {cfg.ca_file or 'the system CAs'})") from None
             raise BusUnavailable(f"no NATS server answered at {redact(cfg.nats_url)} within {wait_s:g} s "
                                  f"({type(exc).__name__})") from None
-        bus.append(cls(nc, cfg))
-        return bus[0]
+        state.bus = cls(nc, cfg)
+        return state.bus
 
     def _denied(self, message: str) -> None:
         for fut in self._watching_denials:
@@ -320,26 +316,19 @@ class Bus:
         """The keys of ``bucket`` that match ``keys`` (a subject pattern, e.g. ``acme.*``), read with a
         consumer whose filter is in its create subject, so that permissions can confine it to a
         tenant's keys (nats-py's ``keys()`` asks for every key)."""
-        stream, prefix = f"KV_{bucket}", f"$KV.{bucket}."
-        name = f"keys-{secrets.token_hex(8)}"
-        info = await self.guarded(self.js.add_consumer(stream, jsapi.ConsumerConfig(
-            name=name, filter_subject=prefix + keys, deliver_policy=jsapi.DeliverPolicy.LAST_PER_SUBJECT,
-            ack_policy=jsapi.AckPolicy.NONE, headers_only=True, mem_storage=True, inactive_threshold=30.0)))
-        found: dict[str, None] = {}
+        prefix = f"$KV.{bucket}."
+        reader = await self.follow(f"KV_{bucket}", prefix + keys, deliver_policy=jsapi.DeliverPolicy.LAST_PER_SUBJECT,
+                                   headers_only=True)
+        found: set[str] = set()
         try:
-            sub = await self.js.pull_subscribe_bind(durable=name, stream=stream)
-            pending = info.num_pending
+            pending = reader.pending
             while pending:
-                for msg in await self.guarded(sub.fetch(min(pending, 256), timeout=5)):
-                    pending = msg.metadata.num_pending
-                    if (msg.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
-                        found[msg.subject[len(prefix):]] = None
-            await sub.unsubscribe()
+                msg = await reader.next_msg(timeout=5)
+                pending = msg.metadata.num_pending
+                if (msg.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
+                    found.add(msg.subject[len(prefix):])
         finally:
-            try:
-                await self.js.delete_consumer(stream, name)
-            except Exception:
-                pass  # it expires after inactive_threshold anyway
+            await reader.close()
         return sorted(found)
 
     async def _ensure_kv(self, bucket: str, history: int, description: str) -> None:
@@ -433,15 +422,18 @@ class Bus:
             ),
         )
 
-    async def follow(self, stream: str, subject: str) -> "Follower":
-        """Read ``subject``'s messages on ``stream`` in order, from its first, with a consumer of this
-        reader's own: named, so that its filter is in the create subject and permissions can confine a
-        reader to its tenant's streams; removed by :meth:`Follower.close`, or after a minute unused."""
+    async def follow(self, stream: str, subject: str, **config) -> "Follower":
+        """Read ``subject``'s messages on ``stream`` in order, from its first (``config``: other consumer
+        settings), with a consumer of this reader's own: named, so that its filter is in the create
+        subject and permissions can confine a reader to its tenant's streams; removed by
+        :meth:`Follower.close`, or after a minute unused."""
         name = f"rx-{secrets.token_hex(8)}"
-        await self.guarded(self.js.add_consumer(stream, jsapi.ConsumerConfig(
-            name=name, filter_subject=subject, deliver_policy=jsapi.DeliverPolicy.ALL,
-            ack_policy=jsapi.AckPolicy.NONE, mem_storage=True, inactive_threshold=60.0)))
-        return Follower(self, stream, name, await self.js.pull_subscribe_bind(durable=name, stream=stream))
+        config = {"deliver_policy": jsapi.DeliverPolicy.ALL, **config}
+        info = await self.guarded(self.js.add_consumer(stream, jsapi.ConsumerConfig(
+            name=name, filter_subject=subject, ack_policy=jsapi.AckPolicy.NONE, mem_storage=True,
+            inactive_threshold=60.0, **config)))
+        sub = await self.js.pull_subscribe_bind(durable=name, stream=stream)
+        return Follower(self, stream, name, sub, info.num_pending)
 
     async def pull(self, stream: str, durable: str) -> JetStreamContext.PullSubscription:
         return await self.js.pull_subscribe_bind(durable=durable, stream=stream)
@@ -558,7 +550,18 @@ def _missing(what: str, user: str | None) -> str:
             "`aic up`, which creates it, or create it once with the admin credentials")
 
 
-def _error_logger(bus: list, failures: list):
+class _Connecting:
+    """A connection being made, as its error logger sees it: the connect task (cancelled at a refusal:
+    trying again cannot help), the last errors before it succeeded, and the bus once it has."""
+
+    def __init__(self):
+        self.task: asyncio.Future | None = None
+        self.errors: list[Exception] = []
+        self.refusal: str | None = None
+        self.bus: Bus | None = None
+
+
+def _error_logger(state: _Connecting):
     """nats-py prints a traceback for every failed (re)connect try; one line per kind of error
     every 10 s says the same.  A permission violation is logged with the subject it names and fails
     the operation that caused it (:meth:`Bus.guarded`)."""
@@ -566,14 +569,14 @@ def _error_logger(bus: list, failures: list):
 
     async def on_error(exc: Exception) -> None:
         text = str(exc)
-        if not bus:
-            failures.append(exc)
-            del failures[1:-8]
+        if state.bus is None:
+            state.errors = [*state.errors[-7:], exc]
             if _refused(exc):
-                failures[0].cancel()
+                state.refusal = text
+                state.task.cancel()
         elif "permissions violation" in text.lower():
-            log.error("nats_permission_denied", user=bus[0].cfg.user, error=text)
-            bus[0]._denied(text.replace("nats: ", ""))
+            log.error("nats_permission_denied", user=state.bus.cfg.user, error=text)
+            state.bus._denied(text.replace("nats: ", ""))
             return
         key, now = f"{type(exc).__name__}: {text}", time.monotonic()
         if now - last.get(key, -1e9) >= 10.0:
@@ -621,8 +624,9 @@ def _bytes(value: bytes | str) -> bytes:
 class Follower:
     """A reader's own consumer on one subject (:meth:`Bus.follow`)."""
 
-    def __init__(self, bus: Bus, stream: str, name: str, sub: JetStreamContext.PullSubscription):
+    def __init__(self, bus: Bus, stream: str, name: str, sub: JetStreamContext.PullSubscription, pending: int):
         self.bus, self.stream, self.name, self._sub = bus, stream, name, sub
+        self.pending = pending  # messages the consumer had to deliver when it was made
         self._ready: list[Msg] = []
 
     async def next_msg(self, timeout: float) -> Msg:

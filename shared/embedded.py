@@ -240,7 +240,7 @@ class NatsServer:
             t = ensure_server_tls(self.root / "tls")
             text += f'tls {{ cert_file: "{t.cert_file}", key_file: "{t.key_file}", timeout: 2 }}\n'
         if self.auth:
-            text += roles.authorization_conf(self.credentials_dir)
+            text += roles.authorization_conf(roles.read_users(self.credentials_dir))
         write_private(self.root / "nats-server.conf", text)
 
     def start(self) -> "NatsServer":
@@ -341,7 +341,7 @@ class PostgresServer:
         """``role``'s password (the superuser's, or a service role's, generated on first use)."""
         if role == "postgres":
             return self.password
-        return secret_file(self.root / f"{role}.password", lambda: secrets.token_urlsafe(24))
+        return secret_file(self.root / f"{role}.password", new_password)
 
     def role_url(self, role: str) -> str:
         """The URL to log in as ``role``."""
@@ -402,7 +402,7 @@ class PostgresServer:
     def start(self) -> "PostgresServer":
         self.root.mkdir(parents=True, exist_ok=True)
         self._prepare_user()
-        self.password = secret_file(self.password_file, lambda: secrets.token_urlsafe(24))
+        self.password = secret_file(self.password_file, new_password)
         log = self.root / "postgres.log"
         if not (self.pgdata / "PG_VERSION").exists():
             self.pgdata.mkdir(parents=True, exist_ok=True)
@@ -495,7 +495,7 @@ class PostgresServer:
         trusting = [not line.startswith("#") and line.split()[-1:] == ["trust"] for line in lines]
         if not any(trusting):
             return
-        # (the password travels as a literal in one local statement; it is URL-safe base64: no quotes)
+        # (the password travels as a literal in one local statement; aic generates it without quotes)
         self._psql("SET password_encryption = 'scram-sha-256'; "
                    f"ALTER USER postgres PASSWORD '{self.password}'")
         lines = [" ".join(line.split()[:-1] + ["scram-sha-256"]) if trust else line

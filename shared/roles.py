@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shared.bus import (
     ADVISORY_STREAM, BLOBS_STREAM, COMPRESSED_STREAM, COMPRESSOR_CONSUMER, CONTROL_STREAM, DEADLETTER_STREAM,
@@ -53,6 +53,9 @@ from shared.control import CONTROL_PREFIX, KEYFRAME_PREFIX, KV_BUCKET
 from shared.schemas import DEFAULT_TENANT, DEFAULT_TOKEN, check_tenant
 
 ROLES = ("gateway", "compressor", "metrics", "receiver", "operator", "admin")
+#: The database roles of the metrics service (services/metrics/migrations.py, version 9): the writer
+#: puts rows in, the reader serves the API's reads under row-level security by tenant.
+DB_WRITER, DB_READER = "aic_writer", "aic_reader"
 #: The roles that belong to one tenant (the others serve every tenant).
 TENANT_ROLES = ("gateway", "receiver", "operator")
 ADMIN = "admin"
@@ -168,14 +171,21 @@ def permissions(role: str, tenant: str | None = None) -> Permissions:
 BCRYPT_COST = 6
 
 
-def users(credentials: Path) -> list[tuple[str, str, str | None]]:
-    """(user, role, tenant) of every password file under ``credentials``: ``<role>.password`` for the
-    services and the default tenant, ``<tenant>/<role>.password`` for a tenant's roles."""
-    out = [(r, r, None) for r in ROLES if (credentials / f"{r}.password").exists()]
-    for folder in sorted(p for p in credentials.iterdir() if p.is_dir()):
-        out += [(user_name(r, folder.name), r, folder.name) for r in TENANT_ROLES
-                if (folder / f"{r}.password").exists()]
-    return out
+@dataclass(frozen=True)
+class User:
+    name: str
+    role: str
+    tenant: str | None
+    password: str = field(repr=False)
+
+
+def read_users(credentials: Path) -> list[User]:
+    """Every user with a password file under ``credentials``: ``<role>.password`` for the services and
+    the default tenant, ``<tenant>/<role>.password`` for a tenant's roles."""
+    found = [(r, None) for r in ROLES] + [(r, d.name) for d in sorted(p for p in credentials.iterdir() if p.is_dir())
+                                           for r in TENANT_ROLES]
+    return [User(user_name(r, t), r, t, password_file(credentials, r, t).read_text().strip())
+            for r, t in found if password_file(credentials, r, t).exists()]
 
 
 def password_file(credentials: Path, role: str, tenant: str | None = None) -> Path:
@@ -184,16 +194,15 @@ def password_file(credentials: Path, role: str, tenant: str | None = None) -> Pa
     return credentials / check_tenant(tenant) / f"{role}.password"
 
 
-def authorization_conf(credentials: Path) -> str:
-    """nats-server's ``authorization`` block for every user under ``credentials``: bcrypt hashes of
-    their passwords and their permissions."""
+def authorization_conf(users: list[User]) -> str:
+    """nats-server's ``authorization`` block for ``users``: bcrypt hashes of their passwords and their
+    permissions."""
     import bcrypt
 
     lines = []
-    for user, role, tenant in users(credentials):
-        secret = password_file(credentials, role, tenant).read_text().strip().encode()
-        hashed = bcrypt.hashpw(secret, bcrypt.gensalt(BCRYPT_COST, prefix=b"2a")).decode()
-        p = permissions(role, tenant)
+    for u in users:
+        hashed = bcrypt.hashpw(u.password.encode(), bcrypt.gensalt(BCRYPT_COST, prefix=b"2a")).decode()
+        p = permissions(u.role, u.tenant)
         perms = {"publish": {"allow": list(p.publish)}, "subscribe": {"allow": list(p.subscribe)}}
-        lines.append(f"    {{user: {json.dumps(user)}, password: {json.dumps(hashed)}, permissions: {json.dumps(perms)}}}")
+        lines.append(f"    {{user: {json.dumps(u.name)}, password: {json.dumps(hashed)}, permissions: {json.dumps(perms)}}}")
     return "authorization {\n  users = [\n" + "\n".join(lines) + "\n  ]\n}\n"

@@ -24,6 +24,11 @@ def aic(*args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, **kw)
 
 
+def no_named_servers() -> dict:
+    """This process's environment without servers named in it: what `aic up` runs as on a fresh machine."""
+    return {k: v for k, v in os.environ.items() if k not in ("AIC_NATS_URL", "AIC_DATABASE_URL")}
+
+
 @pytest.mark.parametrize("command", ["up", "ingest", "compressor", "metrics", "decode", "demo", "db", "config", "report",
                                      "tenant", "token", "bus", "secrets", "train", "bench"])
 def test_every_command_explains_itself(command):
@@ -70,7 +75,7 @@ async def test_a_redelivered_metrics_record_makes_no_second_row(bus, bus_cfg, po
 
 @pytest.mark.slow
 def test_aic_up_prints_its_urls_and_stops_cleanly_on_sigterm(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("AIC_NATS_URL", "AIC_DATABASE_URL")}
+    env = no_named_servers()
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "up", "--data-dir", str(tmp_path / "aic")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -101,7 +106,7 @@ def test_aic_up_prints_its_urls_and_stops_cleanly_on_sigterm(tmp_path):
 
 @pytest.mark.slow
 def test_demo_json_reports_every_batch(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("AIC_NATS_URL", "AIC_DATABASE_URL")}
+    env = no_named_servers()
     r = aic("demo", "--streams", "2", "--frames", "24", "--json", "--data-dir", str(tmp_path / "d"), env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -333,7 +338,7 @@ def _alive_pid(path) -> int | None:
 
 @pytest.mark.slow
 def test_kill_9_of_aic_up_leaves_no_orphan_and_a_second_aic_up_on_its_folder_is_refused(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("AIC_NATS_URL", "AIC_DATABASE_URL")}
+    env = no_named_servers()
     folder = tmp_path / "aic"
     first = _start_up(folder, env)
     try:
@@ -354,7 +359,7 @@ def test_kill_9_of_aic_up_leaves_no_orphan_and_a_second_aic_up_on_its_folder_is_
 
 @pytest.mark.slow
 def test_aic_up_restarts_a_nats_server_or_postgres_that_died(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("AIC_NATS_URL", "AIC_DATABASE_URL")}
+    env = no_named_servers()
     folder = tmp_path / "aic"
     proc = _start_up(folder, env)
     try:

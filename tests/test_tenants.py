@@ -49,6 +49,10 @@ async def _connect(nats_server, role, tenant=None) -> Bus:
     return await Bus.connect(nats_server.client(role, tenant), name=f"{role}-{tenant}")
 
 
+async def _connect_all(nats_server, *who: tuple[str, str | None]) -> list[Bus]:
+    return [await _connect(nats_server, role, tenant) for role, tenant in who]
+
+
 async def test_a_tenant_reaches_nothing_of_another_tenant_or_of_the_default_tenant(nats_server, tenants):
     admin = tenants
     # What there is to reach: each tenant's frames, compressed payload, config and numbering.
@@ -79,7 +83,7 @@ async def test_a_tenant_reaches_nothing_of_another_tenant_or_of_the_default_tena
 
     for me, mine, others in (("acme", "acme.cam", ("beta.cam", "cam")), ("beta", "beta.cam", ("acme.cam", "cam")),
                              (None, "cam", ("acme.cam", "beta.cam"))):
-        gw, rx, op = [await _connect(nats_server, r, me) for r in ("gateway", "receiver", "operator")]
+        gw, rx, op = await _connect_all(nats_server, *((r, me) for r in ("gateway", "receiver", "operator")))
         try:
             # Its own streams: everything its roles are for.
             for bus, attempt in ((gw, publish(mine)), (gw, kv("ingest", mine, True)), (rx, follow(mine)),
@@ -107,8 +111,7 @@ async def test_a_tenants_stream_goes_through_the_pipeline_and_only_its_receiver_
     nats_server, tenants, bus_cfg, tmp_path
 ):
     sid = f"acme.{unique('cam')}"
-    gw, rx, other = [await _connect(nats_server, r, t) for r, t in (("gateway", "acme"), ("receiver", "acme"),
-                                                                    ("receiver", "beta"))]
+    gw, rx, other = await _connect_all(nats_server, ("gateway", "acme"), ("receiver", "acme"), ("receiver", "beta"))
     worker = compressor(nats_server.client("compressor", ack_wait_s=10.0, max_deliver=3), codec="x264-psnr")
     try:
         async with running(worker):
@@ -164,8 +167,7 @@ async def test_another_tenants_gateway_can_neither_inject_into_a_stream_nor_make
     nats_server, tenants, postgres, tmp_path
 ):
     victim = f"acme.{unique('cam')}"
-    gw, rx, attacker = [await _connect(nats_server, r, t) for r, t in (("gateway", "acme"), ("receiver", "acme"),
-                                                                       ("gateway", "beta"))]
+    gw, rx, attacker = await _connect_all(nats_server, ("gateway", "acme"), ("receiver", "acme"), ("gateway", "beta"))
     from services.ingest import read_batches
     from tests.conftest import metrics_writer, wait_rows
 

@@ -403,8 +403,9 @@ class Compressor:
         meta = msg.metadata
         attempts = meta.num_delivered or 1
         beat = asyncio.create_task(self._heartbeat(msg))
+        on_subject = busmod.stream_of_subject(msg.subject)
         ids = _ids_from_msg_id((msg.headers or {}).get(busmod.MSG_ID_HEADER, ""))
-        if ids[0] != busmod.stream_of_subject(msg.subject):
+        if ids[0] != on_subject:
             ids = (None, None)  # an id naming another stream than its subject's is not the gateway's
         if ids[0] is not None:
             self.refs.begin(*ids)
@@ -422,7 +423,7 @@ class Compressor:
                 fb = await asyncio.get_running_loop().run_in_executor(None, unpack_frame_batch, data,
                                                                       self.cfg.limits)
                 del data
-                if fb.stream_id != busmod.stream_of_subject(msg.subject):
+                if fb.stream_id != on_subject:
                     # Permissions bind a gateway to its tenant's subjects, not the bytes it sends: a
                     # batch that names another stream would be coded into that stream.
                     raise SchemaError("bad_field", f"stream_id {fb.stream_id!r} is not the stream of subject "

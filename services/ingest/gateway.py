@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 import av
+from nats import errors as nats_errors
+from nats.js.errors import ServiceUnavailableError
 import numpy as np
 from prometheus_client import Counter, Histogram
 from tqdm import tqdm
@@ -78,17 +80,11 @@ def ranges_text(numbers: list[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out) or "none"
 
 
-def _transient() -> tuple[type[BaseException], ...]:
-    """What a bus that is away (or restarting) raises; anything else is an answer, not an outage."""
-    from nats import errors as e
-    from nats.js import errors as je
-
-    return (asyncio.TimeoutError, ConnectionError, e.TimeoutError, e.NoRespondersError, e.StaleConnectionError,
-            e.OutboundBufferLimitError, e.ConnectionClosedError, e.NoServersError, e.ConnectionReconnectingError,
-            e.ConnectionDrainingError, je.ServiceUnavailableError)
-
-
-_TRANSIENT = _transient()
+#: What a bus that is away (or restarting) raises; anything else is an answer, not an outage.
+_TRANSIENT = (asyncio.TimeoutError, ConnectionError, nats_errors.TimeoutError, nats_errors.NoRespondersError,
+              nats_errors.StaleConnectionError, nats_errors.OutboundBufferLimitError,
+              nats_errors.ConnectionClosedError, nats_errors.NoServersError, nats_errors.ConnectionReconnectingError,
+              nats_errors.ConnectionDrainingError, ServiceUnavailableError)
 
 
 class Outage:
@@ -107,24 +103,24 @@ class Outage:
         self.since = None
 
 
-async def until_acked(what: str, attempt, outage: Outage, stream_id: str, on_retry=None):
-    """``await attempt()`` until it succeeds, trying again (the same message, so the same id) after a
-    try that got no answer, while the outage lasts less than its bound; then ``TimeoutError``.
-    Refusals (permissions, a missing stream) are not retried: they do not pass."""
-    delay = 0.2
+async def until_acked(what: str, attempt, outage: Outage, stream_id: str):
+    """(``await attempt()``, whether it took more than one try): tried again (the same message, so the
+    same id) after a try that got no answer, while the outage lasts less than its bound; then
+    ``TimeoutError``.  Refusals (permissions, a missing stream) are not retried: they do not pass."""
+    delay, tries = 0.2, 0
     while True:
+        tries += 1
         try:
             result = await asyncio.wait_for(attempt(), ATTEMPT_S)
             outage.ok()
-            return result
+            return result, tries > 1
         except (*_TRANSIENT, TopologyMissing) as exc:
             if isinstance(exc, TopologyMissing) and outage.since is None:
                 raise  # no stream takes the subject, and the bus is there: an answer, not an outage
             lasted = outage.failed()
             if lasted >= outage.bound_s:
                 raise TimeoutError(f"{what}: no ack for {outage.bound_s:g} s") from None
-            if on_retry is not None:
-                on_retry()
+            RETRIES.labels(stream_id).inc()
             log.warning("publish_retry", stream_id=stream_id, what=what, error=type(exc).__name__,
                         outage_s=round(lasted, 1))
             await asyncio.sleep(min(delay, max(0.05, outage.bound_s - lasted)))
@@ -366,7 +362,7 @@ class IngestStats:
     raw_bytes: int = 0
     duplicates: int = 0
     dropped: int = 0  # live batches dropped while the bus was away (each with a rejected row)
-    damage: "SourceDamage" = field(default_factory=lambda: SourceDamage())
+    damage: SourceDamage = field(default_factory=SourceDamage)
     seconds: float = 0.0
     batch_ids: list[str] = field(default_factory=list)
 
@@ -394,12 +390,13 @@ async def ingest(
     ``buffer_batches`` batches, and drops those beyond, each counted and given a rejected row
     (``dropped_at_gateway``) once the bus is back.  Past ``outage_s`` without an ack, :class:`BusOutage`
     names the batches that did not reach the bus."""
-    check_request(stream_id, batch_frames, max_frames)
+    limits = Limits()  # the workers' (their defaults: a gateway cannot know a deployment's own)
+    check_request(stream_id, batch_frames, max_frames, limits)
     stats = IngestStats(stream_id)
     numbers = BatchNumbers(await bus.ingest_kv(), stream_id)
     outage = Outage(outage_s)
     try:
-        next_free = await until_acked("reading the stream's numbering", numbers.load, outage, stream_id)
+        next_free, _ = await until_acked("reading the stream's numbering", numbers.load, outage, stream_id)
     except TimeoutError:
         raise BusOutage(stream_id, [], outage_s) from None
     if start_seq is None:
@@ -418,29 +415,17 @@ async def ingest(
     errors: list[BaseException] = []
     unsent: set[int] = set()  # batches read whose publish has not been acknowledged yet
     in_order = asyncio.Lock()  # numbers are reserved in batch order, each before its batch goes out
-    dropped: list[int] = []
-
-    def retried() -> None:
-        RETRIES.labels(stream_id).inc()
-
     async def reserve(seq: int) -> None:
         async with in_order:
-            await until_acked(f"reserving batch {seq}", lambda: numbers.reserve(seq + 1), outage, stream_id, retried)
+            await until_acked(f"reserving batch {seq}", lambda: numbers.reserve(seq + 1), outage, stream_id)
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=max_frames, unit="frame", desc=stream_id, disable=not show, leave=False)
     t0 = time.monotonic()
 
     async def send(data: bytes, msg_id: str, headers: dict, what: str):
         """(ack, whether it took more than one try)."""
-        tries = []
-
-        def again() -> None:
-            tries.append(1)
-            retried()
-
-        ack = await until_acked(what, lambda: bus.publish(subject, data, msg_id, kind="frames", headers=headers),
-                                outage, stream_id, again)
-        return ack, bool(tries)
+        return await until_acked(what, lambda: bus.publish(subject, data, msg_id, kind="frames", headers=headers),
+                                 outage, stream_id)
 
     async def publish(fb: FrameBatch, slotted: bool) -> None:
         try:
@@ -498,13 +483,12 @@ async def ingest(
                 fb = dataclasses.replace(fb, captured_at=time.time())
             elif not live:
                 fb = dataclasses.replace(fb, live=False)
-            if fb.raw_bytes > Limits().max_batch_bytes:
+            if fb.raw_bytes > limits.max_batch_bytes:
                 raise ValueError(f"a batch of {fb.frame_count} frames at {fb.width}x{fb.height} is {fb.raw_bytes >> 20} "
-                                 f"MiB, over the workers' {Limits().max_batch_bytes >> 20} MiB: use fewer --batch-frames")
+                                 f"MiB, over the workers' {limits.max_batch_bytes >> 20} MiB: use fewer --batch-frames")
             unsent.add(fb.batch_seq)
             if live and len(pending) >= in_flight + buffer_batches:
                 # The bus is away and the buffer is full: a live source cannot wait.
-                dropped.append(fb.batch_seq)
                 DROPPED.labels(stream_id).inc()
                 log.warning("batch_dropped", stream_id=stream_id, batch_seq=fb.batch_seq, buffered=len(pending))
                 task = asyncio.create_task(report_dropped(fb))

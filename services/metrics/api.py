@@ -248,12 +248,15 @@ def create_app(pool_getter, kv_getter, rate: float = auth.DEFAULT_RATE, open_met
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise Unavailable(f"database: {exc}") from None
 
-    async def as_tenant(tenant: str, work):
-        """``work(conn)`` in a transaction that tells the database whose request this is: connected as
-        aic_reader, row-level security then shows only ``tenant``'s rows ('*': every tenant's), a
-        second wall behind the queries' own tenant filters."""
+    async def db(work, tenant: str | None = None):
+        """``work(conn)``, a server that is away answered as 503.  With ``tenant``, in a read-only
+        transaction that tells the database whose request this is: connected as aic_reader, row-level
+        security then shows only ``tenant``'s rows ('*': every tenant's), a second wall behind the
+        queries' own tenant filters."""
         try:
             async with (await pool()).acquire() as conn:
+                if tenant is None:
+                    return await work(conn)
                 async with conn.transaction(readonly=True):
                     await conn.execute("SELECT set_config('aic.tenant', $1, true)", tenant)
                     return await work(conn)
@@ -261,7 +264,7 @@ def create_app(pool_getter, kv_getter, rate: float = auth.DEFAULT_RATE, open_met
             raise Unavailable(f"database: {exc}") from None
 
     async def fetch(sql: str, *args, tenant: str = auth.ALL_TENANTS) -> list[asyncpg.Record]:
-        return await as_tenant(tenant, lambda conn: conn.fetch(sql, *args))
+        return await db(lambda conn: conn.fetch(sql, *args), tenant)
 
     async def kv():
         try:
@@ -274,10 +277,7 @@ def create_app(pool_getter, kv_getter, rate: float = auth.DEFAULT_RATE, open_met
         scheme, _, presented = (request.headers.get("authorization") or "").partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
             raise Refused(401, "unauthorized", "this call needs Authorization: Bearer <token> (aic token create)")
-        try:
-            found = await auth.verify(await pool(), presented.strip())
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
-            raise Unavailable(f"database: {exc}") from None
+        found = await db(lambda conn: auth.verify(conn, presented.strip()))
         if found is None:
             raise Refused(401, "unauthorized", "the token is unknown, expired or revoked")
         wait = limiter.take(found.id)
@@ -372,10 +372,7 @@ def create_app(pool_getter, kv_getter, rate: float = auth.DEFAULT_RATE, open_met
             before = None
         after = cfg.to_json()
         # Audited first: a change that is not in the audit never happens.
-        try:
-            await auth.audit_config(await pool(), t, body.stream_id, "set", _json_text(before), _json_text(after))
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
-            raise Unavailable(f"database: {exc}") from None
+        await db(lambda conn: auth.audit_config(conn, t, body.stream_id, "set", _json_text(before), _json_text(after)))
         await bucket.put(body.stream_id, after)
         log.info("config_set", stream_id=body.stream_id, token_id=t.id, role=t.role)
         return _config_out(body.stream_id, cfg)
@@ -437,7 +434,7 @@ def create_app(pool_getter, kv_getter, rate: float = auth.DEFAULT_RATE, open_met
         lo, hi = _utc(since, now - timedelta(hours=24)), _utc(until, now)
         if lo >= hi:
             raise BadRequest("since must be before until")
-        return await as_tenant(t.tenant, lambda conn: performance_summary(conn, lo, hi, stream_id, t.tenant_filter))
+        return await db(lambda conn: performance_summary(conn, lo, hi, stream_id, t.tenant_filter), t.tenant)
 
     @app.get(f"{API}/stats/bandwidth", tags=["metrics"],
              summary="Bandwidth saved against native, from measured baselines only (sampled batches)",

@@ -11,6 +11,8 @@ from datetime import date, datetime, timedelta, timezone
 
 import asyncpg
 
+from shared.roles import DB_READER, DB_WRITER
+
 _LOCK_KEY = 0x61696301  # "aic\x01": serialises concurrent migrators
 
 MIGRATIONS: list[tuple[int, str, str]] = [
@@ -349,7 +351,7 @@ MIGRATIONS: list[tuple[int, str, str]] = [
 
 
 #: The roles the services log in as (migration 9): the metrics writer, and the API's reads.
-WRITER, READER = "aic_writer", "aic_reader"
+WRITER, READER = DB_WRITER, DB_READER
 
 
 class SchemaBehind(RuntimeError):
