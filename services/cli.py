@@ -206,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("assignments", nargs="+", metavar="key=value",
                    help="mode=conservative|adaptive|aggressive|off, target=DB, level_min=K, level_max=K, budget_kbps=N")
     _bus_args(c, tenant=True)
+    c = csub.add_parser("replace", help="replace a stream's whole config: keys not given take the mode's preset "
+                                        "(as the API's PUT; `set` merges, as its PATCH)")
+    c.add_argument("stream_id")
+    c.add_argument("assignments", nargs="*", metavar="key=value", help="mode, target, level_min, level_max, budget_kbps")
+    _bus_args(c, tenant=True)
     c = csub.add_parser("get", help="show a stream's config and what it means, or every stream's")
     c.add_argument("stream_id", nargs="?")
     _bus_args(c, tenant=True)
@@ -258,6 +263,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", type=Path, help="also write a self-contained HTML report with plots here")
     _db_args(p)
 
+    p = sub.add_parser("top", help="a live view per stream: frames in and out, backlog, latency, codecs, key frames",
+                       description="A live terminal view of a running stack (services/top.py): per stream the frames "
+                                   "per second in (the gateways' numbering) and out (rows), the batches waiting, latency "
+                                   "p50/p99 split into waiting and coding, the raw:coded ratio, codec and key-frame mix, "
+                                   "fallbacks and batches without a payload; above it the frames stream's fill against "
+                                   "its bound and its oldest batch.  Reads the bus as its admin and the database.")
+    p.add_argument("--window", type=float, default=30.0, help="seconds of rows each view summarises (default %(default)s)")
+    p.add_argument("--every", type=float, default=2.0, help="seconds between redraws (default %(default)s)")
+    p.add_argument("--once", action="store_true", help="print one view (two samples --every apart) and exit")
+    p.add_argument("--tenant", default=env_str("AIC_TENANT"), help="only this tenant's streams")
+    _bus_args(p)
+    p.add_argument("--database-url", help="PostgreSQL URL (default: $AIC_DATABASE_URL, else the `aic up` running "
+                                          "with --data-dir)")
+
     p = sub.add_parser("db", help="database administration")
     dsub = p.add_subparsers(dest="db_command", required=True)
     m = dsub.add_parser("migrate", help="apply pending schema migrations, create day partitions ahead, "
@@ -279,10 +298,12 @@ def _partition_args(p: argparse.ArgumentParser) -> None:
 
 
 def _serve_metrics(port: int) -> None:
+    """Prometheus /metrics on ``port`` (0: none), on ``$AIC_METRICS_HOST`` (127.0.0.1 unless a container
+    says 0.0.0.0: the counters name streams and workers)."""
     if port:
         from prometheus_client import start_http_server
 
-        start_http_server(port)
+        start_http_server(port, addr=env_str("AIC_METRICS_HOST", "127.0.0.1"))
 
 
 def cmd_compressor(a: argparse.Namespace) -> int:
@@ -422,6 +443,11 @@ def cmd_up(a: argparse.Namespace) -> int:
                   f"{stack.nats.credentials_dir}/<role>.password (0600), TLS CA {stack.nats.ca_file}; aic commands "
                   "run with this data folder use them (elsewhere: AIC_NATS_USER, AIC_NATS_PASSWORD_FILE, AIC_NATS_CA)",
                   flush=True)
+        print(f"storage     {stack.bus_config().store.describe()}   (AIC_FRAMES_MAX_BYTES, AIC_OUTPUTS_MAX_BYTES, "
+              "AIC_RETENTION_S)", flush=True)
+        if stack.metrics_ports:
+            print("prometheus  " + ", ".join(f"{name} http://127.0.0.1:{port}/metrics"
+                                             for name, port in stack.metrics_ports.items()), flush=True)
         print("services    " + ", ".join(s.name for s in stack.services) + "   (Ctrl-C stops everything)", flush=True)
         while not stopping:
             stack.supervise_once()
@@ -491,14 +517,14 @@ def cmd_config(a: argparse.Namespace) -> int:
             def show(sid: str, cfg: StreamConfig | None) -> dict:
                 if cfg is None:
                     return {"stream_id": sid, "config": None, "note": "no config: the workers' flags apply"}
-                eff = cfg.effective
-                return {"stream_id": sid, "config": json.loads(cfg.to_json()),
-                        "effective": {"mode": cfg.mode, "target_psnr_y": eff.target,
-                                      "levels": [eff.level_min, eff.level_max], "budget_kbps": cfg.budget_kbps}}
+                return cfg.describe(sid)  # the API's shape (GET/PUT/PATCH /api/v1/aic/config/{stream})
 
-            if a.config_command == "set":
+            if a.config_command in ("set", "replace"):
                 sid = check_stream_id(a.stream_id)
-                new = (await current(sid) or StreamConfig()).updated(a.assignments)
+                if a.config_command == "set":  # merge, as PATCH does
+                    new = (await current(sid) or StreamConfig()).updated(a.assignments)
+                else:  # the whole config, as PUT does
+                    new = StreamConfig().updated(a.assignments)
                 await bus.guarded(kv.put(sid, new.to_json()))
                 print(json.dumps(show(sid, new)))
             elif a.config_command == "delete":
@@ -551,12 +577,15 @@ def cmd_bus(a: argparse.Namespace) -> int:
     from shared.bus import Bus
 
     async def main() -> int:
-        bus = await Bus.connect(BusConfig.from_env(a.nats_url, a.data_dir, role="admin"), name="aic-bus-init")
+        cfg = BusConfig.from_env(a.nats_url, a.data_dir, role="admin")
+        bus = await Bus.connect(cfg, name="aic-bus-init")
         try:
             await bus.guarded(bus.ensure_topology())
         finally:
             await bus.close()
         print("bus topology: every stream, consumer and bucket is in place")
+        print(f"storage: {cfg.store.describe()}; the server's store must hold {cfg.store.store_bytes} bytes "
+              "(nats-server's jetstream max_file_store)")
         return 0
 
     return asyncio.run(main())
@@ -612,6 +641,19 @@ def cmd_report(a: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_top(a: argparse.Namespace) -> int:
+    from services import top
+
+    if a.window <= 0 or a.every <= 0:
+        raise ValueError("--window and --every must be > 0")
+    view = top.Top(BusConfig.from_env(a.nats_url, a.data_dir, role="admin"),
+                   MetricsConfig.database_url_from_env(a.database_url, a.data_dir), a.window, a.tenant)
+    try:
+        return asyncio.run(top.run(view, a.every, a.once))
+    except KeyboardInterrupt:
+        return 0
+
+
 def cmd_db(a: argparse.Namespace) -> int:
     import asyncpg
 
@@ -651,6 +693,7 @@ COMMANDS = {
     "tenant": cmd_tenant,
     "token": cmd_token,
     "bus": cmd_bus,
+    "top": cmd_top,
     "secrets": cmd_secrets,
 }
 PASSTHROUGH = {"train": cmd_train, "bench": cmd_bench}

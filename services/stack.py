@@ -7,6 +7,7 @@ used and none is started: the same code runs against a cluster.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,9 +17,10 @@ from pathlib import Path
 
 from shared import endpoints
 from shared.aio import run_blocking
-from shared.config import BusConfig, env_str
+from shared.config import BusConfig, StoreLimits, env_str
 from shared.embedded import NatsServer, PostgresServer, ServerError, die_with_parent, free_port
 from shared.logs import get_logger
+from services.storage import StoreGuard
 from shared.roles import DB_READER as READER
 from shared.roles import DB_WRITER as WRITER
 
@@ -93,6 +95,9 @@ class Stack:
     postgres: PostgresServer | None = None
     services: list[ServiceProcess] = field(default_factory=list)
     endpoints_path: Path | None = None
+    #: Each service's Prometheus /metrics port, on 127.0.0.1 (the same after a restart).
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+    guard: StoreGuard | None = None  # the embedded store's watch on the disk (services/storage.py)
     _lock: object = field(default=None, repr=False)
     _server_backoff: dict = field(default_factory=lambda: {"nats": Backoff(10.0), "postgres": Backoff(10.0)},
                                   repr=False)
@@ -104,8 +109,10 @@ class Stack:
         self._lock_folder()
         try:
             if self.nats_url is None:
-                self.nats = NatsServer(self.data_dir / "nats").start()
+                limits = self.store_limits()
+                self.nats = NatsServer(self.data_dir / "nats", store=limits).start()
                 self.nats_url = self.nats.url
+                self.guard = StoreGuard(self.nats, limits, self.nats.client("admin"))
             # The topology exists before any service starts: only the admin may create it.
             run_blocking(self._create_topology())
             if self.database_url is None and self.with_metrics:
@@ -121,19 +128,21 @@ class Stack:
                 base["AIC_DATABASE_URL"] = self.database_url
             logs = self.data_dir / "logs"
             for i in range(self.compressors):
+                self.metrics_ports[f"compressor-{i}"] = port = free_port()
                 self.services.append(
                     ServiceProcess(
                         f"compressor-{i}",
-                        [sys.executable, "-m", "services.compressor", *self.compressor_args],
+                        [sys.executable, "-m", "services.compressor", "--metrics-port", str(port), *self.compressor_args],
                         {**base, **self.nats_env("compressor")},
                         logs / f"compressor-{i}.log",
                     )
                 )
             if self.with_metrics:
                 self.http_port = self.http_port or free_port()
+                self.metrics_ports["metrics"] = port = free_port()
                 self.services.append(
                     ServiceProcess("metrics", [sys.executable, "-m", "services.metrics", "--http-port",
-                                               str(self.http_port), *self._https_args()],
+                                               str(self.http_port), "--metrics-port", str(port), *self._https_args()],
                                    {**base, **self.nats_env("metrics")}, logs / "metrics.log")
                 )
             for s in self.services:
@@ -170,6 +179,20 @@ class Stack:
         if self.nats is not None:
             return self.nats.env(role)
         return {k: v for k, v in os.environ.items() if k.startswith("AIC_NATS_")} | {"AIC_NATS_URL": self.nats_url}
+
+    def store_limits(self) -> StoreLimits:
+        """The configured stream limits (``AIC_FRAMES_MAX_BYTES``…), shrunk to fit in 90 % of what the
+        disk can give the store (its free space plus what the store holds already), so that the
+        streams' own bounds, not a full disk, are what the pipeline meets."""
+        limits = StoreLimits.from_env()
+        root = self.data_dir / "nats" / "jetstream"
+        held = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.exists() else 0
+        room = int(0.9 * (shutil.disk_usage(self.data_dir).free + held))
+        fitted = limits.fitted(room)
+        if fitted != limits:
+            log.warning("store_limits_reduced", configured_bytes=limits.store_bytes, disk_room_bytes=room,
+                        frames_bytes=fitted.frames_bytes, outputs_bytes=fitted.outputs_bytes)
+        return fitted
 
     def bus_config(self, role: str = "admin", **kw) -> BusConfig:
         """A bus config for ``role`` on this stack's NATS."""
@@ -237,6 +260,8 @@ class Stack:
                     log.warning("process_restarted", process=name)
                 except (ServerError, OSError) as exc:  # still down: the next pause is longer
                     log.error("restart_failed", process=name, error=str(exc))
+        if self.guard is not None and self.nats.proc is not None and self.nats.proc.poll() is None:
+            self.guard.check(now)
         for s in self.services:
             if s.proc is not None and not s.alive() and s.backoff.due(now, s.name, s.proc.returncode):
                 s.start()

@@ -5,11 +5,13 @@ Topology (created or updated idempotently by :meth:`Bus.ensure_topology`, with a
 =================  =====================  ==========  ==========================================
 stream             subjects               retention   consumers
 =================  =====================  ==========  ==========================================
-AIC_FRAMES         aic.frames.<stream>    work queue  ``compressor`` (shared durable pull)
-AIC_COMPRESSED     aic.compressed.<s>     limits      receivers (ordered, ephemeral)
+AIC_FRAMES         aic.frames.<stream>    work queue  ``compressor`` (shared durable pull);
+                   (+ ``….chunk``)        bounded,    claim-checked chunks of frame batches
+                                          discard new (``aic.frames.<s>.chunk``) by sequence
+AIC_COMPRESSED     aic.compressed.<s>     limits      receivers (their own consumers)
 AIC_METRICS        aic.metrics.<worker>   limits      ``metrics`` (durable pull)
 AIC_DEADLETTER     aic.deadletter.<s>     limits      operators
-AIC_BLOBS          aic.blobs.<kind>.<s>   limits      direct get by sequence (claim check)
+AIC_BLOBS          aic.blobs.<kind>.<s>   limits      direct get by sequence (payloads' claim check)
 AIC_CONTROL        aic.control.<s>        last, 30 s  workers read the last per subject at start
 AIC_REFS           aic.refs.<s>.<part>    last, 10 m  the next batch's worker (reference hand-off)
 AIC_ADVISORIES     max-deliveries events  limits      ``exhausted`` (failed batches)
@@ -21,6 +23,12 @@ confine a tenant's credentials to ``….T.*`` (shared/roles.py).  Key-frame requ
 ``aic.keyframe.<s>`` (core NATS).  Only the admin creates or changes the topology
 (:meth:`Bus.ensure_topology`: ``aic up``, ``aic bus init``); services check that their streams
 exist (:meth:`Bus.prepare`).
+
+Storage is bounded by :class:`~shared.config.StoreLimits`, applied at every topology update: the
+frames stream, chunks included, refuses new batches when full (:class:`StreamFull`: gateways wait
+and retry, which is backpressure); every other stream drops its oldest messages instead, and their
+sum stays below the server's store, so a worker can always store its outputs and ack, and a full
+frames stream empties as the workers drain it.
 
 Receivers publish bandwidth estimates on ``aic.control.<stream>`` with plain
 NATS; workers subscribe to them, and AIC_CONTROL (in memory, one message per
@@ -84,6 +92,11 @@ REFS_MAX_AGE_S = 600.0
 EXHAUSTED_SUBJECT = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{FRAMES_STREAM}.{COMPRESSOR_CONSUMER}"
 EXHAUSTED_CONSUMER = "exhausted"
 CLAIM_HEADER = "Aic-Claim"
+#: Frame batches on the frames stream (``aic.frames.<tenant>.<name>``), not their chunks.
+FRAMES_FILTER = "aic.frames.*.*"
+#: How the outputs' bound (StoreLimits.outputs_bytes) is shared among the output streams.
+OUTPUT_SHARES = {COMPRESSED_STREAM: 0.40, BLOBS_STREAM: 0.30, METRICS_STREAM: 0.10, REFS_STREAM: 0.10,
+                 DEADLETTER_STREAM: 0.05, ADVISORY_STREAM: 0.05}
 #: On an empty frames message: the gateway dropped this batch (a live source while the bus was away);
 #: the worker records it as a rejected row (``dropped_at_gateway: <why>``).
 DROPPED_HEADER = "Aic-Dropped"
@@ -136,25 +149,61 @@ class TopologyMissing(RuntimeError):
     """A stream or bucket this service needs does not exist, and its credentials may not create it."""
 
 
+class StreamFull(RuntimeError):
+    """JetStream refused a message for want of room: the stream is at its limit (the frames stream's
+    bound: backpressure) or the server's store is full.  Retrying later, with the same id, is right."""
+
+
+#: JetStream's error codes for a message refused for want of room: the stream's own limit
+#: (``maximum bytes/messages exceeded``) and the server's store (``insufficient resources``).
+_NO_ROOM = (10077, 10023, 10047)
+
+
 class ClaimError(RuntimeError):
     """A claim-checked message whose chunks are missing or inconsistent."""
 
 
 @dataclass(frozen=True)
 class Claim:
+    """Where a claim-checked message's bytes are: ``size`` bytes in chunks at ``seqs`` of ``stream``
+    (a frame batch's in AIC_FRAMES, under its bound; a payload's in AIC_BLOBS)."""
+
     size: int
     seqs: tuple[int, ...]
+    stream: str = BLOBS_STREAM
 
     def encode(self) -> str:
-        return f"{self.size}:{','.join(map(str, self.seqs))}"
+        tail = "" if self.stream == BLOBS_STREAM else f":{self.stream}"
+        return f"{self.size}:{','.join(map(str, self.seqs))}{tail}"
 
     @classmethod
     def decode(cls, value: str) -> "Claim":
         try:
-            size, seqs = value.split(":", 1)
-            return cls(int(size), tuple(int(s) for s in seqs.split(",") if s))
+            size, seqs, *stream = value.split(":", 2)
+            claim = cls(int(size), tuple(int(s) for s in seqs.split(",") if s), *stream)
         except ValueError:
             raise ClaimError(f"malformed {CLAIM_HEADER} header") from None
+        if claim.stream not in (BLOBS_STREAM, FRAMES_STREAM):
+            raise ClaimError(f"a claim may not point into stream {claim.stream!r}")
+        return claim
+
+
+def chunk_subject(subject: str, kind: str) -> tuple[str, str]:
+    """(stream, subject) of the claim-check chunks of a message on ``subject``.  A frame batch's stay in
+    the frames stream, under its bound (``aic.frames.<s>.chunk``: one token more than a batch's, which
+    the compressor consumer's filter leaves out); others' go to AIC_BLOBS."""
+    if subject.startswith("aic.frames."):
+        return FRAMES_STREAM, f"{subject}.chunk"
+    return BLOBS_STREAM, f"aic.blobs.{kind}.{subject.split('.', 2)[-1]}"  # the stream id: one tenant's chunks
+
+
+def _chunk_subject_ok(subject: str, claim: Claim, chunk: str) -> bool:
+    """Whether a chunk stored on ``chunk`` can belong to a message on ``subject``: chunk ids are not
+    secret, and another tenant's message with a copied id must not stand in for this one's chunk."""
+    if claim.stream == FRAMES_STREAM:
+        return chunk == f"{subject}.chunk"
+    kind_and_key = chunk.split(".", 2)[-1]  # aic.blobs.<kind>.<key>
+    return chunk.startswith("aic.blobs.") and kind_and_key.partition(".")[2] == subject.split(".", 2)[-1]
 
 
 class Bus:
@@ -181,7 +230,7 @@ class Bus:
 
             kwargs["tls"] = client_context(cfg.ca_file)
         state.task = asyncio.ensure_future(nats.connect(
-            cfg.nats_url,
+            [u.strip() for u in cfg.nats_url.split(",")],  # a cluster: its nodes, comma-separated
             name=name,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
@@ -264,33 +313,37 @@ class Bus:
     # ------------------------------------------------------------------ topology
 
     def _stream_configs(self) -> list[jsapi.StreamConfig]:
-        age = self.cfg.retention_s
-        dup = self.cfg.dedup_window_s
-        return [replace(sc, num_replicas=self.cfg.replicas) for sc in self._stream_shapes(age, dup)]
+        return [replace(sc, num_replicas=self.cfg.replicas) for sc in self._stream_shapes()]
 
-    def _stream_shapes(self, age: float, dup: float) -> list[jsapi.StreamConfig]:
+    def _stream_shapes(self) -> list[jsapi.StreamConfig]:
+        lim = self.cfg.store
+        age, out = lim.max_age_s, lim.outputs_bytes
+        dup = min(self.cfg.dedup_window_s, age)  # (JetStream's rule)
         return [
             jsapi.StreamConfig(
                 name=FRAMES_STREAM,
                 subjects=["aic.frames.>"],
                 retention=jsapi.RetentionPolicy.WORK_QUEUE,
                 max_age=age,
+                max_bytes=lim.frames_bytes,
+                discard=jsapi.DiscardPolicy.NEW,  # a full frames stream refuses: the gateways wait
                 duplicate_window=dup,
+                allow_direct=True,  # claim-checked chunks, read by sequence
             ),
-            jsapi.StreamConfig(
-                name=COMPRESSED_STREAM, subjects=["aic.compressed.>"], max_age=age, duplicate_window=dup
-            ),
-            jsapi.StreamConfig(name=METRICS_STREAM, subjects=["aic.metrics.>"], max_age=7 * age, duplicate_window=dup),
-            jsapi.StreamConfig(
-                name=DEADLETTER_STREAM, subjects=["aic.deadletter.>"], max_age=7 * age, duplicate_window=dup
-            ),
-            jsapi.StreamConfig(
-                name=BLOBS_STREAM, subjects=["aic.blobs.>"], max_age=age, duplicate_window=dup, allow_direct=True
-            ),
-            jsapi.StreamConfig(name=ADVISORY_STREAM, subjects=[EXHAUSTED_SUBJECT], max_age=age),
+            # The outputs share their bound (OUTPUT_SHARES) and drop their oldest when full: never refuse.
+            jsapi.StreamConfig(name=COMPRESSED_STREAM, subjects=["aic.compressed.>"], max_age=age,
+                               max_bytes=_share(out, COMPRESSED_STREAM), duplicate_window=dup),
+            jsapi.StreamConfig(name=METRICS_STREAM, subjects=["aic.metrics.>"], max_age=7 * age,
+                               max_bytes=_share(out, METRICS_STREAM), duplicate_window=dup),
+            jsapi.StreamConfig(name=DEADLETTER_STREAM, subjects=["aic.deadletter.>"], max_age=7 * age,
+                               max_bytes=_share(out, DEADLETTER_STREAM), duplicate_window=dup),
+            jsapi.StreamConfig(name=BLOBS_STREAM, subjects=["aic.blobs.>"], max_age=age,
+                               max_bytes=_share(out, BLOBS_STREAM), duplicate_window=dup, allow_direct=True),
+            jsapi.StreamConfig(name=ADVISORY_STREAM, subjects=[EXHAUSTED_SUBJECT], max_age=age,
+                               max_bytes=_share(out, ADVISORY_STREAM)),
             jsapi.StreamConfig(
                 name=REFS_STREAM, subjects=[f"{REFS_PREFIX}.>"], max_msgs_per_subject=1, max_age=REFS_MAX_AGE_S,
-                allow_direct=True,
+                max_bytes=_share(out, REFS_STREAM), allow_direct=True,
             ),
             jsapi.StreamConfig(
                 name=CONTROL_STREAM, subjects=[f"{CONTROL_PREFIX}.>"], max_msgs_per_subject=1,
@@ -401,7 +454,7 @@ class Bus:
                 ack_wait=self.cfg.ack_wait_s,
                 max_deliver=self.cfg.max_deliver,
                 max_ack_pending=256,
-                filter_subject="aic.frames.>",
+                filter_subject=FRAMES_FILTER,  # batches only, not their chunks (one token more)
             ),
         )
         await self.js.add_consumer(
@@ -441,39 +494,47 @@ class Bus:
     # ------------------------------------------------------------------ publish / resolve
 
     async def publish(self, subject: str, data: bytes, msg_id: str, kind: str = "data",
-                      varies: bool = False, headers: dict[str, str] | None = None) -> jsapi.PubAck:
+                      varies: bool = False, headers: dict[str, str] | None = None,
+                      tag: str | None = None) -> jsapi.PubAck:
         """Publish with a message id (JetStream drops duplicates); claim-check it if too large.
 
         ``varies``: two publishes of this id may carry different bytes (a batch coded again after a
         redelivery).  Chunk ids then also name a digest of the bytes, so that chunks of two versions
         never dedupe into one claim: whichever header JetStream keeps points at its own chunks.
-        ``headers`` travel on the message itself (not on its chunks).
+        ``tag``: instead, a secret the caller keeps for this message across its retries (a gateway's
+        per batch), so that nobody can take its chunks' ids first.  ``headers`` travel on the message
+        itself (not on its chunks).  Raises :class:`StreamFull` when JetStream has no room for it.
         """
         try:
-            return await self.guarded(self._publish(subject, data, msg_id, kind, varies, headers))
-        except nats.errors.NoRespondersError:
+            return await self.guarded(self._publish(subject, data, msg_id, kind, varies, headers, tag))
+        except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
+            # (On a cluster, also for a moment while a stream elects its leader: callers that know the
+            # stream exists retry.)
             raise TopologyMissing(f"no stream takes {subject}: " + _missing("its stream", self.cfg.user)) from None
+        except nats.js.errors.ServiceUnavailableError as exc:
+            if exc.err_code in _NO_ROOM:
+                raise StreamFull(f"no room for {subject}: {exc.description}") from None
+            raise
 
     async def _publish(self, subject: str, data: bytes, msg_id: str, kind: str, varies: bool,
-                       headers: dict[str, str] | None) -> jsapi.PubAck:
+                       headers: dict[str, str] | None, tag: str | None) -> jsapi.PubAck:
         headers = {**(headers or {}), MSG_ID_HEADER: msg_id}
         if len(data) <= self.max_inline:
             return await self.js.publish(subject, data, headers=headers)
         chunk = min(self.max_inline, _MAX_CHUNK)
-        blob_subject = f"aic.blobs.{kind}.{subject.split('.', 2)[-1]}"  # the stream id: one tenant's chunks
-        tag = hashlib.blake2b(data, digest_size=8).hexdigest() if varies else ""
+        stream, blob_subject = chunk_subject(subject, kind)
+        if tag is None:
+            tag = hashlib.blake2b(data, digest_size=8).hexdigest() if varies else ""
         view = memoryview(data)
-        futs = [
-            await self.js.publish_async(
-                blob_subject, bytes(view[i : i + chunk]),
-                headers={MSG_ID_HEADER: _chunk_id(subject, msg_id, i // chunk, tag)},
-            )
+        # Concurrent request-reply publishes, not nats-py's publish_async: its futures never resolve
+        # when JetStream answers with an error (its reply handler raises instead of failing the future,
+        # nats-py 2.16), so a full frames stream would look like a server that stopped answering.
+        acks = await asyncio.gather(*(
+            self.js.publish(blob_subject, bytes(view[i : i + chunk]),
+                            headers={MSG_ID_HEADER: _chunk_id(subject, msg_id, i // chunk, tag)})
             for i in range(0, len(data), chunk)
-        ]
-        # nats-py's async publish futures have no deadline of their own: a reply lost in a reconnect
-        # would hold this batch (and the worker's slot) forever.
-        acks = await asyncio.wait_for(asyncio.gather(*futs), timeout=JS_TIMEOUT_S)
-        headers[CLAIM_HEADER] = Claim(len(data), tuple(a.seq for a in acks)).encode()
+        ))  # fmt: skip
+        headers[CLAIM_HEADER] = Claim(len(data), tuple(a.seq for a in acks), stream).encode()
         return await self.js.publish(subject, b"", headers=headers)
 
     async def payload(self, msg: Msg, max_size: int | None = None) -> bytes:
@@ -490,13 +551,13 @@ class Bus:
         parts, tag = [], None
         for i, seq in enumerate(c.seqs):
             try:
-                part = await self._chunk(seq)
+                part = await self._chunk(c.stream, seq)
             except NotFoundError:
                 raise ClaimError(f"claim-checked chunk {seq} is gone (expired or deleted)") from None
             part_id = (part.headers or {}).get(MSG_ID_HEADER) or ""
             if tag is None:  # the first chunk says which version; every other must be the same one
                 tag = part_id.partition("@")[2]
-            if part_id != _chunk_id(msg.subject, msg_id, i, tag):
+            if part_id != _chunk_id(msg.subject, msg_id, i, tag) or not _chunk_subject_ok(msg.subject, c, part.subject):
                 raise ClaimError(f"claim-checked chunk {seq} belongs to another message")
             parts.append(part.data or b"")
         data = b"".join(parts)
@@ -507,13 +568,13 @@ class Bus:
             self._verified.pop(next(iter(self._verified)))
         return data
 
-    async def _chunk(self, seq: int):
+    async def _chunk(self, stream: str, seq: int):
         try:
-            return await self.js.get_msg(BLOBS_STREAM, seq, direct=True)
+            return await self.js.get_msg(stream, seq, direct=True)
         except NotFoundError:
             # Direct gets may be answered by a replica that has not caught up yet; the stream
             # leader's answer is the one that counts.
-            return await self.js.get_msg(BLOBS_STREAM, seq)
+            return await self.js.get_msg(stream, seq)
 
     async def release(self, msg: Msg) -> None:
         """Delete a processed message's claim-checked chunks (they also expire with the stream's
@@ -523,9 +584,10 @@ class Bus:
         if claim is None or claim not in self._verified:
             return
         del self._verified[claim]
-        for seq in Claim.decode(claim).seqs:
+        c = Claim.decode(claim)
+        for seq in c.seqs:
             try:
-                await self.js.delete_msg(BLOBS_STREAM, seq)
+                await self.js.delete_msg(c.stream, seq)
             except Exception:
                 pass  # already gone: deletion is an optimisation, expiry is the guarantee
 
@@ -641,6 +703,10 @@ class Follower:
             await self.bus.js.delete_consumer(self.stream, self.name)
         except Exception:
             pass  # gone already, or expires after its inactive threshold
+
+
+def _share(outputs_bytes: int, stream: str) -> int:
+    return max(1 << 18, int(outputs_bytes * OUTPUT_SHARES[stream]))
 
 
 def _chunk_id(subject: str, msg_id: str, index: int, tag: str = "") -> str:

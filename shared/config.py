@@ -7,8 +7,9 @@ environment after start-up.
 from __future__ import annotations
 
 import os
+import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from shared.schemas import Limits
@@ -29,6 +30,94 @@ def env_int(name: str, default: int) -> int:
         raise SystemExit(f"{name}={val!r} is not an integer") from None
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """``4G``, ``512M``, ``1.5G``, ``1048576`` → bytes (binary units; a trailing ``B``/``iB`` is allowed)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.I)
+    if not m:
+        raise ValueError(f"{text!r} is not a size (e.g. 4G, 512M, 1048576)")
+    return int(float(m[1]) * _UNITS[m[2].upper()])
+
+
+def _size(n: int) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if n >= _UNITS[unit]:
+            return f"{n / _UNITS[unit]:.3g} {unit}iB"
+    return f"{n} B"
+
+
+def env_bytes(name: str, default: int) -> int:
+    val = os.environ.get(name)
+    if val in (None, ""):
+        return default
+    try:
+        return parse_bytes(val)
+    except ValueError as exc:
+        raise SystemExit(f"{name}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    """What aic's streams may hold on the JetStream store, set by the admin (``aic up``, ``aic bus init``)
+    from this configuration at every start, never left unbounded.
+
+    The frames stream refuses a batch once it holds ``frames_bytes`` (claim-checked chunks included):
+    gateways then wait and retry (backpressure), a live source buffers and then drops with a counted
+    row.  The output streams (payloads, metrics, dead letters, references) share ``outputs_bytes`` and
+    drop their oldest messages instead of refusing, so a worker can always store what it coded and
+    ack it, which is what empties a full frames stream.  A batch still unprocessed ``expire_margin_s``
+    before its ``max_age_s`` gets an ``expired`` row instead of vanishing."""
+
+    frames_bytes: int = 4 << 30
+    outputs_bytes: int = 4 << 30
+    max_age_s: float = 24 * 3600.0
+    expire_margin_s: float = 600.0
+    #: Room beyond the streams for the KV buckets and the advisories.
+    HEADROOM = 64 << 20
+
+    def __post_init__(self):
+        if self.frames_bytes < (1 << 20) or self.outputs_bytes < (1 << 20):
+            raise ValueError("the frames and outputs limits must be at least 1 MiB each")
+        if not self.max_age_s > 0 or self.expire_margin_s < 0:
+            raise ValueError("max_age_s must be > 0 and expire_margin_s >= 0")
+
+    @property
+    def store_bytes(self) -> int:
+        """The JetStream store these streams need at most (``max_file_store`` of an embedded server)."""
+        return self.frames_bytes + self.outputs_bytes + self.HEADROOM
+
+    @property
+    def expires_after_s(self) -> float:
+        """A frame batch this old and still waiting is about to expire: it gets its ``expired`` row.
+        The margin is at most a quarter of the age, so that short test ages still code most batches."""
+        return self.max_age_s - min(self.expire_margin_s, self.max_age_s / 4)
+
+    def fitted(self, room: int) -> "StoreLimits":
+        """These limits shrunk in proportion so that :attr:`store_bytes` fits in ``room`` bytes (a
+        disk with less free space than configured); unchanged when they fit."""
+        if self.store_bytes <= room:
+            return self
+        share = max(0.0, room - self.HEADROOM) / (self.frames_bytes + self.outputs_bytes)
+        return replace(self, frames_bytes=max(1 << 20, int(self.frames_bytes * share)),
+                       outputs_bytes=max(1 << 20, int(self.outputs_bytes * share)))
+
+    def describe(self) -> str:
+        return (f"frames ≤ {_size(self.frames_bytes)} (then gateways wait), outputs ≤ {_size(self.outputs_bytes)} "
+                f"(oldest dropped), batches kept {self.max_age_s:g} s (expired rows {self.max_age_s - self.expires_after_s:g} s "
+                "before)")
+
+    @classmethod
+    def from_env(cls) -> "StoreLimits":
+        """``AIC_FRAMES_MAX_BYTES``, ``AIC_OUTPUTS_MAX_BYTES`` (sizes: ``4G``), ``AIC_RETENTION_S``,
+        ``AIC_EXPIRE_MARGIN_S``."""
+        return cls(frames_bytes=env_bytes("AIC_FRAMES_MAX_BYTES", cls.frames_bytes),
+                   outputs_bytes=env_bytes("AIC_OUTPUTS_MAX_BYTES", cls.outputs_bytes),
+                   max_age_s=float(env_int("AIC_RETENTION_S", int(cls.max_age_s))),
+                   expire_margin_s=float(env_int("AIC_EXPIRE_MARGIN_S", int(cls.expire_margin_s))))
+
+
 @dataclass(frozen=True)
 class BusConfig:
     """Where the bus is and how its streams are sized."""
@@ -41,7 +130,7 @@ class BusConfig:
     ca_file: str | None = None
     ack_wait_s: float = 30.0
     max_deliver: int = 4
-    retention_s: float = 24 * 3600.0
+    store: StoreLimits = field(default_factory=StoreLimits)
     dedup_window_s: float = 120.0
     replicas: int = 1  # copies of every stream, consumer and bucket: 3 on a NATS cluster survives a node loss
 
@@ -64,6 +153,7 @@ class BusConfig:
             ack_wait_s=float(env_int("AIC_ACK_WAIT_S", int(cls.ack_wait_s))),
             max_deliver=env_int("AIC_MAX_DELIVER", cls.max_deliver),
             replicas=env_int("AIC_NATS_REPLICAS", cls.replicas),
+            store=StoreLimits.from_env(),
         )
 
 

@@ -25,7 +25,7 @@ missed the target, down after one that beat it by more than
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 
 from shared.schemas import MODES, STREAM_ID_RE, STREAM_ID_RULE, subject_key
 
@@ -142,25 +142,51 @@ class StreamConfig:
                 kw[k] = float(v)
         return cls(**kw)
 
-    def updated(self, assignments: list[str]) -> "StreamConfig":
-        """This config with ``key=value`` assignments applied (``key=`` unsets an override)."""
-        changes: dict = {}
-        for a in assignments:
-            key, sep, value = a.partition("=")
-            if not sep:
-                raise ConfigError(f"expected key=value, got {a!r}")
-            if key not in {f.name for f in fields(self)}:
-                raise ConfigError(f"unknown key {key!r}; known: {[f.name for f in fields(self)]}")
-            if value == "":
-                changes[key] = DEFAULT_MODE if key == "mode" else None
-            elif key == "mode":
-                changes[key] = value
+    def merged(self, changes: dict) -> "StreamConfig":
+        """This config with ``changes`` merged in, as a JSON merge patch (RFC 7396) would: a key set to
+        None unsets its override (``mode``: back to the default mode); keys not named keep their value.
+        ``PATCH /config/{stream}`` and ``aic config set`` both mean this."""
+        current = {k: v for k, v in asdict(self).items() if v is not None}
+        for k, v in changes.items():
+            if v is None:
+                current.pop(k, None)
             else:
-                try:
-                    changes[key] = int(value) if key.startswith("level") else float(value)
-                except ValueError:
-                    raise ConfigError(f"{key} must be a number, not {value!r}") from None
-        return replace(self, **changes)
+                current[k] = v
+        return StreamConfig.from_dict(current)
+
+    def describe(self, stream_id: str) -> dict:
+        """The one JSON shape of a stream's config, for the API and ``aic config`` alike: what is set,
+        and what it means once the mode's preset fills the rest."""
+        eff = self.effective
+        return {"stream_id": stream_id, "config": json.loads(self.to_json()),
+                "effective": {"mode": self.mode, "target_psnr_y": eff.target, "level_min": eff.level_min,
+                              "level_max": eff.level_max, "budget_kbps": self.budget_kbps}}
+
+    def updated(self, assignments: list[str]) -> "StreamConfig":
+        """This config with ``key=value`` assignments merged in (``key=`` unsets an override)."""
+        return self.merged(parse_assignments(assignments))
+
+
+def parse_assignments(assignments: list[str]) -> dict:
+    """``["mode=aggressive", "target=", "level_max=5"]`` → {"mode": "aggressive", "target": None, "level_max": 5}."""
+    names = {f.name for f in fields(StreamConfig)}
+    changes: dict = {}
+    for a in assignments:
+        key, sep, value = a.partition("=")
+        if not sep:
+            raise ConfigError(f"expected key=value, got {a!r}")
+        if key not in names:
+            raise ConfigError(f"unknown key {key!r}; known: {sorted(names)}")
+        if value == "":
+            changes[key] = None
+        elif key == "mode":
+            changes[key] = value
+        else:
+            try:
+                changes[key] = int(value) if key.startswith("level") else float(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be a number, not {value!r}") from None
+    return changes
 
 
 def check_stream_id(stream_id: str) -> str:

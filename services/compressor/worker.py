@@ -34,7 +34,7 @@ from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge, Histogram
 
 from shared import bus as busmod
-from shared.bus import Bus, ClaimError
+from shared.bus import Bus, ClaimError, StreamFull
 from shared.bus import unsubscribe as _unsubscribe
 from shared.aio import pause
 from services.compressor.choice import CodecChoice, parse_try_codec
@@ -69,6 +69,12 @@ PSNR_Y = Histogram("aic_compressor_psnr_y_db", "PSNR-Y of delivered batches", ["
                    buckets=(20, 25, 28, 30, 32, 34, 36, 38, 40, 45, 50, 100))
 PENDING = Gauge("aic_consumer_pending", "Frame batches waiting or in flight on the shared compressor consumer")
 PENDING_EVERY_S = 10.0
+OUTPUTS_FULL = Counter("aic_compressor_outputs_full_total", "Output publishes refused for want of room (tried again "
+                       "in place: the server's store is full)")
+EXPIRED = Counter("aic_compressor_expired_total", "Frame batches that waited unprocessed until their expiry margin "
+                  "(each gets a failed row, reason expired)")
+#: How often a worker looks for frame batches about to expire unprocessed.
+EXPIRY_EVERY_S = 10.0
 
 #: Exit status of a worker whose codec thread hung past the batch timeout (EX_SOFTWARE).
 EXIT_WEDGED = 70
@@ -345,6 +351,7 @@ class Compressor:
         self.refs = ReferenceStore(self.bus, self.cfg.chain_wait_s, self.cfg.batch_timeout_s)
         sub = await self.bus.pull(busmod.FRAMES_STREAM, busmod.COMPRESSOR_CONSUMER)
         watcher = asyncio.create_task(self.watch_exhausted(stop))
+        expiry = asyncio.create_task(self.watch_expiring(stop))
         control = asyncio.create_task(self.controls.watch(self.bus, stop))
         lag = asyncio.create_task(self.watch_pending(stop))
         await asyncio.wait([asyncio.ensure_future(self.controls.ready.wait()), control], timeout=5.0,
@@ -383,7 +390,7 @@ class Compressor:
                 for task in late:
                     task.cancel()
                 await asyncio.gather(*late, return_exceptions=True)
-            await asyncio.gather(watcher, control, lag, return_exceptions=True)
+            await asyncio.gather(watcher, expiry, control, lag, return_exceptions=True)
             self.pool.shutdown(wait=not self.wedged, cancel_futures=True)
             await _unsubscribe(sub)
             await self.bus.close()
@@ -529,8 +536,8 @@ class Compressor:
         cb = outcome.compressed
         # varies: another worker may have coded this batch differently before it died.
         packed = cb.pack()
-        ack = await self.bus.publish(busmod.compressed_subject(cb.stream_id), packed, cb.msg_id, kind="compressed",
-                                     varies=True)
+        ack = await self._store(lambda: self.bus.publish(busmod.compressed_subject(cb.stream_id), packed, cb.msg_id,
+                                                         kind="compressed", varies=True), cb.msg_id)
         try:
             if self.chained:
                 await self._hand_off(outcome, ack, packed)
@@ -543,7 +550,8 @@ class Compressor:
         now = time.time()
         m = outcome.metrics
         row = replace(m, latency_ms=(now - m.captured_at) * 1000, attempts=attempts, completed_at=now)
-        await self.bus.publish(busmod.metrics_subject(self.cfg.worker_id), row.pack(), f"m:{row.batch_id}")
+        await self._store(lambda: self.bus.publish(busmod.metrics_subject(self.cfg.worker_id), row.pack(),
+                                                   f"m:{row.batch_id}"), row.batch_id)
         await msg.ack_sync(timeout=10)
         await self.bus.release(msg)
         BATCHES.labels("ok").inc()
@@ -570,6 +578,24 @@ class Compressor:
             latency_ms=round(row.latency_ms, 1),
             attempts=attempts,
         )
+
+    async def _store(self, publish, batch_id: str):
+        """``await publish()``, tried again in place while JetStream has no room for it (the server's
+        store full: a disk another process filled), for up to the batch timeout.  The batch stays
+        this worker's meanwhile (its heartbeat runs): it is neither coded again nor counted as a
+        failed delivery, and goes out once room comes back."""
+        t0, delay = time.monotonic(), 0.25
+        while True:
+            try:
+                return await publish()
+            except StreamFull as exc:
+                waited = time.monotonic() - t0
+                if waited >= self.cfg.batch_timeout_s or (self._stop is not None and self._stop.is_set()):
+                    raise
+                OUTPUTS_FULL.inc()
+                log.warning("outputs_full", batch_id=batch_id, error=str(exc), waited_s=round(waited, 1))
+                await asyncio.sleep(delay)
+                delay = min(5.0, delay * 2)
 
     async def _hand_off(self, outcome: Outcome, ack, packed: bytes) -> None:
         """Publish the reference of the payload that receivers get.  After a redelivery JetStream may
@@ -612,6 +638,45 @@ class Compressor:
             except Exception as exc:  # the alert goes stale rather than the worker failing
                 log.debug("pending_unknown", error=str(exc))
             await pause(stop, PENDING_EVERY_S)
+
+    async def watch_expiring(self, stop: asyncio.Event) -> None:
+        """Give every frame batch about to expire unprocessed its row, then every :data:`EXPIRY_EVERY_S`."""
+        while not stop.is_set():
+            try:
+                await self.expire_old()
+            except Exception as exc:  # server trouble: the next round tries again
+                log.warning("expiry_check_failed", error=f"{type(exc).__name__}: {exc}")
+            await pause(stop, EXPIRY_EVERY_S)
+
+    async def expire_old(self, limit: int = 256) -> int:
+        """Frame batches that have waited past the expiry margin (``StoreLimits.expires_after_s``): a
+        failed row (reason ``expired``) and a dead letter each, then removed, so that none vanishes
+        without a row when the stream's max age takes it.  Any worker may do this: the row and the dead
+        letter carry message ids, so two workers at it make one of each.  Returns how many."""
+        lim = self.cfg.bus.store
+        cutoff = time.time() - lim.expires_after_s
+        info = await self.bus.js.stream_info(busmod.FRAMES_STREAM)
+        seq, done = info.state.first_seq, 0
+        while done < limit and seq <= info.state.last_seq:
+            try:
+                msg = await self.bus.js.get_msg(busmod.FRAMES_STREAM, seq, subject=busmod.FRAMES_FILTER, next=True)
+            except NotFoundError:
+                break
+            if msg.time is None or msg.time.timestamp() > cutoff:
+                break
+            waited = time.time() - msg.time.timestamp()
+            reason = (f"expired: waited {waited:.0f} s unprocessed; the frames stream keeps a batch "
+                      f"{lim.max_age_s:g} s (AIC_RETENTION_S), and no worker reached it in time")
+            await self._report_failure(msg, msg.seq, "failed", reason, 0)
+            try:
+                # (Its claim-checked chunks, if any, are left to the max age, which takes them within
+                # the margin: deleting them unread would trust a claim nobody checked.)
+                await self.bus.js.delete_msg(busmod.FRAMES_STREAM, msg.seq)
+            except NotFoundError:
+                pass  # coded or expired meanwhile
+            EXPIRED.inc()
+            done, seq = done + 1, msg.seq + 1
+        return done
 
     async def watch_exhausted(self, stop: asyncio.Event) -> None:
         """Turn JetStream's max-deliveries advisories into failed rows.
@@ -686,8 +751,9 @@ class Compressor:
         )
         letter = pack_dead_letter(batch_id, status, row.reason, msg.subject, stream_seq, attempts=attempts,
                                   worker_id=self.cfg.worker_id)
-        await self.bus.publish(busmod.deadletter_subject(sid), letter, f"dl:{batch_id}")
-        await self.bus.publish(busmod.metrics_subject(self.cfg.worker_id), row.pack(), f"m:{batch_id}")
+        await self._store(lambda: self.bus.publish(busmod.deadletter_subject(sid), letter, f"dl:{batch_id}"), batch_id)
+        await self._store(lambda: self.bus.publish(busmod.metrics_subject(self.cfg.worker_id), row.pack(),
+                                                   f"m:{batch_id}"), batch_id)
         BATCHES.labels(status).inc()
         log.warning("batch", status=status, batch_id=batch_id, reason=row.reason, attempts=attempts)
 

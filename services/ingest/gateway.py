@@ -21,13 +21,13 @@ from fractions import Fraction
 
 import av
 from nats import errors as nats_errors
-from nats.js.errors import ServiceUnavailableError
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 import numpy as np
 from prometheus_client import Counter, Histogram
 from tqdm import tqdm
 
 from shared import bus as busmod
-from shared.bus import Bus, TopologyMissing
+from shared.bus import Bus, StreamFull, TopologyMissing
 from shared.logs import get_logger
 from shared.pixfmt import frame_size, from_video_frame
 from shared.schemas import STREAM_ID_RE, STREAM_ID_RULE, FrameBatch, Limits
@@ -47,6 +47,8 @@ PUBLISH_SECONDS = Histogram(
 DROPPED = Counter("aic_ingest_dropped_total", "Batches of a live source dropped while the bus was away (each gets a "
                   "rejected row, reason dropped_at_gateway)", ["stream"])
 RETRIES = Counter("aic_ingest_publish_retries_total", "Publishes tried again after no ack (same message id)", ["stream"])
+FULL = Counter("aic_ingest_stream_full_total", "Publishes refused because the frames stream was at its bound "
+               "(tried again: backpressure)", ["stream"])
 
 #: How long the gateway keeps trying a publish that gets no ack before it gives up (``--outage-s``).
 OUTAGE_S = 120.0
@@ -59,14 +61,17 @@ class SourceError(RuntimeError):
 
 
 class BusOutage(ConnectionError):
-    """The bus stayed away longer than the outage bound; ``batches`` did not reach it."""
+    """The bus stayed away (or its frames stream full) longer than the outage bound; ``batches`` did
+    not reach it."""
 
-    def __init__(self, stream_id: str, batches: list[int], outage_s: float):
+    def __init__(self, stream_id: str, batches: list[int], outage_s: float, full: bool = False):
         self.stream_id, self.batches = stream_id, sorted(batches)
         what = f"batches {ranges_text(self.batches)} of {stream_id} did not reach it" if self.batches else \
             f"no batch of {stream_id} was read"
-        super().__init__(f"the bus acknowledged nothing for {outage_s:g} s: {what} (run the ingest again when it is "
-                         "back: the numbering continues after the last batch it acknowledged)")
+        why = ("its frames stream stayed full (are the compressors running? `aic top` shows the backlog)"
+               if full else "it acknowledged nothing")
+        super().__init__(f"the bus took no batch for {outage_s:g} s, {why}: {what} (run the ingest again when it "
+                         "is back: the numbering continues after the last batch it acknowledged)")
 
 
 def ranges_text(numbers: list[int]) -> str:
@@ -84,7 +89,8 @@ def ranges_text(numbers: list[int]) -> str:
 _TRANSIENT = (asyncio.TimeoutError, ConnectionError, nats_errors.TimeoutError, nats_errors.NoRespondersError,
               nats_errors.StaleConnectionError, nats_errors.OutboundBufferLimitError,
               nats_errors.ConnectionClosedError, nats_errors.NoServersError, nats_errors.ConnectionReconnectingError,
-              nats_errors.ConnectionDrainingError, ServiceUnavailableError)
+              nats_errors.ConnectionDrainingError, ServiceUnavailableError,
+              NoStreamResponseError)  # (a KV bucket's stream electing its leader on a cluster)
 
 
 class Outage:
@@ -92,15 +98,18 @@ class Outage:
     measured once, from its first unanswered try, not again by each batch waiting behind it."""
 
     def __init__(self, bound_s: float):
-        self.bound_s, self.since = bound_s, None
+        self.bound_s, self.since, self.full = bound_s, None, False
+        self.stream_seen = False  # a batch was stored: "no stream" later is a cluster electing a leader
 
-    def failed(self) -> float:
+    def failed(self, full: bool = False) -> float:
+        """Seconds since the outage began; ``full``: this try was refused for want of room."""
         now = time.monotonic()
         self.since = self.since or now
+        self.full = full
         return now - self.since
 
     def ok(self) -> None:
-        self.since = None
+        self.since, self.full = None, False
 
 
 async def until_acked(what: str, attempt, outage: Outage, stream_id: str):
@@ -114,15 +123,18 @@ async def until_acked(what: str, attempt, outage: Outage, stream_id: str):
             result = await asyncio.wait_for(attempt(), ATTEMPT_S)
             outage.ok()
             return result, tries > 1
-        except (*_TRANSIENT, TopologyMissing) as exc:
-            if isinstance(exc, TopologyMissing) and outage.since is None:
+        except (*_TRANSIENT, TopologyMissing, StreamFull) as exc:
+            if isinstance(exc, TopologyMissing) and outage.since is None and not outage.stream_seen:
                 raise  # no stream takes the subject, and the bus is there: an answer, not an outage
-            lasted = outage.failed()
+            full = isinstance(exc, StreamFull)
+            lasted = outage.failed(full)
             if lasted >= outage.bound_s:
                 raise TimeoutError(f"{what}: no ack for {outage.bound_s:g} s") from None
             RETRIES.labels(stream_id).inc()
+            FULL.labels(stream_id).inc(full)
+            # (A full frames stream is backpressure: the workers are behind, and room comes as they ack.)
             log.warning("publish_retry", stream_id=stream_id, what=what, error=type(exc).__name__,
-                        outage_s=round(lasted, 1))
+                        reason="frames stream full" if full else "no ack", outage_s=round(lasted, 1))
             await asyncio.sleep(min(delay, max(0.05, outage.bound_s - lasted)))
             delay = min(2.0, delay * 2)
 
@@ -423,9 +435,11 @@ async def ingest(
     t0 = time.monotonic()
 
     async def send(data: bytes, msg_id: str, headers: dict, what: str):
-        """(ack, whether it took more than one try)."""
-        return await until_acked(what, lambda: bus.publish(subject, data, msg_id, kind="frames", headers=headers),
-                                 outage, stream_id)
+        """(ack, whether it took more than one try).  The chunks of a claim-checked batch carry a secret
+        tag, the same on every try: a retry dedupes against its own chunks, nobody else can take their ids."""
+        tag = secrets.token_hex(8)
+        return await until_acked(what, lambda: bus.publish(subject, data, msg_id, kind="frames", headers=headers,
+                                                           tag=tag), outage, stream_id)
 
     async def publish(fb: FrameBatch, slotted: bool) -> None:
         try:
@@ -443,6 +457,7 @@ async def ingest(
                 # already is still coded once (payloads and rows are keyed by stream and number).
                 log.warning("batch_id_taken", batch_id=fb.msg_id)
                 ack, _ = await send(data, f"{fb.msg_id}#{secrets.token_hex(6)}", headers, f"batch {fb.batch_seq}")
+            outage.stream_seen = True
             PUBLISH_SECONDS.labels(stream_id).observe(time.perf_counter() - t)
             BATCHES.labels(stream_id).inc()
             FRAMES.labels(stream_id).inc(fb.frame_count)
@@ -457,12 +472,12 @@ async def ingest(
             if slotted:
                 slots.release()
 
-    async def report_dropped(fb: FrameBatch) -> None:
+    async def report_dropped(fb: FrameBatch, why: str) -> None:
         """A dropped live batch's number, taken in order, and its marker once the bus is back: the
         worker turns it into a rejected row, so the loss is counted where every batch is."""
         try:
             await reserve(fb.batch_seq)
-            headers = {busmod.CAPTURED_HEADER: repr(fb.captured_at), busmod.DROPPED_HEADER: "the bus was away"}
+            headers = {busmod.CAPTURED_HEADER: repr(fb.captured_at), busmod.DROPPED_HEADER: why}
             await send(b"", fb.msg_id, headers, f"marker of dropped batch {fb.batch_seq}")
             stats.dropped += 1
             unsent.discard(fb.batch_seq)
@@ -491,7 +506,8 @@ async def ingest(
                 # The bus is away and the buffer is full: a live source cannot wait.
                 DROPPED.labels(stream_id).inc()
                 log.warning("batch_dropped", stream_id=stream_id, batch_seq=fb.batch_seq, buffered=len(pending))
-                task = asyncio.create_task(report_dropped(fb))
+                why = "the frames stream was full" if outage.full else "the bus was away"
+                task = asyncio.create_task(report_dropped(fb, why))
             else:
                 if not live:
                     await slots.acquire()  # a file waits for the bus; a live source cannot
@@ -515,7 +531,7 @@ async def ingest(
         bar.close()
     if errors:
         if any(isinstance(e, TimeoutError) for e in errors):
-            raise BusOutage(stream_id, sorted(unsent), outage_s)
+            raise BusOutage(stream_id, sorted(unsent), outage_s, outage.full)
         raise errors[0]
     stats.seconds = time.monotonic() - t0
     log.info(

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Literal
 
 import asyncpg
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -44,13 +44,20 @@ class Unavailable(Exception):
     """A backing server (PostgreSQL, NATS) is unreachable."""
 
 
-class ConfigBody(BaseModel):
-    stream_id: str = Field(pattern=STREAM_ID, description="NAME, or TENANT.NAME for a tenant's stream")
-    mode: Literal[MODES] = "adaptive"  # type: ignore[valid-type]
+class ConfigFields(BaseModel):
+    """A stream's config keys (shared/control.py ``StreamConfig``); PUT: the whole config, PATCH: the keys
+    to change (null unsets one)."""
+
+    model_config = {"extra": "forbid"}
+    mode: Literal[MODES] | None = None  # type: ignore[valid-type]
     target: float | None = Field(None, ge=10, le=100, description="PSNR-Y dB for the learned path")
     level_min: int | None = Field(None, ge=0, le=7)
     level_max: int | None = Field(None, ge=0, le=7)
     budget_kbps: float | None = Field(None, ge=1, le=1e6)
+
+
+class ConfigBody(ConfigFields):
+    stream_id: str = Field(pattern=STREAM_ID, description="NAME, or TENANT.NAME for a tenant's stream")
 
     @field_validator("stream_id")
     @classmethod
@@ -153,10 +160,7 @@ def _loads(v):
 
 
 def _config_out(stream_id: str, cfg: StreamConfig) -> ConfigOut:
-    eff = cfg.effective
-    return ConfigOut(stream_id=stream_id, config=json.loads(cfg.to_json()),
-                     effective={"mode": cfg.mode, "target_psnr_y": eff.target, "level_min": eff.level_min,
-                                "level_max": eff.level_max, "budget_kbps": cfg.budget_kbps})
+    return ConfigOut(**cfg.describe(stream_id))
 
 
 #: The largest request body the API reads (a config is a few hundred bytes); larger: 413, unread.
@@ -356,26 +360,48 @@ def create_app(pool_getter, kv_getter, rate: float = auth.DEFAULT_RATE, open_met
                     return JSONResponse({"error": "stored_config_invalid", "detail": str(exc)}, 500)
         return out
 
-    @app.post(f"{API}/config", tags=["config"], response_model=ConfigOut,
-              summary="Set a stream's config (applied by every worker to its next batch; audited)",
-              responses={400: {"description": "the config does not validate"}, **_REFUSALS})
-    async def post_config(body: ConfigBody, t: Token = Depends(operator)):
+    async def write_config(t: Token, stream_id: str, change) -> ConfigOut:
+        """Read the stored config, compute the new one from it (``change``), audit, then store."""
         from nats.js.errors import KeyNotFoundError
 
-        reach(t, body.stream_id)
-        fields = body.model_dump(exclude={"stream_id"})
-        cfg = StreamConfig.from_dict({k: v for k, v in fields.items() if v is not None})
+        reach(t, stream_id)
         bucket = await kv()
         try:
-            before = (await bucket.get(body.stream_id)).value
+            before = (await bucket.get(stream_id)).value
         except KeyNotFoundError:
             before = None
+        cfg = change(StreamConfig.from_json(before) if before is not None else StreamConfig())
         after = cfg.to_json()
         # Audited first: a change that is not in the audit never happens.
-        await db(lambda conn: auth.audit_config(conn, t, body.stream_id, "set", _json_text(before), _json_text(after)))
-        await bucket.put(body.stream_id, after)
-        log.info("config_set", stream_id=body.stream_id, token_id=t.id, role=t.role)
-        return _config_out(body.stream_id, cfg)
+        await db(lambda conn: auth.audit_config(conn, t, stream_id, "set", _json_text(before), _json_text(after)))
+        await bucket.put(stream_id, after)
+        log.info("config_set", stream_id=stream_id, token_id=t.id, role=t.role)
+        return _config_out(stream_id, cfg)
+
+    def _fields(body: BaseModel, unset: bool) -> dict:
+        return body.model_dump(exclude={"stream_id"}, exclude_unset=unset)
+
+    @app.put(f"{API}/config/{{stream_id}}", tags=["config"], response_model=ConfigOut,
+             summary="Replace a stream's config: keys left out take the mode's preset (applied by every worker to "
+                     "its next batch; audited)",
+             responses={400: {"description": "the config does not validate"}, **_REFUSALS})
+    async def put_config(body: ConfigFields, stream_id: str = Path(pattern=STREAM_ID), t: Token = Depends(operator)):
+        fields = {k: v for k, v in _fields(body, False).items() if v is not None}
+        return await write_config(t, stream_id, lambda _: StreamConfig.from_dict(fields))
+
+    @app.patch(f"{API}/config/{{stream_id}}", tags=["config"], response_model=ConfigOut,
+               summary="Merge keys into a stream's config, as a JSON merge patch (RFC 7396): a key set to null "
+                       "unsets its override, keys left out keep their value; what `aic config set` does (audited)",
+               responses={400: {"description": "the config does not validate"}, **_REFUSALS})
+    async def patch_config(body: ConfigFields, stream_id: str = Path(pattern=STREAM_ID), t: Token = Depends(operator)):
+        return await write_config(t, stream_id, lambda current: current.merged(_fields(body, True)))
+
+    @app.post(f"{API}/config", tags=["config"], response_model=ConfigOut,
+              summary="Replace a stream's config named in the body (the older form of PUT /config/{stream_id})",
+              responses={400: {"description": "the config does not validate"}, **_REFUSALS})
+    async def post_config(body: ConfigBody, t: Token = Depends(operator)):
+        fields = {k: v for k, v in _fields(body, False).items() if v is not None}
+        return await write_config(t, body.stream_id, lambda _: StreamConfig.from_dict(fields))
 
     @app.get(f"{API}/audit", tags=["config"], summary="Config changes: who, when, before and after (admin)",
              responses=_REFUSALS)
