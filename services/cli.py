@@ -29,6 +29,16 @@ FIND_HELP = ("the data folder of a running `aic up` whose servers to use when no
              "(default: $AIC_DATA_DIR or ./.aic)")
 
 
+def _fault_list(text: str) -> list[str]:
+    from services.demo import FAULT_TARGETS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in FAULT_TARGETS]
+    if bad or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"faults are a comma-separated subset of {', '.join(FAULT_TARGETS)}")
+    return names
+
+
 def _bus_args(p: argparse.ArgumentParser, tenant: bool = False) -> None:
     p.add_argument("--nats-url", help="NATS server (default: $AIC_NATS_URL, else the `aic up` running with "
                                       "--data-dir; never a server nobody named)")
@@ -185,8 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the embedded stack, ingest N streams, print per-stream results")
     p.add_argument("--source", default=DEFAULT_DEMO_SOURCE, help=f"video source (default {DEFAULT_DEMO_SOURCE})")
     p.add_argument("--streams", type=int, default=2, help="parallel streams (default 2)")
-    p.add_argument("--frames", type=int, default=64, help="frames per stream (default 64)")
+    p.add_argument("--frames", type=int, help="frames per stream (default 64; 900 with --faults)")
     p.add_argument("--batch-frames", type=int, default=8, help="frames per batch (default 8)")
+    p.add_argument("--faults", type=_fault_list, default=[],
+                   help="show the guarantees under faults: kill -9 each of these (comma-separated: nats, postgres, "
+                        "compressor, metrics) once at a random moment while the streams run live at 30 frames/s; "
+                        "the stack restarts them, and the count must still find every batch once")
+    p.add_argument("--seed", type=int, help="the faults' random moments (default: a new draw each run)")
     p.add_argument("--compressors", type=int, default=1, help="compressor processes (default 1)")
     p.add_argument("--codec", default=env_str("AIC_CODEC", "auto"), help=CODEC_HELP)
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for every row (default 600)")

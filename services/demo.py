@@ -10,9 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import random
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -82,19 +86,81 @@ async def wait_for_rows(url: str, batch_ids: list[str], timeout: float, tick=Non
         await asyncio.sleep(0.3)
 
 
+FAULT_TARGETS = ("nats", "postgres", "compressor", "metrics")
+
+
+def _pid(stack: Stack, target: str) -> int | None:
+    """The process ``kill -9`` hits for a fault target: nats-server, the PostgreSQL postmaster, the
+    first compressor, the metrics service."""
+    if target == "nats":
+        return stack.nats.proc.pid if stack.nats and stack.nats.proc else None
+    if target == "postgres":
+        try:
+            return int((stack.postgres.pgdata / "postmaster.pid").read_text().split()[0])
+        except (AttributeError, OSError, ValueError, IndexError):
+            return None
+    name = "compressor-0" if target == "compressor" else target
+    s = next((s for s in stack.services if s.name == name), None)
+    return s.proc.pid if s and s.alive() else None
+
+
+class Supervisor(threading.Thread):
+    """``stack.supervise_once`` every half second on a thread of its own, which lives until the demo's
+    end: the servers it restarts get their death signal when the thread that started them ends."""
+
+    def __init__(self, stack: Stack):
+        super().__init__(daemon=True)
+        self.stack, self.done = stack, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.5):
+            self.stack.supervise_once()
+
+
+async def inject_faults(stack: Stack, targets: list[str], window_s: float, rng: random.Random) -> list[dict]:
+    """``kill -9`` of each target once, at a random moment of the run's first ``window_s`` seconds (in a
+    random order, each at least 3 s after the one before); returns when and what was killed."""
+    t0, done = time.time(), []
+    moments = sorted(rng.uniform(0.1, 0.8) * window_s for _ in targets)
+    for target, at in zip(rng.sample(targets, len(targets)), moments):
+        await asyncio.sleep(max(0.0, t0 + max(at, (done[-1]["at_s"] + 3) if done else 0) - time.time()))
+        pid = _pid(stack, target)
+        if pid is None:
+            continue
+        os.kill(pid, signal.SIGKILL)
+        done.append({"target": target, "pid": pid, "at_s": round(time.time() - t0, 2), "at": time.time()})
+    return done
+
+
+async def _recovery(conn, stream_ids: list[str], faults: list[dict]) -> None:
+    """Each fault's recovery time: from the kill to the next row written (rows stop meanwhile)."""
+    for f in faults:
+        nxt = await conn.fetchval(
+            "SELECT extract(epoch FROM min(inserted_at)) FROM batch_metrics WHERE stream_id = ANY($1::text[]) "
+            "AND inserted_at > to_timestamp($2)", stream_ids, f["at"])
+        f["recovered_after_s"] = None if nxt is None else round(float(nxt) - f["at"], 2)
+        del f["at"]
+
+
 async def _demo(a: argparse.Namespace, stack: Stack) -> dict:
     run = uuid.uuid4().hex[:6]
     stream_ids = [f"demo-{run}-{i}" for i in range(a.streams)]
+    faults: list[dict] = []
     bus = await Bus.connect(stack.bus_config("gateway"), name="aic-demo")  # what a media gateway may do
     try:
         t0 = time.monotonic()
-        stats = await asyncio.gather(
-            *(ingest(bus, a.source, sid, a.batch_frames, a.frames) for sid in stream_ids)
+        feeds = asyncio.gather(
+            *(ingest(bus, a.source, sid, a.batch_frames, a.frames, realtime=bool(a.faults), progress=False
+                     if a.faults else None) for sid in stream_ids)
         )
+        if a.faults:  # while live streams run at their frame rate, so that every kill lands mid-run
+            window = a.frames / 30.0
+            faults = await inject_faults(stack, a.faults, window, random.Random(a.seed))
+        stats = await feeds
     finally:
         await bus.close()
     batch_ids = [b for s in stats for b in s.batch_ids]
-    found = await wait_for_rows(stack.database_url, batch_ids, a.timeout, stack.supervise_once)
+    found = await wait_for_rows(stack.database_url, batch_ids, a.timeout, None if a.faults else stack.supervise_once)
     wall = time.monotonic() - t0
     conn = await asyncpg.connect(stack.database_url)
     try:
@@ -102,6 +168,7 @@ async def _demo(a: argparse.Namespace, stack: Stack) -> dict:
         total = dict(await conn.fetchrow(TOTAL_SQL, stream_ids))
         fallbacks = {r["fallback_reason"]: r["n"] for r in await conn.fetch(FALLBACK_SQL, stream_ids)}
         rows = await conn.fetchval("SELECT count(*) FROM batch_metrics WHERE batch_id = ANY($1::text[])", batch_ids)
+        await _recovery(conn, stream_ids, faults)
     finally:
         await conn.close()
     return {
@@ -124,6 +191,8 @@ async def _demo(a: argparse.Namespace, stack: Stack) -> dict:
         "rejected": sum(r["rejected"] for r in per_stream),
         "failed": sum(r["failed"] for r in per_stream),
         "wall_s": round(wall, 3),
+        "faults": faults,
+        "dropped_at_gateway": sum(s.dropped for s in stats),
         "per_stream": per_stream,
     }
 
@@ -152,6 +221,12 @@ def print_table(result: dict) -> None:
     if result["fallbacks"]:
         print("\nnative fallbacks (the neural path would have been worse): "
               + ", ".join(f"{k}={v}" for k, v in sorted(result["fallbacks"].items())))
+    for f in result["faults"]:
+        print(f"fault: kill -9 of {f['target']} (pid {f['pid']}) at {f['at_s']:.1f} s; rows again "
+              f"{_fmt(f['recovered_after_s'], '.1f')} s later")
+    if result["dropped_at_gateway"]:
+        print(f"dropped at the gateway (live source, bus away): {result['dropped_at_gateway']} batches, each a "
+              "rejected row")
     print(
         f"\n{result['batches_published']} batches published, {result['metrics_rows']} rows "
         f"({result['missing']} missing, {result['duplicate_rows']} duplicate) in {result['wall_s']:.1f}s; "
@@ -161,11 +236,21 @@ def print_table(result: dict) -> None:
 
 def run_demo(a: argparse.Namespace) -> int:
     logs.configure(level="warning", json=False)
+    if a.frames is None:
+        a.frames = 900 if a.faults else 64
     tmp = None if a.data_dir else tempfile.mkdtemp(prefix="aic-demo-")
     root = Path(a.data_dir or tmp)
     try:
         with Stack(root, compressors=a.compressors, compressor_args=["--codec", a.codec]) as stack:
-            result = asyncio.run(_demo(a, stack))
+            supervisor = Supervisor(stack) if a.faults else None
+            if supervisor:
+                supervisor.start()
+            try:
+                result = asyncio.run(_demo(a, stack))
+            finally:
+                if supervisor:
+                    supervisor.done.set()
+                    supervisor.join()
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

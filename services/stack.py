@@ -112,7 +112,8 @@ class Stack:
                 limits = self.store_limits()
                 self.nats = NatsServer(self.data_dir / "nats", store=limits).start()
                 self.nats_url = self.nats.url
-                self.guard = StoreGuard(self.nats, limits, self.nats.client("admin"))
+                self.guard = StoreGuard(self.nats, limits, self.nats.client("admin"),
+                                        on_restart=lambda: run_blocking(self._create_topology()))
             # The topology exists before any service starts: only the admin may create it.
             run_blocking(self._create_topology())
             if self.database_url is None and self.with_metrics:
@@ -258,8 +259,14 @@ class Stack:
                 try:
                     server.start()
                     log.warning("process_restarted", process=name)
+                    if name == "nats":
+                        # A memory stream (AIC_CONTROL) does not outlive its server: the services
+                        # wait for their streams (prepare_until) until the admin makes them again.
+                        run_blocking(self._create_topology())
                 except (ServerError, OSError) as exc:  # still down: the next pause is longer
                     log.error("restart_failed", process=name, error=str(exc))
+                except Exception as exc:  # the topology: the services say what is missing
+                    log.error("topology_not_restored", error=f"{type(exc).__name__}: {exc}")
         if self.guard is not None and self.nats.proc is not None and self.nats.proc.poll() is None:
             self.guard.check(now)
         for s in self.services:

@@ -39,8 +39,10 @@ RESTART_ROOM = 32 << 20
 class StoreGuard:
     """Watches the disk under an embedded nats-server's store; :meth:`check` as often as wanted."""
 
-    def __init__(self, server: NatsServer, limits: StoreLimits, admin: BusConfig, every_s: float = 2.0):
+    def __init__(self, server: NatsServer, limits: StoreLimits, admin: BusConfig, every_s: float = 2.0,
+                 on_restart=None):
         self.server, self.limits, self.admin, self.every_s = server, limits, admin, every_s
+        self.on_restart = on_restart
         self.frames_bound = limits.frames_bytes  # as the topology has it now
         self.write_failed = False
         self.restarts = 0
@@ -113,6 +115,8 @@ class StoreGuard:
             return
         self.restarts += 1
         self.write_failed = False
+        if self.on_restart is not None:
+            self.on_restart()  # (the topology: a memory stream does not outlive the server)
         self._log_offset = self._log_size()
 
     def _log_size(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -53,6 +54,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def same_port(recorded: int | None) -> int:
+    """``recorded`` (the port a server in this folder had before) if it is free, else a free one: a
+    server started again on its folder keeps its address, so that clients retrying it (a gateway
+    within its outage bound) find it again."""
+    if recorded:
+        with socket.socket() as s:
+            # As the servers bind (Go and PostgreSQL set it): a port whose old connections linger in
+            # TIME_WAIT is free; one another process listens on is not.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", recorded))
+                return recorded
+            except OSError:
+                pass
+    return free_port()
+
+
+def _recorded(path: Path, pattern: str) -> int | None:
+    try:
+        m = re.search(pattern, path.read_text(), re.M)
+    except OSError:
+        return None
+    return int(m[1]) if m else None
 
 
 class ServerError(RuntimeError):
@@ -136,6 +162,8 @@ class NatsServer:
                  tls: bool = True, auth: bool = True, store=None, secrets_root: Path | None = None,
                  cluster: "ClusterNode | None" = None):
         self.root = Path(root)
+        if port is None and cluster is None:
+            port = same_port(_recorded(self.root / "nats-server.conf", r"^listen: [^:]+:(\d+)$"))
         # Where the CA, the users' passwords and the store key live: the nodes of a cluster share them.
         self.secrets = Path(secrets_root or root)
         self.cluster = cluster
@@ -410,6 +438,7 @@ class PostgresServer:
     database = "aic"
 
     def __init__(self, root: Path, port: int | None = None, bin_dir: str | Path | None = None):
+        port = port or same_port(_recorded(Path(root) / "port", r"^(\d+)$"))
         self.root = Path(root)
         self.bin_dir = Path(bin_dir) if bin_dir else (Path(os.environ["AIC_POSTGRES_BIN"])
                                                       if os.environ.get("AIC_POSTGRES_BIN") else None)
@@ -487,6 +516,7 @@ class PostgresServer:
 
     def start(self) -> "PostgresServer":
         self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "port").write_text(f"{self.port}\n")  # the next start on this folder keeps it
         self._prepare_user()
         self.password = secret_file(self.password_file, new_password)
         log = self.root / "postgres.log"

@@ -193,3 +193,30 @@ def corrupted_payloads(payload: bytes, count: int, seed: int = 1):
             for i in rng.integers(0, header_len, 3):
                 p[i] = rng.integers(0, 256)
         yield bytes(p)
+
+
+async def record_fault(name: str, url: str, stream_ids: list[str], published: int, fault_at: float | None = None,
+                       dropped: int = 0) -> dict:
+    """The figures of a fault run (docs/reliability.md): batches published, rows, duplicates, missing,
+    counted drops, and the recovery time (from the fault to the next row written).  Appended as a JSON
+    line to ``$AIC_FAULT_TABLE`` when set (``python -m benchmarks.fault_table`` prints the table)."""
+    import json
+    import os
+
+    conn = await asyncpg.connect(url)
+    try:
+        r = await conn.fetchrow(
+            "SELECT count(*) AS rows, count(DISTINCT (stream_id, batch_seq)) AS distinct_batches, "
+            "extract(epoch FROM min(inserted_at) FILTER (WHERE inserted_at > to_timestamp($2))) AS next_row "
+            "FROM batch_metrics WHERE stream_id = ANY($1::text[])", stream_ids, fault_at or 0.0)
+    finally:
+        await conn.close()
+    figures = {"fault": name, "published": published, "rows": r["rows"],
+               "duplicates": r["rows"] - r["distinct_batches"], "missing": published - r["distinct_batches"],
+               "dropped_counted": dropped,
+               "recovery_s": None if fault_at is None or r["next_row"] is None else round(float(r["next_row"]) - fault_at, 1)}
+    out = os.environ.get("AIC_FAULT_TABLE")
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(figures) + "\n")
+    return figures

@@ -78,3 +78,15 @@ async def test_readyz_answers_within_a_second_naming_the_server_that_does_not():
             assert r.status_code == 503 and set(r.json()["detail"]) == down, r.text
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(ok, ok)), base_url="http://api") as c:
         assert (await c.get("/readyz")).json() == {"status": "ready"}
+
+
+async def test_the_docs_page_is_whole_without_the_internet(client):
+    async with client:
+        r = await client.get("/docs")
+    page = r.text
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "/api/v1/aic/config/{stream_id}" in page and "PATCH" in page and "ConfigFields" in page
+    # Nothing it shows is fetched from elsewhere: no script, stylesheet or image by URL.
+    import re
+
+    assert not re.search(r"<script|<link|src=|https?://", page)

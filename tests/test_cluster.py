@@ -14,7 +14,7 @@ from services.ingest import ingest
 from shared import bus as busmod
 from shared.bus import Bus
 from shared.embedded import NatsCluster
-from tests.conftest import compressor, metrics_writer, running, unique, wait_rows
+from tests.conftest import compressor, metrics_writer, record_fault, running, unique, wait_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 SOURCE = "lavfi:testsrc2=size=96x64:rate=30"
@@ -96,6 +96,7 @@ async def test_a_leader_kill_and_a_rolling_restart_lose_and_double_no_batch(clus
             victim = cluster.node(await leader(admin, busmod.FRAMES_STREAM))
             victim.proc.send_signal(signal.SIGKILL)  # the frames stream's leader, mid-run
             victim.proc.wait()
+            fault_at = time.time()
             await asyncio.sleep(3)
             victim.start()
             await current(admin, (busmod.FRAMES_STREAM, busmod.METRICS_STREAM))
@@ -107,6 +108,8 @@ async def test_a_leader_kill_and_a_rolling_restart_lose_and_double_no_batch(clus
             rows = await wait_rows(postgres.url, [sid], stats.batches, timeout=180)
     finally:
         await gw.close()
+    await record_fault("3-node cluster, R3: kill -9 of the frames stream's leader, then a rolling restart of all three",
+                       postgres.url, [sid], stats.batches, fault_at)
     seqs = [r["batch_seq"] for r in rows]
     assert stats.batches == 75 and stats.dropped == 0
     assert sorted(seqs) == list(range(75)), f"missing {set(range(75)) - set(seqs)}, rows {len(seqs)}"

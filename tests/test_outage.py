@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 
 import pytest
 
 from services.ingest import ingest
 from services.ingest.gateway import BusOutage
-from tests.conftest import compressor, metrics_writer, running, unique, wait_rows
+from tests.conftest import compressor, metrics_writer, record_fault, running, unique, wait_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 SOURCE = "lavfi:testsrc2=size=96x64:rate=30"
@@ -29,10 +30,14 @@ async def test_nats_killed_mid_ingest_and_back_loses_and_duplicates_no_batch(bus
         task = asyncio.create_task(ingest(bus, SOURCE, sid, 8, 128, progress=False, in_flight=2))
         await asyncio.sleep(0.3)  # some batches are out, some not
         kill_9(nats_server)
+        fault_at = time.time()
         await asyncio.sleep(3.0)  # the gateway retries, the file waits
         nats_server.start()  # the same port and store, as a supervisor would
         stats = await asyncio.wait_for(task, 120)
         rows = await wait_rows(postgres.url, [sid], 16, timeout=120)
+    fig = await record_fault("kill -9 of nats-server while a file is published (back after 3 s)", postgres.url, [sid],
+                             stats.batches, fault_at)
+    assert fig["missing"] == fig["duplicates"] == 0
     assert stats.batches == 16 and stats.dropped == 0
     assert sorted(r["batch_seq"] for r in rows) == list(range(16))  # each once
     assert all(r["status"] == "ok" for r in rows)
@@ -67,10 +72,13 @@ async def test_a_live_source_drops_what_it_cannot_hold_counts_it_and_each_drop_g
                                           buffer_batches=1))
         await asyncio.sleep(0.6)
         kill_9(nats_server)
+        fault_at = time.time()
         await asyncio.sleep(1.6)  # about 6 batches of capture while the bus is away
         nats_server.start()
         stats = await asyncio.wait_for(task, 120)
         rows = await wait_rows(postgres.url, [sid], 12, timeout=120)
+    await record_fault("kill -9 of nats-server under a live source with a 1-batch buffer (back after 1.6 s)",
+                       postgres.url, [sid], stats.batches, fault_at, dropped=stats.dropped)
     dropped = [r for r in rows if r["status"] == "rejected"]
     assert stats.batches == 12 and stats.dropped >= 1 and len(dropped) == stats.dropped
     assert all(r["reason"].startswith("dropped_at_gateway") for r in dropped)

@@ -20,7 +20,7 @@ from shared import bus as busmod
 from shared.bus import Bus
 from shared.config import StoreLimits, parse_bytes
 from shared.embedded import NatsServer
-from tests.conftest import compressor, create_topology, metrics_writer, running, unique, wait_rows
+from tests.conftest import compressor, create_topology, metrics_writer, record_fault, running, unique, wait_rows
 
 SOURCE = "lavfi:testsrc2=size=320x240:rate=30"  # 8 frames: 0.9 MiB, claim-checked under a 256 KiB max_payload
 MiB = 1 << 20
@@ -91,11 +91,14 @@ async def test_a_full_frames_stream_holds_the_gateway_back_and_drains_with_nothi
         held = (await admin.js.stream_info(busmod.FRAMES_STREAM)).state.bytes
         await admin.close()
         assert held <= 3 * MiB
+        fault_at = time.time()
         async with running(compressor(cfg, codec="x264-psnr"), metrics_writer(cfg, postgres.url)):
             stats = await asyncio.wait_for(task, 120)
             rows = await wait_rows(postgres.url, [sid], 12, timeout=120)
     finally:
         await bus.close()
+    await record_fault("frames stream full (3 MiB bound, no worker), then workers start", postgres.url, [sid],
+                       stats.batches, fault_at)
     assert stats.batches == 12 and stats.dropped == 0
     assert sorted(r["batch_seq"] for r in rows) == list(range(12)) and {r["status"] for r in rows} == {"ok"}
 
@@ -200,6 +203,7 @@ async def test_a_disk_filled_by_someone_else_slows_the_gateways_and_a_failed_wri
                                               outage_s=200, realtime=False))
             await asyncio.sleep(1.0)
             junk = fill(small_disk, 0)
+            enospc_at = time.time()
             deadline = time.monotonic() + 60
             while not guard.write_failed and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
@@ -211,6 +215,10 @@ async def test_a_disk_filled_by_someone_else_slows_the_gateways_and_a_failed_wri
     finally:
         watching = False
         server.stop()
+    await record_fault("disk filled by another process during a backlog (frames bound follows it down)", postgres.url,
+                       [sid], stats.batches)
+    await record_fault("disk filled to the last byte under a running pipeline (failed write, server restarted)",
+                       postgres.url, [sid2], stats2.batches, enospc_at)
     assert stats2.batches == 24 and sorted(r["batch_seq"] for r in rows2) == list(range(24))
     assert {r["status"] for r in rows + rows2} == {"ok"}
     assert write_failed and guard.restarts >= 1  # the write did fail, and the server was healed

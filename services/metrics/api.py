@@ -22,7 +22,7 @@ from typing import Literal
 import asyncpg
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, field_validator
 
@@ -212,14 +212,24 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": detail})
 
 
-def create_app(pool_getter, kv_getter, rate: float = auth.DEFAULT_RATE, open_metrics: bool = False) -> FastAPI:
+def create_app(pool_getter, kv_getter, rate: float = auth.DEFAULT_RATE, open_metrics: bool = False,
+               db_probe=None) -> FastAPI:
     """The app.  ``pool_getter()`` returns an asyncpg pool, ``kv_getter()`` the config KV (both awaitable);
-    ``rate``: requests a second per token; ``open_metrics``: /metrics without a token."""
+    ``rate``: requests a second per token; ``open_metrics``: /metrics without a token; ``db_probe()``:
+    readiness's database check, on a connection of its own so that it never queues behind the
+    requests' pool (default: a query through the pool)."""
     app = FastAPI(title="aic metrics and control API", version="1",
                   description="Per-batch metrics, rollup summaries, bandwidth statistics and live per-stream "
                               "compression config of an aic pipeline.  Calls under /api/v1/aic need "
-                              "`Authorization: Bearer <token>` (`aic token create`).")
+                              "`Authorization: Bearer <token>` (`aic token create`).",
+                  docs_url=None, redoc_url=None)  # their pages load scripts from a CDN: /docs is ours
     app.add_middleware(BodyLimit)
+
+    @app.get("/docs", include_in_schema=False, response_class=HTMLResponse)
+    async def docs() -> HTMLResponse:
+        from services.metrics.apidocs import render
+
+        return HTMLResponse(render(app.openapi()))
     limiter = auth.RateLimiter(rate)
 
     @app.exception_handler(Refused)
@@ -321,7 +331,7 @@ def create_app(pool_getter, kv_getter, rate: float = auth.DEFAULT_RATE, open_met
 
         # Both at once, each bounded: a probe must not wait out a dead server's timeouts.
         problems = dict(zip(("database", "nats"), await asyncio.gather(
-            _probe(fetch("SELECT 1")), _probe(nats()))))
+            _probe(db_probe() if db_probe else fetch("SELECT 1")), _probe(nats()))))
         problems = {k: v for k, v in problems.items() if v is not None}
         if problems:
             return JSONResponse({"error": "unavailable", "detail": problems}, status_code=503)
