@@ -395,6 +395,9 @@ def cmd_ingest(a: argparse.Namespace) -> int:
             if s.damage.corrupt_packets:  # never silent: frames of the source were unreadable
                 print(f"aic ingest: warning: {s.damage.corrupt_packets} corrupt packets of {a.source} were skipped",
                       file=sys.stderr)
+            if s.damage.truncated:  # never silent: the file ends before the length it declares
+                print(f"aic ingest: warning: {a.source} ended after {s.damage.frames_read} of the "
+                      f"{s.damage.frames_declared} frames its container declares (a truncated file?)", file=sys.stderr)
             if s.dropped:  # never silent: a live source could not wait for the bus
                 print(f"aic ingest: warning: {s.dropped} of {s.batches} batches were dropped while the bus was away "
                       f"(each has a rejected row, reason dropped_at_gateway; --buffer-batches holds more)",

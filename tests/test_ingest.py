@@ -87,3 +87,69 @@ def test_a_request_the_workers_would_refuse_is_a_clear_error_before_anything_is_
     args = {"stream_id": "s", "batch_frames": 8, "max_frames": None, **kw}
     with pytest.raises(ValueError, match=re.escape(says)):
         gateway.check_request(**args)
+
+
+def _clip(path, frames: int = 64) -> bytes:
+    """A small real clip (x264 in Matroska, whose header declares its duration)."""
+    import av
+
+    with av.open(str(path), "w", format="matroska") as out:
+        vs = out.add_stream("libx264", rate=30)
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
+        for i in range(frames):
+            img = np.full((48, 64, 3), (i * 4) % 256, np.uint8)
+            for p in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(p)
+        for p in vs.encode():
+            out.mux(p)
+    return path.read_bytes()
+
+
+def test_a_truncated_file_is_reported_not_passed_off_as_whole(tmp_path):
+    whole = _clip(tmp_path / "whole.mkv")
+    damage = gateway.SourceDamage()
+    list(read_batches(str(tmp_path / "whole.mkv"), "s", damage=damage))
+    assert damage.frames_read == 64 and not damage.truncated
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(whole[: len(whole) // 2])
+    damage = gateway.SourceDamage()
+    read = sum(b.frame_count for b in read_batches(str(cut), "s", damage=damage))
+    assert damage.truncated and read == damage.frames_read < 48 and damage.frames_declared == 64
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_an_http_source_that_stalls_mid_file_is_a_clear_error(tmp_path):
+    import http.server
+    import threading
+    import time
+
+    data = _clip(tmp_path / "clip.mkv", frames=240)
+    release = threading.Event()
+
+    class Stalling(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "video/x-matroska")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 3])
+            self.wfile.flush()
+            release.wait(60)  # and then nothing more: a server that stalls
+
+        def log_message(self, *_):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/clip.mkv"
+    t0 = time.monotonic()
+    got = []
+    try:
+        with pytest.raises(gateway.SourceError, match="reading .* failed"):
+            for b in read_batches(url, "s"):
+                got.append(b.frame_count)
+    finally:
+        release.set()
+        server.shutdown()
+    assert sum(got) > 0 and time.monotonic() - t0 < 40  # what arrived was read; the stall ended it

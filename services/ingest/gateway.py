@@ -164,10 +164,19 @@ def check_request(stream_id: str, batch_frames: int, max_frames: int | None, lim
         raise ValueError(f"--frames {max_frames}: must be at least 1 (or left out: the whole source)")
 
 
-def _frames(container, vs, damage: "SourceDamage | None") -> Iterator:
+def _frames(container, vs, damage: "SourceDamage | None", source: str = "") -> Iterator:
     """The decoded frames of ``vs``: a packet the decoder cannot read (a corrupt one in a broadcast
-    capture, say) is skipped and counted, not the end of the source."""
-    for packet in container.demux(vs):
+    capture, say) is skipped and counted, not the end of the source.  A source that stops answering
+    (an http server that stalls past the 10 s read timeout) or breaks off is a :class:`SourceError`."""
+    packets = container.demux(vs)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            return
+        except (av.FFmpegError, OSError) as exc:
+            raise SourceError(f"reading {source or 'the source'} failed: {exc} (a stalled or broken source; the "
+                              "batches read before it are published)") from None
         try:
             frames = packet.decode()
         except av.InvalidDataError as exc:
@@ -180,9 +189,17 @@ def _frames(container, vs, damage: "SourceDamage | None") -> Iterator:
 
 @dataclass
 class SourceDamage:
-    """What a source's reading survived: corrupt packets skipped."""
+    """What a source's reading survived: corrupt packets skipped, and whether it ended before the
+    length its container declares (a truncated file)."""
 
     corrupt_packets: int = 0
+    frames_read: int = 0
+    frames_declared: int | None = None  # from the container (frame count, else duration x rate)
+
+    @property
+    def truncated(self) -> bool:
+        d = self.frames_declared
+        return d is not None and self.frames_read < d - max(8, d // 50)
 
 
 def read_batches(
@@ -202,7 +219,9 @@ def read_batches(
         buf: np.ndarray | None = None
         seq, n, k, first_pts = start_seq, 0, 0, 0
         size: tuple[int, int] | None = None
-        for vf in _frames(container, vs, damage):
+        if damage is not None:
+            damage.frames_declared = vs.frames or (round(container.duration / 1e6 * rate) if container.duration else None)
+        for vf in _frames(container, vs, damage, repr(source)):
             if size is None:
                 size = (vf.width, vf.height)
             elif (vf.width, vf.height) != size:
@@ -218,13 +237,19 @@ def read_batches(
                 first_pts = n
             from_video_frame(vf, buf[k])
             n, k = n + 1, k + 1
+            if damage is not None:
+                damage.frames_read = n
             if k == len(buf):
                 yield _batch(stream_id, seq, size, rate, first_pts, buf)
                 seq, buf, k = seq + 1, None, 0
             if max_frames is not None and n >= max_frames:
+                if damage is not None:
+                    damage.frames_declared = None  # stopped on purpose: no claim about the rest
                 break
         if k:
             yield _batch(stream_id, seq, size, rate, first_pts, buf[:k])
+        if damage is not None and damage.truncated:
+            log.warning("source_truncated", frames_read=damage.frames_read, frames_declared=damage.frames_declared)
 
 
 def frame_rate(rate) -> Fraction:
@@ -484,43 +509,47 @@ async def ingest(
         except BaseException as exc:
             errors.append(exc)
 
+    source_error: SourceError | None = None
     try:
-        async for fb in _threaded(read_batches(source, stream_id, batch_frames, max_frames, start_seq, stats.damage),
-                                  stop=stop):
-            if errors or (stop is not None and stop.is_set()):
-                break
-            if realtime:
-                # Pace on the source clock: a batch leaves when its last frame would have been captured.
-                due = t0 + (fb.first_pts + fb.frame_count) / fb.fps
-                await asyncio.sleep(max(0.0, due - time.monotonic()))
-                # The source is read ahead of the clock: the batch is captured when it leaves, so that
-                # latency counts from its last frame's (paced) capture, as a live camera's would.
-                fb = dataclasses.replace(fb, captured_at=time.time())
-            elif not live:
-                fb = dataclasses.replace(fb, live=False)
-            if fb.raw_bytes > limits.max_batch_bytes:
-                raise ValueError(f"a batch of {fb.frame_count} frames at {fb.width}x{fb.height} is {fb.raw_bytes >> 20} "
-                                 f"MiB, over the workers' {limits.max_batch_bytes >> 20} MiB: use fewer --batch-frames")
-            unsent.add(fb.batch_seq)
-            if live and len(pending) >= in_flight + buffer_batches:
-                # The bus is away and the buffer is full: a live source cannot wait.
-                DROPPED.labels(stream_id).inc()
-                log.warning("batch_dropped", stream_id=stream_id, batch_seq=fb.batch_seq, buffered=len(pending))
-                why = "the frames stream was full" if outage.full else "the bus was away"
-                task = asyncio.create_task(report_dropped(fb, why))
-            else:
-                if not live:
-                    await slots.acquire()  # a file waits for the bus; a live source cannot
-                # Reserved in the task, in order and before its publish: a restart never reuses a
-                # number (a crash may leave one unused, a gap receivers skip).
-                task = asyncio.create_task(publish(fb, slotted=not live))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-            stats.batches += 1
-            stats.frames += fb.frame_count
-            stats.raw_bytes += fb.raw_bytes
-            stats.batch_ids.append(fb.msg_id)
-            bar.update(fb.frame_count)
+        try:
+            async for fb in _threaded(read_batches(source, stream_id, batch_frames, max_frames, start_seq, stats.damage),
+                                      stop=stop):
+                if errors or (stop is not None and stop.is_set()):
+                    break
+                if realtime:
+                    # Pace on the source clock: a batch leaves when its last frame would have been captured.
+                    due = t0 + (fb.first_pts + fb.frame_count) / fb.fps
+                    await asyncio.sleep(max(0.0, due - time.monotonic()))
+                    # The source is read ahead of the clock: the batch is captured when it leaves, so that
+                    # latency counts from its last frame's (paced) capture, as a live camera's would.
+                    fb = dataclasses.replace(fb, captured_at=time.time())
+                elif not live:
+                    fb = dataclasses.replace(fb, live=False)
+                if fb.raw_bytes > limits.max_batch_bytes:
+                    raise ValueError(f"a batch of {fb.frame_count} frames at {fb.width}x{fb.height} is {fb.raw_bytes >> 20} "
+                                     f"MiB, over the workers' {limits.max_batch_bytes >> 20} MiB: use fewer --batch-frames")
+                unsent.add(fb.batch_seq)
+                if live and len(pending) >= in_flight + buffer_batches:
+                    # The bus is away and the buffer is full: a live source cannot wait.
+                    DROPPED.labels(stream_id).inc()
+                    log.warning("batch_dropped", stream_id=stream_id, batch_seq=fb.batch_seq, buffered=len(pending))
+                    why = "the frames stream was full" if outage.full else "the bus was away"
+                    task = asyncio.create_task(report_dropped(fb, why))
+                else:
+                    if not live:
+                        await slots.acquire()  # a file waits for the bus; a live source cannot
+                    # Reserved in the task, in order and before its publish: a restart never reuses a
+                    # number (a crash may leave one unused, a gap receivers skip).
+                    task = asyncio.create_task(publish(fb, slotted=not live))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                stats.batches += 1
+                stats.frames += fb.frame_count
+                stats.raw_bytes += fb.raw_bytes
+                stats.batch_ids.append(fb.msg_id)
+                bar.update(fb.frame_count)
+        except SourceError as exc:  # the source broke off: what was read still goes out, then the error
+            source_error = exc
         while pending and not errors:
             await asyncio.wait(set(pending), return_when=asyncio.FIRST_COMPLETED)
         if pending:  # given up: what is still retrying did not reach the bus either
@@ -533,6 +562,9 @@ async def ingest(
         if any(isinstance(e, TimeoutError) for e in errors):
             raise BusOutage(stream_id, sorted(unsent), outage_s, outage.full)
         raise errors[0]
+    if source_error is not None:
+        raise SourceError(f"{source_error} ({stats.batches} batches, {stats.frames} frames, were published before "
+                          "it; an ingest run again continues the numbering)")
     stats.seconds = time.monotonic() - t0
     log.info(
         "ingest_done",
