@@ -1,6 +1,6 @@
 """The fault table of docs/reliability.md, from the figures the fault runs record.
 
-    AIC_FAULT_TABLE=faults.jsonl python -m pytest -m slow tests/test_outage.py tests/test_reliability.py \\
+    AIC_FAULT_TABLE=faults.jsonl python -m pytest -m "slow or fault" tests/test_outage.py tests/test_reliability.py \\
         tests/test_storage.py tests/test_cluster.py
     python -m benchmarks.fault_table faults.jsonl [demo.json ...]
 

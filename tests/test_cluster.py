@@ -46,39 +46,33 @@ async def topology(cfg) -> None:
             await asyncio.sleep(1.0)
 
 
-async def leader(cfg, stream: str) -> str:
-    bus = await Bus.connect(cfg, name="probe")
-    try:
-        for _ in range(60):
-            try:
-                info = await bus.js.stream_info(stream)
-                if info.cluster and info.cluster.leader:
-                    return info.cluster.leader
-            except Exception:
-                pass
-            await asyncio.sleep(0.5)
-        raise AssertionError(f"{stream} has no leader")
-    finally:
-        await bus.close()
-
-
-async def current(cfg, streams: tuple[str, ...], replicas: int = 3, timeout: float = 90) -> None:
-    """Wait until each stream has a leader and every replica is current again (after a restart)."""
+async def _until(cfg, streams: tuple[str, ...], ready, timeout: float = 90):
+    """``ready(infos)`` of the streams' infos, polled until it is truthy (the cluster electing, catching up)."""
     deadline = time.monotonic() + timeout
     bus = await Bus.connect(cfg, name="probe")
     try:
         while time.monotonic() < deadline:
             try:
-                infos = [await bus.js.stream_info(s) for s in streams]
-                if all(i.cluster and i.cluster.leader and len(i.cluster.replicas or []) == replicas - 1
-                       and all(r.current for r in i.cluster.replicas) for i in infos):
-                    return
+                found = ready([await bus.js.stream_info(s) for s in streams])
+                if found:
+                    return found
             except Exception:
                 pass
             await asyncio.sleep(0.5)
-        raise AssertionError(f"streams not current after {timeout} s")
+        raise AssertionError(f"{streams}: not ready after {timeout} s")
     finally:
         await bus.close()
+
+
+async def leader(cfg, stream: str) -> str:
+    return await _until(cfg, (stream,), lambda infos: infos[0].cluster and infos[0].cluster.leader, timeout=30)
+
+
+async def current(cfg, streams: tuple[str, ...], replicas: int = 3) -> None:
+    """Wait until each stream has a leader and every replica is current again (after a restart)."""
+    await _until(cfg, streams, lambda infos: all(
+        i.cluster and i.cluster.leader and len(i.cluster.replicas or []) == replicas - 1
+        and all(r.current for r in i.cluster.replicas) for i in infos))
 
 
 async def test_a_leader_kill_and_a_rolling_restart_lose_and_double_no_batch(cluster, postgres):

@@ -30,7 +30,7 @@ class Packet:
 
 
 def fake_source(monkeypatch, frames, corrupt_after=()):
-    stream = SimpleNamespace(thread_type=None, guessed_rate=25, average_rate=25)
+    stream = SimpleNamespace(thread_type=None, guessed_rate=25, average_rate=25, frames=0)  # (length unknown)
     packets = []
     for i, f in enumerate(frames):
         packets.append(Packet(f))
@@ -39,7 +39,7 @@ def fake_source(monkeypatch, frames, corrupt_after=()):
 
     @contextmanager
     def open_source(_):
-        yield SimpleNamespace(streams=SimpleNamespace(video=[stream]), demux=lambda _s: iter(packets))
+        yield SimpleNamespace(streams=SimpleNamespace(video=[stream]), demux=lambda _s: iter(packets), duration=None)
 
     monkeypatch.setattr(gateway, "open_source", open_source)
 

@@ -105,7 +105,7 @@ async def test_a_full_frames_stream_holds_the_gateway_back_and_drains_with_nothi
 
 async def test_a_batch_about_to_expire_unprocessed_gets_an_expired_row(tmp_path, postgres):
     sid = unique("old")
-    limits = StoreLimits(max_age_s=40, expire_margin_s=600)  # rows for batches 30 s old
+    limits = StoreLimits(max_age_s=20, expire_margin_s=600)  # rows for batches 15 s old
     server = NatsServer(tmp_path / "nats", max_payload="256KB", store=limits).start()
     try:
         await create_topology(server)
@@ -117,7 +117,7 @@ async def test_a_batch_about_to_expire_unprocessed_gets_an_expired_row(tmp_path,
         worker.bus = await Bus.connect(cfg, name="w")
         try:
             assert await worker.expire_old() == 0  # young batches are left to be coded
-            await asyncio.sleep(31)
+            await asyncio.sleep(15.5)
             assert await worker.expire_old() == 3
             left = (await worker.bus.js.stream_info(busmod.FRAMES_STREAM)).state
         finally:
@@ -127,7 +127,7 @@ async def test_a_batch_about_to_expire_unprocessed_gets_an_expired_row(tmp_path,
     finally:
         server.stop()
     assert stats.batches == 3 and sorted(r["batch_seq"] for r in rows) == [0, 1, 2]
-    assert all(r["status"] == "failed" and r["reason"].startswith("expired: waited 3") for r in rows)
+    assert all(r["status"] == "failed" and r["reason"].startswith("expired: waited ") for r in rows)
     assert left.consumer_count == 1 and left.messages <= 3 * 4  # the batches are gone (their chunks expire)
 
 
@@ -162,6 +162,7 @@ def fill(disk: Path, leave: int) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.fault
 @pytest.mark.timeout(400)
 async def test_a_disk_filled_by_someone_else_slows_the_gateways_and_a_failed_write_heals(small_disk, postgres):
     from services.storage import StoreGuard
@@ -222,3 +223,35 @@ async def test_a_disk_filled_by_someone_else_slows_the_gateways_and_a_failed_wri
     assert stats2.batches == 24 and sorted(r["batch_seq"] for r in rows2) == list(range(24))
     assert {r["status"] for r in rows + rows2} == {"ok"}
     assert write_failed and guard.restarts >= 1  # the write did fail, and the server was healed
+
+
+async def test_metrics_records_the_stream_dropped_before_they_were_read_are_counted_not_silent(tmp_path, postgres):
+    """The one bounded loss left: a metrics service away so long that its stream's bound drops records it
+    has not read.  They are counted (aic_metrics_records_lost_total) and logged, and rows + lost = records."""
+    from shared.schemas import BatchMetrics
+
+    limits = StoreLimits(outputs_bytes=1 * MiB)  # the metrics stream: 256 KiB
+    server = NatsServer(tmp_path / "nats", store=limits).start()
+    sid = unique("lost")
+    try:
+        await create_topology(server)
+        cfg = server.client("admin")
+        bus = await Bus.connect(cfg, name="w")
+        pad = {"note": "x" * 900}  # ~1 KiB a record
+        for i in range(600):  # no metrics service meanwhile
+            row = BatchMetrics(f"{sid}:{i}", sid, "ok", "w1", time.time(), batch_seq=i, captured_at=time.time(),
+                               codec="x264", frames=8, extra=pad)
+            await bus.publish(busmod.metrics_subject("w1"), row.pack(), f"m:{sid}:{i}")
+        await bus.close()
+        writer = metrics_writer(cfg, postgres.url)
+        async with running(writer):
+            deadline = time.monotonic() + 60
+            while True:
+                rows = await wait_rows(postgres.url, [sid], 1)
+                if len(rows) + writer.lost >= 600 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.5)
+    finally:
+        server.stop()
+    assert writer.lost > 0 and len(rows) + writer.lost == 600
+    assert sorted(r["batch_seq"] for r in rows) == list(range(600 - len(rows), 600))  # the oldest went
