@@ -116,7 +116,10 @@ class StoreGuard:
         self.restarts += 1
         self.write_failed = False
         if self.on_restart is not None:
-            self.on_restart()  # (the topology: a memory stream does not outlive the server)
+            try:
+                self.on_restart()  # (the topology: a memory stream does not outlive the server)
+            except Exception as exc:  # the services say what is missing; the supervisor goes on
+                log.error("topology_not_restored", error=f"{type(exc).__name__}: {exc}")
         self._log_offset = self._log_size()
 
     def _log_size(self) -> int:

@@ -156,7 +156,7 @@ class StreamFull(RuntimeError):
 
 #: JetStream's error codes for a message refused for want of room: the stream's own limit
 #: (``maximum bytes/messages exceeded``) and the server's store (``insufficient resources``).
-_NO_ROOM = (10077, 10023, 10047)
+_NO_ROOM = (10077, 10023, 10047, 10002)  # (10002: the account's storage limit)
 
 
 class ClaimError(RuntimeError):
@@ -511,7 +511,7 @@ class Bus:
             # (On a cluster, also for a moment while a stream elects its leader: callers that know the
             # stream exists retry.)
             raise TopologyMissing(f"no stream takes {subject}: " + _missing("its stream", self.cfg.user)) from None
-        except nats.js.errors.ServiceUnavailableError as exc:
+        except nats.js.errors.APIError as exc:  # (the room errors come as 503s and 500s)
             if exc.err_code in _NO_ROOM:
                 raise StreamFull(f"no room for {subject}: {exc.description}") from None
             raise

@@ -162,12 +162,14 @@ class NatsServer:
                  tls: bool = True, auth: bool = True, store=None, secrets_root: Path | None = None,
                  cluster: "ClusterNode | None" = None):
         self.root = Path(root)
+        # Only a port the caller asked for is fixed: one this folder had before (kept so that clients
+        # find a restarted server again) or a free one may still move if taken between check and bind.
+        self._fixed_port = port is not None
         if port is None and cluster is None:
             port = same_port(_recorded(self.root / "nats-server.conf", r"^listen: [^:]+:(\d+)$"))
         # Where the CA, the users' passwords and the store key live: the nodes of a cluster share them.
         self.secrets = Path(secrets_root or root)
         self.cluster = cluster
-        self._fixed_port = port is not None
         self.port = port or free_port()
         self.monitor_port = free_port()
         self.max_payload = max_payload

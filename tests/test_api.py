@@ -132,6 +132,11 @@ async def test_a_corrupt_stored_config_is_the_servers_fault_not_the_clients(api,
         assert one.status_code == 500 and one.json()["error"] == "stored_config_invalid"
         listed = await c.get("/api/v1/aic/config")
         assert listed.status_code == 200 and sid not in [x["stream_id"] for x in listed.json()]
+        # A merge needs the stored config and says it is broken; a replace repairs it.
+        assert (await c.patch(f"/api/v1/aic/config/{sid}", json={"level_max": 3})).status_code == 400
+        assert (await c.put(f"/api/v1/aic/config/{sid}", json={"mode": "off"})).json()["config"] == {"mode": "off"}
+        # A 'default.' prefix is no stream id any worker reads: refused, not stored.
+        assert (await c.put("/api/v1/aic/config/default.cam", json={"mode": "off"})).status_code == 422
 
 
 async def test_metrics_are_filtered_and_paginated_without_gaps_or_repeats(api, admin_token, postgres):

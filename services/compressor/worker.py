@@ -653,10 +653,14 @@ class Compressor:
         failed row (reason ``expired``) and a dead letter each, then removed, so that none vanishes
         without a row when the stream's max age takes it.  Any worker may do this: the row and the dead
         letter carry message ids, so two workers at it make one of each.  Returns how many."""
-        lim = self.cfg.bus.store
-        cutoff = time.time() - lim.expires_after_s
         info = await self.bus.js.stream_info(busmod.FRAMES_STREAM)
-        seq, done = info.state.first_seq, 0
+        # The stream's own max age (the admin's), not this worker's environment; and only batches no
+        # worker has been given yet: one being coded (or waiting for its redelivery) gets its row there.
+        max_age = info.config.max_age or self.cfg.bus.store.max_age_s
+        lim = replace(self.cfg.bus.store, max_age_s=max_age)
+        cutoff = time.time() - lim.expires_after_s
+        delivered = (await self.bus.js.consumer_info(busmod.FRAMES_STREAM, busmod.COMPRESSOR_CONSUMER)).delivered
+        seq, done = max(info.state.first_seq, (delivered.stream_seq or 0) + 1), 0
         while done < limit and seq <= info.state.last_seq:
             try:
                 msg = await self.bus.js.get_msg(busmod.FRAMES_STREAM, seq, subject=busmod.FRAMES_FILTER, next=True)
@@ -720,7 +724,12 @@ class Compressor:
         reason = f"no worker answered in {deliveries} deliveries (crashed or hung every time)"
         await self._report_failure(msg, stream_seq, "failed", reason, deliveries)
         await self.bus.js.delete_msg(busmod.FRAMES_STREAM, stream_seq)
-        await self.bus.release(msg)
+        if (msg.headers or {}).get(busmod.CLAIM_HEADER):
+            try:  # its chunks count against the frames bound: checked as its own, then deleted
+                await self.bus.payload(msg, max_size=self.cfg.limits.max_batch_bytes + (1 << 20))
+                await self.bus.release(msg)
+            except (ClaimError, NotFoundError):
+                pass  # gone already, or not its own: left to the max age
         await adv.ack()
 
     async def _report_failure(self, msg, stream_seq: int, status: str, reason: str, attempts: int) -> None:

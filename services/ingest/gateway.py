@@ -187,6 +187,14 @@ def _frames(container, vs, damage: "SourceDamage | None", source: str = "") -> I
         yield from frames
 
 
+def _until_broken(frames: Iterator, broke: list) -> Iterator:
+    """``frames`` until a :class:`SourceError`, which lands in ``broke`` instead of escaping."""
+    try:
+        yield from frames
+    except SourceError as exc:
+        broke.append(exc)
+
+
 @dataclass
 class SourceDamage:
     """What a source's reading survived: corrupt packets skipped, and whether it ended before the
@@ -221,7 +229,8 @@ def read_batches(
         size: tuple[int, int] | None = None
         if damage is not None:
             damage.frames_declared = vs.frames or (round(container.duration / 1e6 * rate) if container.duration else None)
-        for vf in _frames(container, vs, damage, repr(source)):
+        broke: list[SourceError] = []
+        for vf in _until_broken(_frames(container, vs, damage, repr(source)), broke):
             if size is None:
                 size = (vf.width, vf.height)
             elif (vf.width, vf.height) != size:
@@ -246,8 +255,10 @@ def read_batches(
                 if damage is not None:
                     damage.frames_declared = None  # stopped on purpose: no claim about the rest
                 break
-        if k:
+        if k:  # the last, shorter batch; also of a source that broke off: what was read goes out
             yield _batch(stream_id, seq, size, rate, first_pts, buf[:k])
+        if broke:
+            raise broke[0]
         if damage is not None and damage.truncated:
             log.warning("source_truncated", frames_read=damage.frames_read, frames_declared=damage.frames_declared)
 

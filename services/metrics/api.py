@@ -371,16 +371,20 @@ def create_app(pool_getter, kv_getter, rate: float = auth.DEFAULT_RATE, open_met
         return out
 
     async def write_config(t: Token, stream_id: str, change) -> ConfigOut:
-        """Read the stored config, compute the new one from it (``change``), audit, then store."""
+        """Compute the new config (``change(current)``: ``current()`` parses the stored one, which only
+        a merge needs, so that a replace also repairs a stored config that no longer validates), audit,
+        then store."""
         from nats.js.errors import KeyNotFoundError
 
+        if not STREAM_ID_RE.match(stream_id):  # (the path's pattern lets a 'default.' prefix through)
+            raise Refused(422, "invalid_stream_id", f"stream_id must be {STREAM_ID_RULE}")
         reach(t, stream_id)
         bucket = await kv()
         try:
             before = (await bucket.get(stream_id)).value
         except KeyNotFoundError:
             before = None
-        cfg = change(StreamConfig.from_json(before) if before is not None else StreamConfig())
+        cfg = change(lambda: StreamConfig.from_json(before) if before is not None else StreamConfig())
         after = cfg.to_json()
         # Audited first: a change that is not in the audit never happens.
         await db(lambda conn: auth.audit_config(conn, t, stream_id, "set", _json_text(before), _json_text(after)))
@@ -404,7 +408,7 @@ def create_app(pool_getter, kv_getter, rate: float = auth.DEFAULT_RATE, open_met
                        "unsets its override, keys left out keep their value; what `aic config set` does (audited)",
                responses={400: {"description": "the config does not validate"}, **_REFUSALS})
     async def patch_config(body: ConfigFields, stream_id: str = Path(pattern=STREAM_ID), t: Token = Depends(operator)):
-        return await write_config(t, stream_id, lambda current: current.merged(_fields(body, True)))
+        return await write_config(t, stream_id, lambda current: current().merged(_fields(body, True)))
 
     @app.post(f"{API}/config", tags=["config"], response_model=ConfigOut,
               summary="Replace a stream's config named in the body (the older form of PUT /config/{stream_id})",

@@ -32,6 +32,7 @@ log = get_logger("metrics")
 ROWS = Counter("aic_metrics_rows_total", "Metrics records committed (including duplicates ignored)")
 INVALID = Counter("aic_metrics_invalid_total", "Metrics records that failed validation")
 DB_ERRORS = Counter("aic_metrics_db_errors_total", "Failed database writes")
+LOST_CHECK_EVERY_S = 5.0
 LOST = Counter("aic_metrics_records_lost_total", "Metrics records the metrics stream dropped (its bound, oldest "
                "first) before this service read them: rows that will never be written")
 
@@ -157,7 +158,7 @@ class MetricsWriter:
         self.inserted = 0
         self.lost = 0
         self.bus: Bus | None = None
-        self._last_seq: int | None = None  # the last stream sequence read: a jump past it may be a loss
+        self._counted_to = 0  # stream sequences up to this one are counted as lost already
 
     async def run(self, stop: asyncio.Event) -> int:
         bus = self.bus = await Bus.connect_until(self.cfg.bus, "aic-metrics", stop)
@@ -166,13 +167,9 @@ class MetricsWriter:
         if not await bus.prepare_until((busmod.METRICS_STREAM, busmod.DEADLETTER_STREAM), stop):
             return 0
         sub = await bus.pull(busmod.METRICS_STREAM, busmod.METRICS_CONSUMER)
-        try:  # where the last run stopped reading: what the stream dropped since counts as lost
-            self._last_seq = (await bus.js.consumer_info(busmod.METRICS_STREAM, busmod.METRICS_CONSUMER)).delivered.stream_seq
-        except Exception:
-            self._last_seq = None
         await self._connect_until_ready(stop)
         log.info("metrics_started")
-        next_upkeep = next_rollup = 0.0
+        next_upkeep = next_rollup = next_lost_check = 0.0
         try:
             while not stop.is_set():
                 if time.monotonic() >= next_upkeep:
@@ -181,6 +178,9 @@ class MetricsWriter:
                 if time.monotonic() >= next_rollup:
                     next_rollup = time.monotonic() + ROLLUP_EVERY_S
                     await self._refresh_rollups()
+                if time.monotonic() >= next_lost_check:
+                    next_lost_check = time.monotonic() + LOST_CHECK_EVERY_S
+                    await self._count_lost()
                 try:
                     msgs = await sub.fetch(self.cfg.max_rows, timeout=self.cfg.flush_interval_s)
                 except asyncio.TimeoutError:
@@ -189,7 +189,6 @@ class MetricsWriter:
                     log.warning("fetch_failed", error=str(exc))
                     await asyncio.sleep(0.5)
                     continue
-                await self._count_lost(msgs)
                 await self._flush(msgs, stop)
         finally:
             await self.store.close()
@@ -198,27 +197,26 @@ class MetricsWriter:
             log.info("metrics_stopped", inserted=self.inserted)
         return 0
 
-    async def _count_lost(self, msgs: list[Msg]) -> None:
-        """Never silent: records the metrics stream dropped for its bound (a metrics service down for
-        long, docs/reliability.md) before they were read.  Read in stream order, a first delivery
-        past the last one read means the records between were removed; the stream's first sequence
-        says how many are gone."""
-        for m in msgs:
-            seq = m.metadata.sequence.stream
-            if self._last_seq is not None and seq > self._last_seq + 1 and (m.metadata.num_delivered or 1) == 1:
-                try:
-                    first = (await self.bus.js.stream_info(busmod.METRICS_STREAM)).state.first_seq
-                except Exception:
-                    first = seq  # unknown: the gap is the upper bound
-                gone = min(first, seq) - self._last_seq - 1
-                if gone > 0:
-                    LOST.inc(gone)
-                    self.lost += gone
-                    log.error("metrics_records_lost", records=gone, after_seq=self._last_seq,
-                              why="the metrics stream dropped them for its bound before they were read "
-                                  "(AIC_OUTPUTS_MAX_BYTES; this service was away too long)")
-            if self._last_seq is None or seq > self._last_seq:
-                self._last_seq = seq
+    async def _count_lost(self) -> None:
+        """Never silent: records the metrics stream dropped for its bound (a metrics service away for
+        long, docs/reliability.md) before any writer read them.  The shared consumer has delivered
+        every record up to ``delivered``; a stream whose first record is past it has dropped the ones
+        between.  Counted once per process (a high-water mark); every writer of a fleet sees the
+        same gap, so its log line says which records."""
+        try:
+            ci = await self.bus.js.consumer_info(busmod.METRICS_STREAM, busmod.METRICS_CONSUMER)
+            first = (await self.bus.js.stream_info(busmod.METRICS_STREAM)).state.first_seq
+        except Exception:
+            return  # the bus is away: next time
+        floor = max(ci.delivered.stream_seq or 0, self._counted_to)
+        if first > floor + 1:
+            gone = first - floor - 1
+            LOST.inc(gone)
+            self.lost += gone
+            log.error("metrics_records_lost", records=gone, stream_seqs=f"{floor + 1}-{first - 1}",
+                      why="the metrics stream dropped them for its bound before they were read "
+                          "(AIC_OUTPUTS_MAX_BYTES; the metrics service was away too long)")
+            self._counted_to = first - 1
 
     async def _refresh_rollups(self) -> None:
         try:
