@@ -7,7 +7,6 @@ used and none is started: the same code runs against a cluster.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from shared.aio import run_blocking
 from shared.config import BusConfig, StoreLimits, env_str
 from shared.embedded import NatsServer, PostgresServer, ServerError, die_with_parent, free_port
 from shared.logs import get_logger
-from services.storage import StoreGuard
+from services.storage import StoreGuard, disk_room
 from shared.roles import DB_READER as READER
 from shared.roles import DB_WRITER as WRITER
 
@@ -186,9 +185,7 @@ class Stack:
         disk can give the store (its free space plus what the store holds already), so that the
         streams' own bounds, not a full disk, are what the pipeline meets."""
         limits = StoreLimits.from_env()
-        root = self.data_dir / "nats" / "jetstream"
-        held = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.exists() else 0
-        room = int(0.9 * (shutil.disk_usage(self.data_dir).free + held))
+        room = int(0.9 * disk_room(self.data_dir / "nats" / "jetstream"))
         fitted = limits.fitted(room)
         if fitted != limits:
             log.warning("store_limits_reduced", configured_bytes=limits.store_bytes, disk_room_bytes=room,

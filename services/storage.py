@@ -20,6 +20,7 @@ from __future__ import annotations
 import shutil
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from shared.aio import run_blocking
 from shared.config import BusConfig, StoreLimits
@@ -34,6 +35,19 @@ WRITE_FAILED = ("critical write error", "no space left on device")
 RESERVE = 8 << 20
 #: Free space the disk needs again before a server whose store write failed is restarted.
 RESTART_ROOM = 32 << 20
+
+
+def store_held(store_dir: Path) -> int:
+    """Bytes the JetStream store under ``store_dir`` holds on disk (a few files per stream: cheap)."""
+    return sum(f.stat().st_size for f in store_dir.rglob("*") if f.is_file()) if store_dir.exists() else 0
+
+
+def disk_room(store_dir: Path) -> int:
+    """What the disk can give the store: its free space plus what the store holds already."""
+    where = store_dir
+    while not where.exists():  # (a store not made yet: the disk it will be on)
+        where = where.parent
+    return shutil.disk_usage(where).free + store_held(store_dir)
 
 
 class StoreGuard:
@@ -67,13 +81,13 @@ class StoreGuard:
                 self._restart(free)
             return
         try:
-            self._follow_disk(free)
+            self._follow_disk(free, disk_room(self.server.root / "jetstream"))
         except Exception as exc:  # the server restarting, say: next time
             log.warning("store_check_failed", error=f"{type(exc).__name__}: {exc}")
 
-    def _follow_disk(self, free: int) -> None:
-        if free >= self.limits.store_bytes and self.frames_bound == self.limits.frames_bytes:
-            return  # room for everything the streams may hold: nothing to ask the server
+    def _follow_disk(self, free: int, room: int) -> None:
+        if room >= self.limits.store_bytes and self.frames_bound == self.limits.frames_bytes:
+            return  # the disk holds the streams full: nothing to ask the server (no connection)
         bound = run_blocking(self._apply(free))
         if bound != self.frames_bound:
             log.warning("frames_bound_follows_disk", frames_bound_bytes=bound, free_bytes=free,

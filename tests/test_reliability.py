@@ -62,18 +62,8 @@ async def test_a_60_s_nats_outage_pauses_a_file_and_loses_nothing(bus, bus_cfg, 
     assert {r["status"] for r in rows} == {"ok"}
 
 
-def _start_up(folder, env):
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--data-dir", str(folder)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    while True:
-        line = proc.stdout.readline()
-        assert line, "aic up exited"
-        if line.startswith("services"):
-            return proc
-
-
 async def test_kill_9_of_aic_up_mid_ingest_and_a_restart_on_its_folder_lose_nothing(tmp_path):
-    from tests.test_services import no_named_servers
+    from tests.test_services import _start_up, no_named_servers
 
     env = no_named_servers()
     folder = tmp_path / "aic"

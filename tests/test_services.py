@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -325,6 +326,17 @@ async def test_a_stop_ends_an_ingest_whose_live_source_went_quiet(bus, monkeypat
     assert stats.batches == 1
 
 
+@contextlib.contextmanager
+def _up(folder, env):
+    """``aic up`` on ``folder`` once it names its services; killed on the way out if still running."""
+    proc = _start_up(folder, env)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def _start_up(folder, env):
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--data-dir", str(folder)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -358,8 +370,7 @@ def _alive_pid(path) -> int | None:
 def test_kill_9_of_aic_up_leaves_no_orphan_and_a_second_aic_up_on_its_folder_is_refused(tmp_path):
     env = no_named_servers()
     folder = tmp_path / "aic"
-    first = _start_up(folder, env)
-    try:
+    with _up(folder, env) as first:
         second = aic("up", "--data-dir", str(folder), env=env, timeout=60)
         assert second.returncode == 2 and f"another aic up (pid {first.pid})" in second.stderr, second.stderr
         first.send_signal(signal.SIGKILL)
@@ -367,20 +378,16 @@ def test_kill_9_of_aic_up_leaves_no_orphan_and_a_second_aic_up_on_its_folder_is_
         # NATS, PostgreSQL and the services die with it.
         _wait_for(lambda: not subprocess.run(["pgrep", "-f", str(folder)], capture_output=True, text=True).stdout.split(),
                   timeout=30)
-        again = _start_up(folder, env)  # the folder is free again, and its stores are whole
-        again.send_signal(signal.SIGTERM)
-        assert again.wait(60) == 0
-    finally:
-        if first.poll() is None:
-            first.kill()
+        with _up(folder, env) as again:  # the folder is free again, and its stores are whole
+            again.send_signal(signal.SIGTERM)
+            assert again.wait(60) == 0
 
 
 @pytest.mark.slow
 def test_aic_up_restarts_a_nats_server_or_postgres_that_died(tmp_path):
     env = no_named_servers()
     folder = tmp_path / "aic"
-    proc = _start_up(folder, env)
-    try:
+    with _up(folder, env) as proc:
         for pidfile in (folder / "nats" / "nats-server.pid", folder / "postgres" / "pgdata" / "postmaster.pid"):
             old = _wait_for(lambda: _alive_pid(pidfile))
             os.kill(old, signal.SIGKILL)
@@ -392,9 +399,6 @@ def test_aic_up_restarts_a_nats_server_or_postgres_that_died(tmp_path):
         assert got.returncode == 0 and "up to date" in got.stdout, got.stderr
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 def test_no_log_event_passes_a_field_structlog_uses_for_itself():
