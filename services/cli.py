@@ -183,6 +183,32 @@ def build_parser() -> argparse.ArgumentParser:
                         "given a rejected row (dropped_at_gateway) once the bus is back (default %(default)s)")
     _metrics_port(p)
 
+    p = sub.add_parser("edge", help="the WebRTC edge: browsers publish over WHIP and watch over WHEP",
+                       description="Serve WHIP (POST /whip/STREAM: publish a browser's, OBS's or GStreamer's video "
+                                   "as the stream's frame batches) and WHEP (POST /whep/STREAM: watch its delivered "
+                                   "video), and the pages /publish and /watch.  With --database-url, every request "
+                                   "needs an API token (aic token create: operator to publish, viewer to watch); "
+                                   "without, only clients on this machine are served.")
+    p.add_argument("--listen", default=env_str("AIC_EDGE_LISTEN", "127.0.0.1:8890"),
+                   help="HOST:PORT to serve on (default: $AIC_EDGE_LISTEN or %(default)s; a LAN address serves "
+                        "other machines, which then need tokens)")
+    _bus_args(p)
+    p.add_argument("--database-url", default=env_str("AIC_API_DATABASE_URL"),
+                   help="the API's database, whose tokens are checked (default: $AIC_API_DATABASE_URL; none: "
+                        "no tokens, loopback clients only)")
+    p.add_argument("--api-url", default=env_str("AIC_API_URL"),
+                   help="the metrics API, whose rows the watch page shows (default: $AIC_API_URL)")
+    p.add_argument("--batch-frames", type=int, default=env_int("AIC_BATCH_FRAMES", 8),
+                   help="frames per batch of a publish (default %(default)s)")
+    p.add_argument("--fps", type=int, default=30, help="the batches' nominal frame rate (default %(default)s)")
+    p.add_argument("--idle-s", type=float, default=5.0,
+                   help="a publish that sends no frame this long has ended: its peer is gone (default %(default)s)")
+    p.add_argument("--max-publishes", type=int, default=16, help="publishes at once (default %(default)s)")
+    p.add_argument("--max-viewers", type=int, default=32, help="viewers at once (default %(default)s)")
+    p.add_argument("--rate", type=float, default=2.0,
+                   help="session requests a second per client address, twice that at once (default %(default)s)")
+    _metrics_port(p)
+
     p = sub.add_parser("decode", help="receiver: decode a stream's compressed batches to a video file")
     p.add_argument("--stream-id", required=True)
     p.add_argument("--out", required=True, help="output file: .y4m or .mkv (lossless), .mp4 (viewing)")
@@ -407,6 +433,20 @@ def cmd_ingest(a: argparse.Namespace) -> int:
         return 0
 
     return run_service(main)
+
+
+def cmd_edge(a: argparse.Namespace) -> int:
+    from services.edge.server import EdgeService, parse_listen
+    from services.runtime import run_service
+    from shared.config import EdgeConfig
+
+    host, port = parse_listen(a.listen)
+    cfg = EdgeConfig(bus=BusConfig.from_env(a.nats_url, a.data_dir, role="edge"), host=host, port=port,
+                     database_url=a.database_url or None, api_url=a.api_url or None, batch_frames=a.batch_frames,
+                     fps=a.fps, idle_s=a.idle_s, max_publishes=a.max_publishes, max_viewers=a.max_viewers,
+                     rate=a.rate)
+    _serve_metrics(a.metrics_port)
+    return run_service(EdgeService(cfg).run)
 
 
 def cmd_decode(a: argparse.Namespace) -> int:
@@ -704,6 +744,7 @@ COMMANDS = {
     "metrics": cmd_metrics,
     "ingest": cmd_ingest,
     "decode": cmd_decode,
+    "edge": cmd_edge,
     "demo": cmd_demo,
     "db": cmd_db,
     "config": cmd_config,

@@ -265,6 +265,38 @@ class MetricsConfig:
         return database_url(url, folder)
 
 
+@dataclass(frozen=True)
+class EdgeConfig:
+    """The WebRTC edge (``aic edge``, services/edge): WHIP publishes in, WHEP viewers out."""
+
+    bus: BusConfig = field(default_factory=BusConfig)
+    host: str = "127.0.0.1"
+    port: int = 8890
+    # API tokens (services/metrics/auth.py) are checked against this database (as aic_reader); None:
+    # no tokens, and only clients on this machine (loopback) are served.
+    database_url: str | None = None
+    api_url: str | None = None  # the metrics API, whose rows the watch page shows (proxied, GET only)
+    batch_frames: int = 8
+    fps: int = 30  # the batches' nominal rate (WebRTC frames are timed by their capture)
+    idle_s: float = 5.0  # a publish that sends no frame this long has ended (the peer is gone)
+    connect_s: float = 15.0  # ICE and DTLS must be up by then
+    max_publishes: int = 16
+    max_viewers: int = 32
+    rate: float = 2.0  # session POSTs a second per client address (a burst of 4 at once)
+    buffer_batches: int = 32  # a publish's batches held while the bus is away (then dropped, counted)
+    outage_s: float = 120.0
+
+    def __post_init__(self):
+        if not 1 <= self.batch_frames <= Limits().max_frames:
+            raise ValueError(f"batch_frames must be 1..{Limits().max_frames}")
+        if not 1 <= self.fps <= 240:
+            raise ValueError("fps must be 1..240")
+        if min(self.idle_s, self.connect_s, self.rate, self.outage_s) <= 0:
+            raise ValueError("idle_s, connect_s, rate and outage_s must be > 0")
+        if self.max_publishes < 1 or self.max_viewers < 0 or self.buffer_batches < 0:
+            raise ValueError("max_publishes must be >= 1, max_viewers and buffer_batches >= 0")
+
+
 def data_dir(path: str | None = None) -> Path:
     """Where embedded servers keep their data: ``--data-dir``, ``AIC_DATA_DIR`` or ``./.aic``."""
     return Path(path or env_str("AIC_DATA_DIR", ".aic")).resolve()

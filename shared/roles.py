@@ -16,6 +16,8 @@ metrics    pull from the ``metrics`` consumer; publish dead        ``aic metrics
 receiver   read its tenant's compressed payloads; publish their    ``aic decode``, viewers
            bandwidth estimates and key-frame requests
 operator   read, write and list its tenant's stream configs        ``aic config``
+edge       what a gateway and a receiver may, for every tenant     ``aic edge`` (WebRTC: WHIP, WHEP;
+           (it checks each caller's API token and tenant itself)   services/edge)
 admin      everything: create, change and delete streams,          ``aic up`` (creates the topology)
            consumers and buckets
 ========== ======================================================= ===================================
@@ -52,7 +54,7 @@ from shared.bus import (
 from shared.control import CONTROL_PREFIX, KEYFRAME_PREFIX, KV_BUCKET
 from shared.schemas import DEFAULT_TENANT, DEFAULT_TOKEN, check_tenant
 
-ROLES = ("gateway", "compressor", "metrics", "receiver", "operator", "admin")
+ROLES = ("gateway", "compressor", "metrics", "receiver", "operator", "edge", "admin")
 #: The database roles of the metrics service (services/metrics/migrations.py, version 9): the writer
 #: puts rows in, the reader serves the API's reads under row-level security by tenant.
 DB_WRITER, DB_READER = "aic_writer", "aic_reader"
@@ -117,6 +119,17 @@ def _info(*streams: str) -> list[str]:
     return [f"{_API}.STREAM.INFO.{s}" for s in streams]
 
 
+def _gateway(ids: str) -> list[str]:
+    return [f"aic.frames.{ids}", f"aic.frames.{ids}.chunk", *_kv_keys(INGEST_BUCKET, ids)]
+
+
+def _receiver(ids: str) -> list[str]:
+    return [f"{CONTROL_PREFIX}.{ids}", f"{KEYFRAME_PREFIX}.{ids}",
+            # its own pull consumer on its streams' compressed payloads (the filter is in the subject)
+            f"{_API}.CONSUMER.CREATE.{COMPRESSED_STREAM}.*.aic.compressed.{ids}",
+            f"{_API}.CONSUMER.MSG.NEXT.{COMPRESSED_STREAM}.*", f"{_API}.CONSUMER.DELETE.{COMPRESSED_STREAM}.*"]
+
+
 @dataclass(frozen=True)
 class Permissions:
     publish: tuple[str, ...]
@@ -134,12 +147,11 @@ def permissions(role: str, tenant: str | None = None) -> Permissions:
     pub: list[str]
     sub: list[str] = [f"{inbox_prefix(user_name(role, tenant))}.>"]
     if role == "gateway":
-        pub = [f"aic.frames.{ids}", f"aic.frames.{ids}.chunk", *_kv_keys(INGEST_BUCKET, ids)]
+        pub = _gateway(ids)
     elif role == "receiver":
-        pub = [f"{CONTROL_PREFIX}.{ids}", f"{KEYFRAME_PREFIX}.{ids}",
-               # its own pull consumer on its streams' compressed payloads (the filter is in the subject)
-               f"{_API}.CONSUMER.CREATE.{COMPRESSED_STREAM}.*.aic.compressed.{ids}",
-               f"{_API}.CONSUMER.MSG.NEXT.{COMPRESSED_STREAM}.*", f"{_API}.CONSUMER.DELETE.{COMPRESSED_STREAM}.*"]
+        pub = _receiver(ids)
+    elif role == "edge":  # every tenant's ids: the edge confines each browser to its token's tenant
+        pub = _gateway("*.*") + _receiver("*.*")
     elif role == "operator":
         pub = _kv_keys(KV_BUCKET, ids, list_keys=True)
     elif role == "compressor":

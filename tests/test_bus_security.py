@@ -171,7 +171,7 @@ async def _purge(bus: Bus) -> None:
 
 #: operation -> (how, the roles that may).  Every attack of the issue that the bus must stop is here.
 OPERATIONS = {
-    "publish frames": (lambda b: _publish(busmod.frames_subject(SID), b), {"gateway"}),
+    "publish frames": (lambda b: _publish(busmod.frames_subject(SID), b), {"gateway", "edge"}),
     "publish a forged compressed payload": (lambda b: _publish(busmod.compressed_subject(SID), b), {"compressor"}),
     "publish a forged metrics record": (lambda b: _publish(busmod.metrics_subject("ATTACKER"), b), {"compressor"}),
     "publish a forged reference": (lambda b: _publish(f"{busmod.REFS_PREFIX}._.{SID}.0", b), {"compressor"}),
@@ -185,10 +185,10 @@ OPERATIONS = {
                                                              {"compressor"}),
     "read frames by sequence": (lambda b: _get(busmod.FRAMES_STREAM, b, direct=False), {"compressor"}),
     "read claim-checked chunks": (lambda b: _get(busmod.BLOBS_STREAM, b), {"compressor"}),
-    "read compressed payloads": (_read_compressed, {"receiver"}),
+    "read compressed payloads": (_read_compressed, {"receiver", "edge"}),
     "write a stream config": (lambda b: _kv_put(KV_BUCKET, b), {"operator", "metrics"}),
-    "reset a stream's numbering": (lambda b: _kv_put(busmod.INGEST_BUCKET, b), {"gateway"}),
-    "publish a bandwidth estimate": (lambda b: _publish(estimate_subject(SID), b), {"receiver"}),
+    "reset a stream's numbering": (lambda b: _kv_put(busmod.INGEST_BUCKET, b), {"gateway", "edge"}),
+    "publish a bandwidth estimate": (lambda b: _publish(estimate_subject(SID), b), {"receiver", "edge"}),
     "create a stream": (_create_stream, set()),
     "purge the frames": (_purge, set()),
     "delete a stream": (_delete_stream, set()),

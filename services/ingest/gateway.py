@@ -343,6 +343,12 @@ async def _threaded(gen: Iterator[FrameBatch], depth: int = 3,
         room.release()
 
 
+async def _renumbered(batches: AsyncIterator[FrameBatch], start_seq: int) -> AsyncIterator[FrameBatch]:
+    """A made-elsewhere source's batches (numbered from 0) after the stream's last published one."""
+    async for fb in batches:
+        yield dataclasses.replace(fb, batch_seq=fb.batch_seq + start_seq) if start_seq else fb
+
+
 class BatchNumberError(ValueError):
     """Batch numbers this ingest would reuse, or that another ingest of the stream is taking."""
 
@@ -428,8 +434,11 @@ async def ingest(
     start_seq: int | None = None,
     outage_s: float = OUTAGE_S,
     buffer_batches: int = 32,
+    batches: AsyncIterator[FrameBatch] | None = None,
 ) -> IngestStats:
     """Publish a source's batches on ``aic.frames.<stream_id>``; returns what was published.
+    ``batches``: a live source's batches made elsewhere (a WebRTC publish, services/edge), numbered
+    from 0, published in place of reading ``source`` (then only a name for the logs).
     ``start_seq`` None continues the stream's numbering where its last ingest stopped (0 at first).
 
     Nothing acknowledged to the gateway is lost: a publish without JetStream's ack is tried again
@@ -457,7 +466,7 @@ async def ingest(
     subject = busmod.frames_subject(stream_id)
     # A network or device source is live whatever the pacing; a file or generator read at full speed
     # is a backlog without a deadline.
-    live = realtime or source.split("://", 1)[0].lower() in LIVE_SCHEMES
+    live = batches is not None or realtime or source.split("://", 1)[0].lower() in LIVE_SCHEMES
     slots = asyncio.Semaphore(in_flight)
     pending: set[asyncio.Task] = set()
     errors: list[BaseException] = []
@@ -523,11 +532,15 @@ async def ingest(
     source_error: SourceError | None = None
     try:
         try:
-            async for fb in _threaded(read_batches(source, stream_id, batch_frames, max_frames, start_seq, stats.damage),
-                                      stop=stop):
+            if batches is None:
+                source_batches = _threaded(read_batches(source, stream_id, batch_frames, max_frames, start_seq,
+                                                        stats.damage), stop=stop)
+            else:
+                source_batches = _renumbered(batches, start_seq)
+            async for fb in source_batches:
                 if errors or (stop is not None and stop.is_set()):
                     break
-                if realtime:
+                if realtime and batches is None:
                     # Pace on the source clock: a batch leaves when its last frame would have been captured.
                     due = t0 + (fb.first_pts + fb.frame_count) / fb.fps
                     await asyncio.sleep(max(0.0, due - time.monotonic()))

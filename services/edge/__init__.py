@@ -1,0 +1,1 @@
+"""The WebRTC edge: browsers (and OBS, GStreamer) publish over WHIP and watch over WHEP."""

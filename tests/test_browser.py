@@ -1,0 +1,88 @@
+"""A real browser at both ends: headless Chromium publishes a camera (a .y4m clip made from
+../shared/media) over WHIP for 20 s while a second Chromium watches the stream over WHEP.
+
+Skipped, saying why, where Chromium is not installed and cannot be (tools/browser.py installs
+Debian's package as root)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+pytest.importorskip("aiortc")
+pytest.importorskip("websockets")
+
+from services.edge import publish as publishing  # noqa: E402
+from tests.conftest import compressor, metrics_writer, running, unique, wait_rows  # noqa: E402
+from tests.test_edge import edge, wait_for  # noqa: E402
+from tools.browser import MEDIA, align, find_chromium, luma, make_y4m, publish_and_watch  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+SIZE = (640, 360)
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    path, why = find_chromium()
+    if path is None:
+        pytest.skip(f"no Chromium for the browser test: {why}")
+    return path
+
+
+async def test_a_browser_publishes_over_whip_and_another_watches_over_whep(chromium, nats_server, postgres, tmp_path,
+                                                                            monkeypatch):
+    camera = tmp_path / "camera.y4m"
+    source = make_y4m(camera, MEDIA / "camera_576p.mp4", size=SIZE)
+    # The frames the gateway received, as it batched them: what the browser leg delivered.
+    received: list[np.ndarray] = []
+    flush = publishing.Batcher.flush
+
+    def keep(self):
+        out = flush(self)
+        for fb in out:
+            received.extend(luma(f, fb.width, fb.height).copy() for f in fb.frames)
+        return out
+
+    monkeypatch.setattr(publishing.Batcher, "flush", keep)
+    sid = unique("browser")
+    async with running(compressor(nats_server.client("compressor"), codec="auto"),
+                       metrics_writer(nats_server.client("metrics"), postgres.url)):
+        async with edge(nats_server) as (base, service):
+            result = await publish_and_watch(chromium, base, sid, camera, seconds=20.0)
+            await wait_for(lambda: not service.edge.publishes, 15, "the publish to end")
+            published = service.edge.publishes
+        rows = await wait_rows(postgres.url, [sid], 1, timeout=60)
+        await asyncio.sleep(3)
+        rows = await wait_rows(postgres.url, [sid], len(rows))
+    assert not published
+
+    # Every batch has exactly one row, in order, none missing.
+    seqs = [r["batch_seq"] for r in rows]
+    assert seqs == list(range(len(seqs))) and sum(r["frames"] for r in rows) == len(received)
+    assert all(r["status"] == "ok" for r in rows)
+
+    # The browser leg: frames received against the clip (aligned: the camera loops it).
+    matched = align(received, SIZE, source)
+    leg_psnr = float(np.median([p for _, p in matched]))
+    expected = result["published_s"] * 30
+    print(f"\nbrowser leg: {len(received)} frames received of ~{expected:.0f} sent ({len(received) / expected:.0%}), "
+          f"PSNR-Y median {leg_psnr:.1f} dB vs the clip; {len(rows)} batches, one row each")
+    assert len(received) > 0.5 * expected and leg_psnr > 30
+
+    # The viewer: frames decoded, no freeze over a second, and a picture that is the clip.
+    viewer = result["viewer"]
+    print(f"viewer: {viewer['stats'].get('framesDecoded')} frames decoded, longest gap {viewer['maxGapMs']:.0f} ms, "
+          f"glass-to-viewer p50 {np.median(viewer['latencies']) if viewer['latencies'] else float('nan'):.0f} ms")
+    assert viewer["state"] == "watching" and not viewer["error"]
+    assert viewer["stats"]["framesDecoded"] > 150 and viewer["frames"] > 150
+    assert viewer["maxGapMs"] < 1000
+    assert viewer["latencies"] and 0 < np.median(viewer["latencies"]) < 5000
+    x, y, w, h = (int(round(v)) for v in result["video_box"])
+    picture = result["screenshot"][y:y + h, x:x + w]
+    # (BT.601 luma of the screenshot's RGB, at the clip's size, against the best-matching clip frame)
+    gray = (picture @ np.array([0.299, 0.587, 0.114]) * 219 / 255 + 16).astype(np.uint8)
+    (_, shot_psnr), = align([gray], SIZE, source)
+    print(f"viewer screenshot: PSNR-Y {shot_psnr:.1f} dB against the clip frame it shows, std {gray.std():.0f}")
+    assert gray.std() > 10 and shot_psnr > 18
