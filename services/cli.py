@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where embedded servers keep data (default: $AIC_DATA_DIR or ./.aic)")
     p.add_argument("--compressors", type=int, default=1, help="compressor processes to start (default 1)")
     p.add_argument("--codec", default=env_str("AIC_CODEC", "auto"), help=CODEC_HELP)
+    p.add_argument("--no-edge", dest="edge", action="store_false",
+                   help="no WebRTC edge (by default one serves WHIP/WHEP and the browser pages; $AIC_EDGE_PORT "
+                        "fixes its port, $AIC_EDGE_HOST its address)")
     p.add_argument("--https", action="store_true",
                    help="serve the HTTP API over HTTPS, with a certificate from the CA that signs NATS's")
 
@@ -440,9 +443,12 @@ def cmd_edge(a: argparse.Namespace) -> int:
     from services.runtime import run_service
     from shared.config import EdgeConfig
 
+    from shared.endpoints import with_password_file
+
     host, port = parse_listen(a.listen)
+    database_url = with_password_file(a.database_url or "", env_str("AIC_API_DATABASE_PASSWORD_FILE")) or None
     cfg = EdgeConfig(bus=BusConfig.from_env(a.nats_url, a.data_dir, role="edge"), host=host, port=port,
-                     database_url=a.database_url or None, api_url=a.api_url or None, batch_frames=a.batch_frames,
+                     database_url=database_url, api_url=a.api_url or None, batch_frames=a.batch_frames,
                      fps=a.fps, idle_s=a.idle_s, max_publishes=a.max_publishes, max_viewers=a.max_viewers,
                      rate=a.rate)
     _serve_metrics(a.metrics_port)
@@ -484,8 +490,11 @@ def cmd_up(a: argparse.Namespace) -> int:
     stopping = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.append(1))
+    import importlib.util
+
+    edge = a.edge and importlib.util.find_spec("aiortc") is not None
     stack = Stack(data_dir(a.data_dir), compressors=a.compressors, compressor_args=["--codec", a.codec],
-                  https=a.https)
+                  https=a.https, edge=edge)
     with stack:
         print(f"NATS        {redact(stack.nats_url)}", flush=True)
         print(f"PostgreSQL  {redact(stack.database_url or '-')}"
@@ -493,6 +502,11 @@ def cmd_up(a: argparse.Namespace) -> int:
         if stack.http_port:
             print(f"API         {stack.api_url}/docs   (tokens: aic token create --role viewer|operator|admin)"
                   + (f"   CA {stack.nats.ca_file}" if stack.https and stack.nats else ""), flush=True)
+        if stack.edge:
+            print(f"WebRTC      {stack.edge_url}/publish and /watch; WHIP {stack.edge_url}/whip/<stream>, WHEP "
+                  f"{stack.edge_url}/whep/<stream>   (tokens: operator publishes, viewer watches)", flush=True)
+        elif a.edge:
+            print("WebRTC      off: the edge needs aiortc (pip install 'aic[edge]')", flush=True)
         print(f"data        {stack.data_dir}   logs: {stack.data_dir / 'logs'}", flush=True)
         print(f"endpoints   {stack.endpoints_path}   (other aic commands run with this data folder use them)",
               flush=True)

@@ -90,6 +90,8 @@ class Stack:
     with_metrics: bool = True
     http_port: int | None = None  # the metrics service's API; None: a free port
     https: bool = False  # the API over HTTPS, its certificate from the embedded NATS's CA
+    edge: bool = False  # the WebRTC edge (WHIP/WHEP, services/edge) beside the API
+    edge_port: int | None = None  # None: $AIC_EDGE_PORT, else a free port
     nats: NatsServer | None = None
     postgres: PostgresServer | None = None
     services: list[ServiceProcess] = field(default_factory=list)
@@ -145,6 +147,21 @@ class Stack:
                                                str(self.http_port), "--metrics-port", str(port), *self._https_args()],
                                    {**base, **self.nats_env("metrics")}, logs / "metrics.log")
                 )
+            if self.edge:
+                self.edge_port = self.edge_port or int(env_str("AIC_EDGE_PORT") or 0) or free_port()
+                self.metrics_ports["edge"] = port = free_port()
+                env = {**base, **self.nats_env("edge")}
+                if self.with_metrics:
+                    # Tokens are the API's (checked as aic_reader); the watch page shows the API's rows.
+                    env["AIC_API_URL"] = self.api_url
+                    if self.https and self.nats is not None:
+                        env["AIC_API_CA"] = str(self.nats.ca_file)
+                else:
+                    env.pop("AIC_API_DATABASE_URL", None)
+                self.services.append(ServiceProcess(
+                    "edge", [sys.executable, "-m", "services.edge", "--listen",
+                             f"{env_str('AIC_EDGE_HOST', '127.0.0.1')}:{self.edge_port}", "--metrics-port", str(port)],
+                    env, logs / "edge.log"))
             for s in self.services:
                 s.start()
             # Other commands run with this data folder find the servers here (shared/endpoints.py).
@@ -153,11 +170,15 @@ class Stack:
             self.endpoints_path = endpoints.write(self.data_dir, endpoints.Endpoints(
                 self.nats_url, self.database_url, api, os.getpid(), time.time(),
                 str(n.ca_file) if n and n.ca_file else None,
-                str(n.credentials_dir) if n and n.credentials_dir else None))
+                str(n.credentials_dir) if n and n.credentials_dir else None, self.edge_url))
         except BaseException:
             self.stop()
             raise
         return self
+
+    @property
+    def edge_url(self) -> str | None:
+        return f"http://{env_str('AIC_EDGE_HOST', '127.0.0.1')}:{self.edge_port}" if self.edge else None
 
     @property
     def api_url(self) -> str:

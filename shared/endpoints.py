@@ -42,6 +42,7 @@ class Endpoints:
     started_at: float
     nats_ca: str | None = None  # the CA that signed the NATS server's certificate
     nats_credentials: str | None = None  # folder of ``<role>.password`` files (shared/roles.py)
+    edge_url: str | None = None  # the WebRTC edge (WHIP/WHEP and its pages), where one runs
 
 
 def write_private(path: Path, text: str) -> Path:
@@ -78,7 +79,8 @@ def read(folder: Path) -> tuple[Endpoints | None, str]:
     try:
         raw = json.loads(path.read_text())
         found = Endpoints(str(raw["nats_url"]), raw.get("database_url"), raw.get("api_url"), int(raw["pid"]),
-                          float(raw.get("started_at", 0.0)), raw.get("nats_ca"), raw.get("nats_credentials"))
+                          float(raw.get("started_at", 0.0)), raw.get("nats_ca"), raw.get("nats_credentials"),
+                          raw.get("edge_url"))
     except FileNotFoundError:
         return None, f"no {path} (no `aic up` has run with that data folder)"
     except (ValueError, KeyError, TypeError):

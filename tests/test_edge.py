@@ -295,3 +295,26 @@ async def test_two_publishers_at_once_make_two_streams(nats_server, postgres):
         mine = [r for r in rows if r["stream_id"] == sid]
         assert [r["batch_seq"] for r in mine] == list(range(len(mine))) and len(mine) >= 5
         assert {r["width"] for r in mine} == {width}
+
+
+@pytest.mark.slow
+async def test_a_resolution_change_mid_publish_starts_a_new_batch_at_the_new_size(nats_server, postgres):
+    """Browsers scale their video down under congestion: the batch before the change is closed
+    (shorter), the next starts at the new size, and every frame is in a row of its own size."""
+    sid = unique("resize")
+    sizes = [(320, 180)] * 21 + [(256, 144)] * 40
+    async with running(compressor(nats_server.client("compressor")), metrics_writer(nats_server.client("metrics"), postgres.url)):
+        async with edge(nats_server, batch_frames=8) as (base, service):
+            track = peer.ClipTrack(peer.clip(10), sizes=sizes)
+            pc, location = await peer.publish(base, sid, track)
+            await wait_for(lambda: track.sent >= 60, 30, "60 frames sent")
+            await peer.delete(location)
+            await pc.close()
+        rows = await wait_rows(postgres.url, [sid], 6, timeout=60)
+        await asyncio.sleep(2)
+        rows = await wait_rows(postgres.url, [sid], len(rows))
+    widths = [r["width"] for r in rows]
+    assert [r["batch_seq"] for r in rows] == list(range(len(rows)))
+    assert set(widths) == {320, 256} and widths == sorted(widths, reverse=True)  # one change, in order
+    change = widths.index(256)
+    assert rows[change - 1]["frames"] < 8  # the batch the change closed early

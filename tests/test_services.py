@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from types import SimpleNamespace
 
@@ -32,7 +33,7 @@ def no_named_servers() -> dict:
     return {k: v for k, v in os.environ.items() if k not in ("AIC_NATS_URL", "AIC_DATABASE_URL")}
 
 
-@pytest.mark.parametrize("command", ["up", "ingest", "compressor", "metrics", "decode", "demo", "db", "config", "report",
+@pytest.mark.parametrize("command", ["up", "edge", "ingest", "compressor", "metrics", "decode", "demo", "db", "config", "report",
                                      "tenant", "token", "bus", "secrets", "train", "bench"])
 def test_every_command_explains_itself(command):
     r = aic(command, "--help", timeout=60)
@@ -85,14 +86,21 @@ def test_aic_up_prints_its_urls_and_stops_cleanly_on_sigterm(tmp_path):
     )  # fmt: skip
     lines = []
     try:
-        while len(lines) < 5:
+        while not lines or not lines[-1].startswith("endpoints"):
             line = proc.stdout.readline()
             assert line, proc.stderr.read()
             lines.append(line)
         assert lines[0].startswith("NATS        tls://127.0.0.1:")
         assert lines[1].startswith("PostgreSQL  postgresql://postgres:***@127.0.0.1:")  # the password: in its file
         endpoints = tmp_path / "aic" / "endpoints.json"
-        assert lines[4].startswith(f"endpoints   {endpoints}") and oct(endpoints.stat().st_mode & 0o777) == "0o600"
+        assert lines[-1].startswith(f"endpoints   {endpoints}") and oct(endpoints.stat().st_mode & 0o777) == "0o600"
+        # The WebRTC edge: its pages for anyone, its sessions for tokens only (the stack has a token database).
+        edge = re.search(r"WebRTC      (http://127\.0\.0\.1:\d+)/publish", "".join(lines)).group(1)
+        _wait_for(lambda: _get(f"{edge}/healthz") == 200)
+        assert _get(f"{edge}/publish") == 200
+        whip = urllib.request.Request(f"{edge}/whip/cam1", data=b"v=0", method="POST",
+                                      headers={"Content-Type": "application/sdp"})
+        assert _get(whip) == 401
         # Another command run with the same data folder uses this stack's servers, no URL needed.
         got = aic("config", "get", "--data-dir", str(tmp_path / "aic"), env=env, timeout=60)
         assert got.returncode == 0, got.stderr
@@ -102,7 +110,7 @@ def test_aic_up_prints_its_urls_and_stops_cleanly_on_sigterm(tmp_path):
         # Prometheus on by default, on loopback, each service's port printed.
         prom = next(ln for ln in lines if ln.startswith("prometheus"))
         urls = dict(re.findall(r"(\S+) (http://127\.0\.0\.1:\d+/metrics)", prom))
-        assert set(urls) == {"compressor-0", "metrics"}
+        assert set(urls) == {"compressor-0", "metrics", "edge"}
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -355,6 +363,17 @@ def _wait_for(check, timeout: float = 60.0):
             return got
         time.sleep(0.25)
     raise AssertionError("condition not reached in time")
+
+
+def _get(request) -> int | None:
+    """The HTTP status of a request (None: nothing answered)."""
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None
 
 
 def _alive_pid(path) -> int | None:

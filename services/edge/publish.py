@@ -129,7 +129,7 @@ class PublishStats:
     batches: int = 0
     resizes: int = 0
     ended: str = ""  # why: "deleted", "peer gone", "idle", "shutdown"
-    first_capture_lag_s: list[float] = field(default_factory=list)  # arrival - capture, per frame (sampled)
+    capture_lag_s: list[float] = field(default_factory=list)  # arrival - capture by the sender's clock (sampled)
 
 
 async def track_batches(track, batcher: Batcher, clock: SenderClock, idle_s: float, stats: PublishStats,
@@ -154,8 +154,8 @@ async def track_batches(track, batcher: Batcher, clock: SenderClock, idle_s: flo
             break
         arrived = time.time()
         captured = clock.captured_at(vf, arrived)
-        if stats.frames % 8 == 0 and len(stats.first_capture_lag_s) < 4096:
-            stats.first_capture_lag_s.append(arrived - captured)
+        if clock.report is not None and stats.frames % 8 == 0 and len(stats.capture_lag_s) < 4096:
+            stats.capture_lag_s.append(arrived - captured)
         stats.frames += 1
         for fb in batcher.add(vf, captured):
             stats.batches += 1

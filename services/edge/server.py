@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
+import ssl
 import secrets
 import time
 import urllib.error
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
+from prometheus_client import Counter, Gauge, Histogram
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
@@ -44,6 +47,12 @@ from shared.logs import get_logger
 from shared.schemas import STREAM_ID_RE, STREAM_ID_RULE
 
 log = get_logger("edge")
+
+SESSIONS = Gauge("aic_edge_sessions", "Live WebRTC sessions", ["kind"])
+REFUSED = Counter("aic_edge_refused_total", "Session requests refused, by HTTP status", ["status"])
+CAPTURE_LAG = Histogram("aic_edge_capture_lag_seconds", "A published frame's arrival at the edge less its capture "
+                        "(the sender's clock): the browser leg's latency",
+                        buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 
 PAGES = Path(__file__).parent / "pages"
 
@@ -200,6 +209,7 @@ class Edge:
             raise Refused(400, f"the offer could not be answered: {type(exc).__name__}: {str(exc)[:200]}") from None
         await sink.start()
         session.task = asyncio.create_task(self._run_publish(session, video, sink), name=f"whip-{stream_id}")
+        SESSIONS.labels("whip").inc()
         log.info("whip_session_started", stream_id=stream_id, session=session.id, peer=session.peer)
         return Response(pc.localDescription.sdp, 201, media_type="application/sdp",
                         headers={"Location": session.location, "ETag": f'"{session.id}"'})
@@ -240,12 +250,17 @@ class Edge:
             await sink.stop()
             if self.publishes.get(session.stream_id) is session:
                 del self.publishes[session.stream_id]
+            SESSIONS.labels("whip").dec()
+            lags = sorted(stats.capture_lag_s)
+            for lag in lags:
+                CAPTURE_LAG.observe(lag)
             # one line per session, whatever ended it
             (log.error if error else log.info)(
                 "whip_session_ended", stream_id=session.stream_id, session=session.id, peer=session.peer,
                 reason=stats.ended or ("error" if error else "track ended"), frames=stats.frames,
                 batches=ingested.batches if ingested else stats.batches,
                 dropped=ingested.dropped if ingested else 0, resizes=stats.resizes,
+                capture_lag_ms_p50=round(1000 * lags[len(lags) // 2], 1) if lags else None,
                 seconds=round(time.monotonic() - session.started, 1), **({"error": error} if error else {}))
 
     async def end_publish(self, request: Request, stream_id: str, session_id: str) -> Response:
@@ -295,6 +310,7 @@ class Edge:
                 await self._end_view(session, "peer gone" if pc.connectionState == "failed" else "closed")
 
         session.task = asyncio.create_task(self._view_deadline(session), name=f"whep-{session.id}")
+        SESSIONS.labels("whep").inc()
         log.info("whep_session_started", stream_id=stream_id, session=session.id, peer=session.peer)
         return Response(pc.localDescription.sdp, 201, media_type="application/sdp",
                         headers={"Location": session.location, "ETag": f'"{session.id}"'})
@@ -307,6 +323,7 @@ class Edge:
     async def _end_view(self, session: Session, reason: str) -> None:
         if self.viewers.pop(session.id, None) is None:
             return
+        SESSIONS.labels("whep").dec()
         session.track.stop()
         await session.pc.close()
         tap = self.taps.get(session.stream_id)
@@ -353,8 +370,11 @@ class Edge:
         headers = {"Authorization": request.headers["authorization"]} if "authorization" in request.headers else {}
 
         def get() -> tuple[int, bytes]:
+            ca = os.environ.get("AIC_API_CA")  # the CA of an API served over HTTPS (aic up --https)
+            context = ssl.create_default_context(cafile=ca) if ca and url.startswith("https:") else None
             try:
-                with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as r:
+                with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5,
+                                            context=context) as r:
                     return r.status, r.read(1 << 20)
             except urllib.error.HTTPError as e:
                 return e.code, e.read(1 << 16)
@@ -405,8 +425,10 @@ def create_app(edge: Edge) -> Starlette:
             try:
                 return await fn(request, **request.path_params)
             except Refused as exc:
+                REFUSED.labels(str(exc.status)).inc()
                 return PlainTextResponse(str(exc) + "\n", exc.status, headers=exc.headers)
             except OfferError as exc:
+                REFUSED.labels(str(exc.status)).inc()
                 return PlainTextResponse(str(exc) + "\n", exc.status)
         return endpoint
 
