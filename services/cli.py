@@ -210,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-viewers", type=int, default=32, help="viewers at once (default %(default)s)")
     p.add_argument("--rate", type=float, default=2.0,
                    help="session requests a second per client address, twice that at once (default %(default)s)")
+    p.add_argument("--tls-cert", default=env_str("AIC_EDGE_TLS_CERT"),
+                   help="serve HTTPS with this certificate (browsers give a page its camera on HTTPS or localhost "
+                        "only); env AIC_EDGE_TLS_CERT")
+    p.add_argument("--tls-key", default=env_str("AIC_EDGE_TLS_KEY"), help="its private key (env AIC_EDGE_TLS_KEY)")
     _metrics_port(p)
 
     p = sub.add_parser("decode", help="receiver: decode a stream's compressed batches to a video file")
@@ -450,7 +454,9 @@ def cmd_edge(a: argparse.Namespace) -> int:
     cfg = EdgeConfig(bus=BusConfig.from_env(a.nats_url, a.data_dir, role="edge"), host=host, port=port,
                      database_url=database_url, api_url=a.api_url or None, batch_frames=a.batch_frames,
                      fps=a.fps, idle_s=a.idle_s, max_publishes=a.max_publishes, max_viewers=a.max_viewers,
-                     rate=a.rate)
+                     rate=a.rate, tls=(a.tls_cert, a.tls_key) if a.tls_cert else None)
+    if bool(a.tls_cert) != bool(a.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
     _serve_metrics(a.metrics_port)
     return run_service(EdgeService(cfg).run)
 

@@ -160,7 +160,8 @@ class Stack:
                     env.pop("AIC_API_DATABASE_URL", None)
                 self.services.append(ServiceProcess(
                     "edge", [sys.executable, "-m", "services.edge", "--listen",
-                             f"{env_str('AIC_EDGE_HOST', '127.0.0.1')}:{self.edge_port}", "--metrics-port", str(port)],
+                             f"{env_str('AIC_EDGE_HOST', '127.0.0.1')}:{self.edge_port}", "--metrics-port", str(port),
+                             *self._https_args("edge")],
                     env, logs / "edge.log"))
             for s in self.services:
                 s.start()
@@ -178,20 +179,21 @@ class Stack:
 
     @property
     def edge_url(self) -> str | None:
-        return f"http://{env_str('AIC_EDGE_HOST', '127.0.0.1')}:{self.edge_port}" if self.edge else None
+        scheme = "https" if self.https else "http"
+        return f"{scheme}://{env_str('AIC_EDGE_HOST', '127.0.0.1')}:{self.edge_port}" if self.edge else None
 
     @property
     def api_url(self) -> str:
         return f"{'https' if self.https else 'http'}://127.0.0.1:{self.http_port}"
 
-    def _https_args(self) -> list[str]:
+    def _https_args(self, stem: str = "api") -> list[str]:
         if not self.https:
             return []
         if self.nats is None or self.nats.ca_file is None:
             raise ValueError("--https signs the API's certificate with the embedded NATS's CA: none here")
         from shared.pki import ensure_server_tls
 
-        t = ensure_server_tls(self.nats.ca_file.parent, stem="api")
+        t = ensure_server_tls(self.nats.ca_file.parent, stem=stem)
         return ["--tls-cert", str(t.cert_file), "--tls-key", str(t.key_file)]
 
     def nats_env(self, role: str) -> dict[str, str]:

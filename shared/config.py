@@ -285,6 +285,8 @@ class EdgeConfig:
     rate: float = 2.0  # session POSTs a second per client address (a burst of 4 at once)
     buffer_batches: int = 32  # a publish's batches held while the bus is away (then dropped, counted)
     outage_s: float = 120.0
+    # (certificate, key) files: HTTPS, which a browser on another machine needs for its camera
+    tls: tuple[str, str] | None = None
 
     def __post_init__(self):
         if not 1 <= self.batch_frames <= Limits().max_frames:

@@ -318,3 +318,32 @@ async def test_a_resolution_change_mid_publish_starts_a_new_batch_at_the_new_siz
     assert set(widths) == {320, 256} and widths == sorted(widths, reverse=True)  # one change, in order
     change = widths.index(256)
     assert rows[change - 1]["frames"] < 8  # the batch the change closed early
+
+
+@pytest.mark.slow
+async def test_the_edge_serves_https_with_a_certificate_from_the_stacks_ca(nats_server):
+    """Browsers give a page its camera on HTTPS (or localhost) only: ``aic up --https`` serves the
+    edge with a certificate from the CA that signs NATS's, as it does the API."""
+    import ssl
+
+    from shared.pki import ensure_server_tls
+
+    tls = ensure_server_tls(nats_server.ca_file.parent, stem="edge")
+    port = free_port()
+    service = EdgeService(EdgeConfig(bus=nats_server.client("edge"), port=port,
+                                     tls=(str(tls.cert_file), str(tls.key_file))))
+    trust = ssl.create_default_context(cafile=str(nats_server.ca_file))
+    async with running(service):
+        async with httpx.AsyncClient(verify=trust) as http:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    r = await http.get(f"https://127.0.0.1:{port}/publish")
+                    break
+                except httpx.ConnectError:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.1)
+        assert r.status_code == 200 and "Publish to aic" in r.text
+        with pytest.raises(httpx.HTTPError):
+            async with httpx.AsyncClient() as plain:
+                await plain.get(f"http://127.0.0.1:{port}/healthz", timeout=2)

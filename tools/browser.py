@@ -191,11 +191,13 @@ def align(received: list[np.ndarray], size: tuple[int, int], source: list[np.nda
 
 
 async def publish_and_watch(binary: str, base: str, stream_id: str, camera: Path, seconds: float = 20.0,
-                            watch_after_s: float = 4.0, token: str | None = None) -> dict:
+                            watch_after_s: float = 4.0, token: str | None = None,
+                            viewer_token: str | None = None) -> dict:
     """The publish page sends ``camera`` to ``stream_id`` for ``seconds``; a second Chromium watches it
     from ``watch_after_s`` on.  Returns both pages' state (window.aic), and the viewer's screenshot
     and the video's box in it."""
     fragment = f"#token={token}" if token else ""
+    view_fragment = f"#token={viewer_token or token}" if (viewer_token or token) else ""
     async with Chromium(binary, camera) as pub_browser, Chromium(binary) as view_browser:
         pub = await pub_browser.open(f"{base}/publish?stream={stream_id}&autostart=1{fragment}")
         await pub.wait("aic.state === 'publishing' || aic.state === 'error'", 30, "the publish to start")
@@ -203,7 +205,7 @@ async def publish_and_watch(binary: str, base: str, stream_id: str, camera: Path
             raise AssertionError(f"publish failed: {await pub.eval('aic.error')}")
         started = time.monotonic()
         await asyncio.sleep(watch_after_s)
-        view = await view_browser.open(f"{base}/watch?stream={stream_id}&autostart=1{fragment}")
+        view = await view_browser.open(f"{base}/watch?stream={stream_id}&autostart=1{view_fragment}")
         await view.wait("aic.state === 'watching' || aic.state === 'error'", 30, "the viewer to start")
         await view.wait("aic.frames > 30 || aic.state === 'error'", 30, "frames at the viewer")
         await asyncio.sleep(max(0.0, seconds - (time.monotonic() - started)))

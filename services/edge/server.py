@@ -484,12 +484,13 @@ class EdgeService:
         if bus is None:
             return 0
         self.edge = Edge(self.cfg, bus)
+        tls = dict(ssl_certfile=self.cfg.tls[0], ssl_keyfile=self.cfg.tls[1]) if self.cfg.tls else {}
         config = uvicorn.Config(create_app(self.edge), host=self.cfg.host, port=self.cfg.port, log_level="warning",
-                                lifespan="off", access_log=False)
+                                lifespan="off", access_log=False, **tls)
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None  # run_service owns the signals
         serving = asyncio.create_task(self.server.serve())
-        log.info("edge_started", url=f"http://{self.cfg.host}:{self.cfg.port}", tokens=self.cfg.database_url is not None,
+        log.info("edge_started", url=f"{'https' if self.cfg.tls else 'http'}://{self.cfg.host}:{self.cfg.port}", tokens=self.cfg.database_url is not None,
                  publish="/publish", watch="/watch")
         try:
             waiter = asyncio.ensure_future(stop.wait())
