@@ -86,3 +86,28 @@ async def test_a_browser_publishes_over_whip_and_another_watches_over_whep(chrom
     (_, shot_psnr), = align([gray], SIZE, source)
     print(f"viewer screenshot: PSNR-Y {shot_psnr:.1f} dB against the clip frame it shows, std {gray.std():.0f}")
     assert gray.std() > 10 and shot_psnr > 18
+
+
+async def test_two_browsers_publish_two_streams_at_once(chromium, nats_server, postgres, tmp_path):
+    from tools.browser import publish_for
+
+    cameras = [tmp_path / "a.y4m", tmp_path / "b.y4m"]
+    make_y4m(cameras[0], MEDIA / "camera_576p.mp4", frames=120, size=(480, 270))
+    make_y4m(cameras[1], MEDIA / "motion_graphics_352p.mp4", frames=120, size=(320, 240))
+    a, b = unique("browser-a"), unique("browser-b")
+    async with running(compressor(nats_server.client("compressor")),
+                       metrics_writer(nats_server.client("metrics"), postgres.url)):
+        async with edge(nats_server) as (base, service):
+            pages = await asyncio.gather(publish_for(chromium, base, a, cameras[0], 10.0),
+                                         publish_for(chromium, base, b, cameras[1], 10.0))
+            await wait_for(lambda: not service.edge.publishes, 15, "both publishes to end")
+        rows = await wait_rows(postgres.url, [a, b], 20, timeout=60)
+        await asyncio.sleep(3)
+        rows = await wait_rows(postgres.url, [a, b], len(rows))
+    assert all(p["state"] in ("publishing", "stopped") and not p["error"] for p in pages), pages
+    for sid, size in ((a, (480, 270)), (b, (320, 240))):
+        mine = [r for r in rows if r["stream_id"] == sid]
+        assert [r["batch_seq"] for r in mine] == list(range(len(mine))) and len(mine) >= 15, sid
+        # (each at its camera's size, or smaller where Chromium scaled down for want of CPU)
+        assert (mine[0]["width"], mine[0]["height"]) == size and all(r["width"] <= size[0] for r in mine), sid
+        assert all(r["status"] == "ok" for r in mine)

@@ -347,3 +347,46 @@ async def test_the_edge_serves_https_with_a_certificate_from_the_stacks_ca(nats_
         with pytest.raises(httpx.HTTPError):
             async with httpx.AsyncClient() as plain:
                 await plain.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+@pytest.mark.slow
+async def test_a_peer_that_never_connects_is_given_up_after_the_connect_bound(nats_server):
+    """The peer posts its offer and takes the answer, but ICE never completes (it went away at
+    once): the session ends after ``connect_s``, the stream id is free again, and one line says why."""
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    sid = unique("noice")
+    async with edge(nats_server, connect_s=2.0) as (base, service):
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTransceiver(peer.ClipTrack(peer.clip(5)), direction="sendonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        await pc.close()  # gone before any connectivity check: its candidates answer nothing
+        async with httpx.AsyncClient() as http:
+            r = await http.post(f"{base}/whip/{sid}", content=pc.localDescription.sdp,
+                                headers={"Content-Type": "application/sdp"})
+        assert r.status_code == 201 and sid in service.edge.publishes
+        session = service.edge.publishes[sid]
+        await wait_for(lambda: sid not in service.edge.publishes, 40, "the session to be given up")
+        assert session.stats.frames == 0 and "connect" in session.stats.ended
+        # The id is free: a real publish of it goes ahead.
+        track = peer.ClipTrack(peer.clip(5))
+        pc2, location = await peer.publish(base, sid, track)
+        await peer.delete(location)
+        await pc2.close()
+
+
+@pytest.mark.slow
+async def test_a_second_publish_of_a_stream_continues_its_numbering(nats_server, postgres):
+    sid = unique("again")
+    async with running(compressor(nats_server.client("compressor")), metrics_writer(nats_server.client("metrics"), postgres.url)):
+        async with edge(nats_server) as (base, service):
+            for _ in range(2):
+                track = peer.ClipTrack(peer.clip(10))
+                pc, location = await peer.publish(base, sid, track)
+                await wait_for(lambda: track.sent >= 24, 20, "24 frames sent")
+                await peer.delete(location)
+                await pc.close()
+        rows = await wait_rows(postgres.url, [sid], 5, timeout=60)
+        await asyncio.sleep(2)
+        rows = await wait_rows(postgres.url, [sid], len(rows))
+    assert [r["batch_seq"] for r in rows] == list(range(len(rows))) and len(rows) >= 5

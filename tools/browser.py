@@ -218,3 +218,16 @@ async def publish_and_watch(binary: str, base: str, stream_id: str, camera: Path
         await pub.eval("stop()")
         return {"publisher": publisher, "viewer": viewer, "screenshot": shot, "video_box": box,
                 "published_s": time.monotonic() - started}
+
+
+async def publish_for(binary: str, base: str, stream_id: str, camera: Path, seconds: float,
+                      token: str | None = None) -> dict:
+    """The publish page sends ``camera`` to ``stream_id`` for ``seconds``, then stops; its window.aic."""
+    fragment = f"#token={token}" if token else ""
+    async with Chromium(binary, camera) as browser:
+        page = await browser.open(f"{base}/publish?stream={stream_id}&autostart=1{fragment}")
+        await page.wait("aic.state === 'publishing' || aic.state === 'error'", 30, "the publish to start")
+        await asyncio.sleep(seconds)
+        state = await page.eval("JSON.parse(JSON.stringify(aic))")
+        await page.eval("stop()")
+        return state
