@@ -15,8 +15,8 @@ pytest.importorskip("aiortc")
 pytest.importorskip("websockets")
 
 from services.edge import publish as publishing  # noqa: E402
-from tests.conftest import compressor, metrics_writer, running, unique, wait_rows  # noqa: E402
-from tests.test_edge import edge, wait_for  # noqa: E402
+from tests.conftest import unique  # noqa: E402
+from tests.test_edge import edge, pipeline, settled_rows, wait_for  # noqa: E402
 from tools.browser import MEDIA, align, find_chromium, luma, make_y4m, publish_and_watch  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -47,15 +47,12 @@ async def test_a_browser_publishes_over_whip_and_another_watches_over_whep(chrom
 
     monkeypatch.setattr(publishing.Batcher, "flush", keep)
     sid = unique("browser")
-    async with running(compressor(nats_server.client("compressor"), codec="auto"),
-                       metrics_writer(nats_server.client("metrics"), postgres.url)):
+    async with pipeline(nats_server, postgres, codec="auto"):
         async with edge(nats_server) as (base, service):
             result = await publish_and_watch(chromium, base, sid, camera, seconds=20.0)
             await wait_for(lambda: not service.edge.publishes, 15, "the publish to end")
             published = service.edge.publishes
-        rows = await wait_rows(postgres.url, [sid], 1, timeout=60)
-        await asyncio.sleep(3)
-        rows = await wait_rows(postgres.url, [sid], len(rows))
+        rows = await settled_rows(postgres.url, [sid], 1)
     assert not published
 
     # Every batch has exactly one row, in order, none missing.
@@ -95,15 +92,12 @@ async def test_two_browsers_publish_two_streams_at_once(chromium, nats_server, p
     make_y4m(cameras[0], MEDIA / "camera_576p.mp4", frames=120, size=(480, 270))
     make_y4m(cameras[1], MEDIA / "motion_graphics_352p.mp4", frames=120, size=(320, 240))
     a, b = unique("browser-a"), unique("browser-b")
-    async with running(compressor(nats_server.client("compressor")),
-                       metrics_writer(nats_server.client("metrics"), postgres.url)):
+    async with pipeline(nats_server, postgres):
         async with edge(nats_server) as (base, service):
             pages = await asyncio.gather(publish_for(chromium, base, a, cameras[0], 10.0),
                                          publish_for(chromium, base, b, cameras[1], 10.0))
             await wait_for(lambda: not service.edge.publishes, 15, "both publishes to end")
-        rows = await wait_rows(postgres.url, [a, b], 20, timeout=60)
-        await asyncio.sleep(3)
-        rows = await wait_rows(postgres.url, [a, b], len(rows))
+        rows = await settled_rows(postgres.url, [a, b], 20)
     assert all(p["state"] in ("publishing", "stopped") and not p["error"] for p in pages), pages
     for sid, size in ((a, (480, 270)), (b, (320, 240))):
         mine = [r for r in rows if r["stream_id"] == sid]

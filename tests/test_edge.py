@@ -43,6 +43,31 @@ async def edge(nats_server, **kw):
         yield base, service
 
 
+def pipeline(nats_server, postgres, **compressor_kw):
+    """A compressor and the metrics writer, in this process."""
+    return running(compressor(nats_server.client("compressor"), **compressor_kw),
+                   metrics_writer(nats_server.client("metrics"), postgres.url))
+
+
+async def settled_rows(url: str, stream_ids: list[str], at_least: int) -> list:
+    """The streams' rows once there are ``at_least`` and no more came for two seconds."""
+    rows = await wait_rows(url, stream_ids, at_least, timeout=60)
+    while True:
+        await asyncio.sleep(2)
+        more = await wait_rows(url, stream_ids, len(rows))
+        if len(more) == len(rows):
+            return more
+        rows = more
+
+
+async def publish_frames(base: str, stream_id: str, track, frames: int, token: str | None = None) -> None:
+    """A WHIP publish of ``track`` until it sent ``frames`` frames, ended by DELETE."""
+    pc, location = await peer.publish(base, stream_id, track, token)
+    await wait_for(lambda: track.sent >= frames, 30, f"{frames} frames sent")
+    assert await peer.delete(location, token) == 200
+    await pc.close()
+
+
 async def wait_for(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -110,17 +135,12 @@ def test_a_publish_offer_that_only_receives_video_is_refused():
 async def test_a_whip_publish_becomes_the_streams_batches_one_row_each(nats_server, postgres):
     sid = unique("whip")
     frames = peer.clip(30)
-    async with running(compressor(nats_server.client("compressor")), metrics_writer(nats_server.client("metrics"), postgres.url)):
+    async with pipeline(nats_server, postgres):
         async with edge(nats_server) as (base, service):
             track = peer.ClipTrack(frames)
-            pc, location = await peer.publish(base, sid, track)
-            await wait_for(lambda: track.sent >= 60, 30, "60 frames sent")
-            assert await peer.delete(location) == 200
-            await pc.close()
+            await publish_frames(base, sid, track, 60)
             await wait_for(lambda: not service.edge.publishes, 10, "the session to end")
-        rows = await wait_rows(postgres.url, [sid], 1, timeout=60)
-        await asyncio.sleep(2)
-        rows = await wait_rows(postgres.url, [sid], len(rows))
+        rows = await settled_rows(postgres.url, [sid], 1)
     seqs = [r["batch_seq"] for r in rows]
     assert seqs == list(range(len(seqs))) and len(seqs) >= 6  # every batch once, in order, none missing
     assert all(r["status"] == "ok" and r["width"] == 320 and r["height"] == 180 for r in rows)
@@ -261,7 +281,7 @@ async def test_a_peer_that_vanishes_ends_its_session_and_its_last_partial_batch_
     """No DELETE, no BYE: the peer just stops (a closed laptop).  The session ends after the idle
     bound, the frames of its unfinished batch go out as a shorter batch, and one line says why."""
     sid = unique("gone")
-    async with running(compressor(nats_server.client("compressor")), metrics_writer(nats_server.client("metrics"), postgres.url)):
+    async with pipeline(nats_server, postgres):
         async with edge(nats_server, idle_s=1.0, batch_frames=8) as (base, service):
             track = peer.ClipTrack(peer.clip(10))
             pc, location = await peer.publish(base, sid, track)
@@ -270,9 +290,7 @@ async def test_a_peer_that_vanishes_ends_its_session_and_its_last_partial_batch_
             track.recv = lambda: asyncio.sleep(3600)
             await wait_for(lambda: sid not in service.edge.publishes, 15, "the session to end")
             await pc.close()
-        rows = await wait_rows(postgres.url, [sid], 3, timeout=60)
-        await asyncio.sleep(1)
-        rows = await wait_rows(postgres.url, [sid], len(rows))
+        rows = await settled_rows(postgres.url, [sid], 3)
     counts = [r["frames"] for r in rows]
     assert [r["batch_seq"] for r in rows] == list(range(len(rows)))
     assert all(c == 8 for c in counts[:-1]) and 1 <= counts[-1] <= 8 and sum(counts) >= 20
@@ -281,16 +299,11 @@ async def test_a_peer_that_vanishes_ends_its_session_and_its_last_partial_batch_
 @pytest.mark.slow
 async def test_two_publishers_at_once_make_two_streams(nats_server, postgres):
     a, b = unique("two-a"), unique("two-b")
-    async with running(compressor(nats_server.client("compressor")), metrics_writer(nats_server.client("metrics"), postgres.url)):
+    async with pipeline(nats_server, postgres):
         async with edge(nats_server) as (base, service):
             ta, tb = peer.ClipTrack(peer.clip(10)), peer.ClipTrack(peer.clip(10, "256x144"))
-            (pa, la), (pb, lb) = await asyncio.gather(peer.publish(base, a, ta), peer.publish(base, b, tb))
-            await wait_for(lambda: ta.sent >= 48 and tb.sent >= 48, 30, "48 frames each")
-            await asyncio.gather(peer.delete(la), peer.delete(lb))
-            await asyncio.gather(pa.close(), pb.close())
-        rows = await wait_rows(postgres.url, [a, b], 10, timeout=60)
-        await asyncio.sleep(2)
-        rows = await wait_rows(postgres.url, [a, b], len(rows))
+            await asyncio.gather(publish_frames(base, a, ta, 48), publish_frames(base, b, tb, 48))
+        rows = await settled_rows(postgres.url, [a, b], 10)
     for sid, width in ((a, 320), (b, 256)):
         mine = [r for r in rows if r["stream_id"] == sid]
         assert [r["batch_seq"] for r in mine] == list(range(len(mine))) and len(mine) >= 5
@@ -303,16 +316,11 @@ async def test_a_resolution_change_mid_publish_starts_a_new_batch_at_the_new_siz
     (shorter), the next starts at the new size, and every frame is in a row of its own size."""
     sid = unique("resize")
     sizes = [(320, 180)] * 21 + [(256, 144)] * 40
-    async with running(compressor(nats_server.client("compressor")), metrics_writer(nats_server.client("metrics"), postgres.url)):
+    async with pipeline(nats_server, postgres):
         async with edge(nats_server, batch_frames=8) as (base, service):
             track = peer.ClipTrack(peer.clip(10), sizes=sizes)
-            pc, location = await peer.publish(base, sid, track)
-            await wait_for(lambda: track.sent >= 60, 30, "60 frames sent")
-            await peer.delete(location)
-            await pc.close()
-        rows = await wait_rows(postgres.url, [sid], 6, timeout=60)
-        await asyncio.sleep(2)
-        rows = await wait_rows(postgres.url, [sid], len(rows))
+            await publish_frames(base, sid, track, 60)
+        rows = await settled_rows(postgres.url, [sid], 6)
     widths = [r["width"] for r in rows]
     assert [r["batch_seq"] for r in rows] == list(range(len(rows)))
     assert set(widths) == {320, 256} and widths == sorted(widths, reverse=True)  # one change, in order
@@ -369,24 +377,16 @@ async def test_a_peer_that_never_connects_is_given_up_after_the_connect_bound(na
         await wait_for(lambda: sid not in service.edge.publishes, 40, "the session to be given up")
         assert session.stats.frames == 0 and "connect" in session.stats.ended
         # The id is free: a real publish of it goes ahead.
-        track = peer.ClipTrack(peer.clip(5))
-        pc2, location = await peer.publish(base, sid, track)
-        await peer.delete(location)
-        await pc2.close()
+        await publish_frames(base, sid, peer.ClipTrack(peer.clip(5)), 5)
 
 
 @pytest.mark.slow
 async def test_a_second_publish_of_a_stream_continues_its_numbering(nats_server, postgres):
     sid = unique("again")
-    async with running(compressor(nats_server.client("compressor")), metrics_writer(nats_server.client("metrics"), postgres.url)):
+    async with pipeline(nats_server, postgres):
         async with edge(nats_server) as (base, service):
             for _ in range(2):
                 track = peer.ClipTrack(peer.clip(10))
-                pc, location = await peer.publish(base, sid, track)
-                await wait_for(lambda: track.sent >= 24, 20, "24 frames sent")
-                await peer.delete(location)
-                await pc.close()
-        rows = await wait_rows(postgres.url, [sid], 5, timeout=60)
-        await asyncio.sleep(2)
-        rows = await wait_rows(postgres.url, [sid], len(rows))
+                await publish_frames(base, sid, track, 24)
+        rows = await settled_rows(postgres.url, [sid], 5)
     assert [r["batch_seq"] for r in rows] == list(range(len(rows))) and len(rows) >= 5

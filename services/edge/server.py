@@ -432,9 +432,9 @@ def create_app(edge: Edge) -> Starlette:
                 return PlainTextResponse(str(exc) + "\n", exc.status)
         return endpoint
 
-    def page(name: str):
+    def page(name: str, media_type: str = "text/html"):
         async def serve(request: Request) -> Response:
-            return FileResponse(PAGES / name, media_type="text/html",
+            return FileResponse(PAGES / name, media_type=media_type,
                                 headers={"Cache-Control": "no-store", "Content-Security-Policy":
                                          "default-src 'self'; style-src 'self' 'unsafe-inline'; "
                                          "script-src 'self' 'unsafe-inline'; media-src 'self' blob:"})
@@ -453,6 +453,7 @@ def create_app(edge: Edge) -> Starlette:
 
     routes = [
         Route("/", page("index.html")), Route("/publish", page("publish.html")), Route("/watch", page("watch.html")),
+        Route("/session.js", page("session.js", "text/javascript")),
         Route("/healthz", healthz),
         Route("/whip/{stream_id}", handler(edge.publish), methods=["POST"]),
         Route("/whip/{stream_id}", options, methods=["OPTIONS"]),

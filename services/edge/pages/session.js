@@ -1,0 +1,35 @@
+// What the publish and watch pages share: the token, a complete offer (no trickle ICE), the POST that
+// opens a WHIP or WHEP session and the DELETE that ends it.
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const fragment = new URLSearchParams(location.hash.slice(1));  // (a fragment never reaches a server or its logs)
+
+function authHeaders(extra) {
+  const t = $("token").value.trim();
+  return Object.assign(t ? {Authorization: "Bearer " + t} : {}, extra || {});
+}
+
+function gathered(pc) {
+  return new Promise((resolve) => {
+    if (pc.iceGatheringState === "complete") return resolve();
+    pc.addEventListener("icegatheringstatechange", () => pc.iceGatheringState === "complete" && resolve());
+    setTimeout(resolve, 3000);
+  });
+}
+
+// POST the peer's complete offer to path (/whip/ID or /whep/ID); the session's URL once answered.
+async function openSession(pc, path) {
+  await pc.setLocalDescription(await pc.createOffer());
+  await gathered(pc);
+  const r = await fetch(path, {method: "POST", headers: authHeaders({"Content-Type": "application/sdp"}),
+                               body: pc.localDescription.sdp});
+  const body = await r.text();
+  if (r.status !== 201) throw new Error("the edge answered " + r.status + ": " + body.trim());
+  await pc.setRemoteDescription({type: "answer", sdp: body});
+  return r.headers.get("Location");
+}
+
+async function closeSession(resource) {
+  if (!resource) return;
+  try { await fetch(resource, {method: "DELETE", headers: authHeaders()}); } catch (e) {}
+}
