@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the metrics API, whose rows the watch page shows (default: $AIC_API_URL)")
     p.add_argument("--batch-frames", type=int, default=env_int("AIC_BATCH_FRAMES", 8),
                    help="frames per batch of a publish (default %(default)s)")
-    p.add_argument("--fps", type=int, default=30, help="the batches' nominal frame rate (default %(default)s)")
+    p.add_argument("--fps", type=int, default=30,
+                   help="the batches' frame rate where the first batch cannot measure it from RTP times (default %(default)s)")
     p.add_argument("--idle-s", type=float, default=5.0,
                    help="a publish that sends no frame this long has ended: its peer is gone (default %(default)s)")
     p.add_argument("--max-publishes", type=int, default=16, help="publishes at once (default %(default)s)")

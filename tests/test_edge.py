@@ -100,6 +100,37 @@ def test_an_odd_frame_size_is_cropped_to_even():
     assert (fb.width, fb.height) == (32, 16)
 
 
+async def test_a_gateway_that_takes_nothing_yet_costs_a_bounded_wait_and_leaves_no_gap_in_the_numbers():
+    """While the bus is away at the start the gateway reads no batch; the track is still read (aiortc
+    would queue every frame), at most ``depth`` batches wait, the oldest go, counted, and the numbers
+    handed on stay consecutive."""
+    import av
+    from aiortc.mediastreams import MediaStreamError
+
+    from services.edge.publish import PublishStats, SenderClock, track_batches
+
+    class Track:
+        sent = 0
+
+        async def recv(self):
+            if self.sent == 40:
+                raise MediaStreamError
+            self.sent += 1
+            vf = av.VideoFrame(32, 16, "yuv420p")
+            vf.pts = self.sent * 3000
+            return vf
+
+    track, stats = Track(), PublishStats()
+    batches = track_batches(track, Batcher("s", batch_frames=4), SenderClock(object()), 5.0, stats, asyncio.Event(),
+                            depth=3)
+    first = await batches.__anext__()  # the reader starts; then the gateway is away for a while
+    await wait_for(lambda: track.sent == 40, 5, "the track read to its end")
+    rest = [fb async for fb in batches]
+    assert [fb.batch_seq for fb in [first, *rest]] == list(range(1 + len(rest)))
+    assert len(rest) == 3 and stats.unpublished == 10 - 1 - 3 and stats.ended == "peer gone"
+    assert first.fps == 30  # measured from the RTP times (3000 ticks a frame)
+
+
 def test_ntp_time_of_a_sender_report_is_unix_time():
     assert ntp_to_unix((2208988800 + 10) << 32 | (1 << 31)) == 10.5
 
@@ -114,6 +145,7 @@ VIDEO = "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"
     ((VIDEO + "m=video 9 UDP/TLS/RTP/SAVPF 98 45\r\na=rtpmap:98 VP9/90000\r\na=rtpmap:45 AV1/90000\r\n").encode(), 422,
      "AV1, VP9 only"),
     (b"v=0" + b" " * 70000, 413, "over"),
+    ((VIDEO + "m=video\r\n").encode(), 400, "malformed media line"),
 ])
 def test_offers_aic_cannot_use_are_refused_saying_why(body, status, says):
     with pytest.raises(OfferError) as err:
@@ -241,6 +273,11 @@ async def test_without_a_token_database_only_loopback_clients_are_served(nats_se
         r = await http.post("/whip/cam1", content=b"v=0", headers={"Content-Type": "application/sdp"})
         assert r.status_code == 403 and "own machine" in r.text
         assert (await http.get("/publish")).status_code == 200  # the pages are public; what they do is not
+    # A page elsewhere whose host name was made to resolve to 127.0.0.1 (DNS rebinding) is not local.
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://evil.example:8890") as http:
+        r = await http.post("/whip/cam1", content=b"v=0", headers={"Content-Type": "application/sdp"})
+        assert r.status_code == 403 and "localhost" in r.text
 
 
 @pytest.mark.slow

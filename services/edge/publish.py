@@ -15,6 +15,7 @@ a second into the call) a frame's arrival time stands in for it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -82,13 +83,17 @@ class Batcher:
 
     stream_id: str
     batch_frames: int = 8
-    fps: Fraction = Fraction(30)  # nominal: WebRTC frames are timed by their capture, not a fixed rate
+    # The batches' rate: measured on the first batch from its frames' RTP times (WebRTC has no fixed
+    # rate; a camera that slows down later keeps its capture times, not this figure).
+    fps: Fraction = Fraction(30)
     seq: int = 0
     frames: int = 0
     resizes: int = 0
     _buf: list[np.ndarray] = field(default_factory=list)
     _times: list[float] = field(default_factory=list)
+    _pts: list[int] = field(default_factory=list)
     _size: tuple[int, int] | None = None
+    _measured: bool = False
 
     def add(self, vf: av.VideoFrame, captured_at: float) -> list[FrameBatch]:
         """The batches this frame completes (none, one, or the one it closed by changing size and
@@ -104,6 +109,8 @@ class Batcher:
         self._size = (w, h)
         self._buf.append(from_video_frame(vf, np.empty(frame_size(w, h), np.uint8)))
         self._times.append(captured_at)
+        if vf.pts is not None:
+            self._pts.append(vf.pts)
         if len(self._buf) >= self.batch_frames:
             out += self.flush()
         return out
@@ -112,6 +119,9 @@ class Batcher:
         """The frames held as one (shorter) batch; nothing when none are held."""
         if not self._buf:
             return []
+        if not self._measured and len(self._pts) == len(self._buf) >= 4 and self._pts[-1] > self._pts[0]:
+            rate = (len(self._pts) - 1) * RTP_CLOCK / (self._pts[-1] - self._pts[0])
+            self.fps, self._measured = Fraction(max(1, min(120, round(rate)))), True
         w, h = self._size
         fb = FrameBatch(stream_id=self.stream_id, batch_seq=self.seq, width=w, height=h,
                         fps_num=self.fps.numerator, fps_den=self.fps.denominator, first_pts=self.frames,
@@ -119,7 +129,7 @@ class Batcher:
                         captured_at=self._times[-1], frames=np.stack(self._buf))
         self.seq += 1
         self.frames += len(self._buf)
-        self._buf, self._times = [], []
+        self._buf, self._times, self._pts = [], [], []
         return [fb]
 
 
@@ -128,39 +138,67 @@ class PublishStats:
     frames: int = 0
     batches: int = 0
     resizes: int = 0
+    unpublished: int = 0  # batches dropped because the gateway was not taking them (the bus away at start)
     ended: str = ""  # why: "deleted", "peer gone", "idle", "shutdown"
     capture_lag_s: list[float] = field(default_factory=list)  # arrival - capture by the sender's clock (sampled)
 
 
 async def track_batches(track, batcher: Batcher, clock: SenderClock, idle_s: float, stats: PublishStats,
-                        ended: asyncio.Event):
+                        ended: asyncio.Event, depth: int = 32):
     """The batches of a received video track until it ends (the peer closed, went away or sent
-    nothing for ``idle_s``), or ``ended`` is set; the partial batch last."""
+    nothing for ``idle_s``), or ``ended`` is set; the partial batch last.
+
+    The track is read in a task of its own: aiortc queues decoded frames without a bound, so they
+    are taken as they come and at most ``depth`` batches wait for the gateway (while the bus is away
+    at the start; then the oldest go, counted in ``stats.unpublished``).  Batches are numbered as
+    they are handed on, so a dropped one leaves no gap in the numbers, only in the frames."""
     from aiortc.mediastreams import MediaStreamError
 
-    while not ended.is_set():
-        recv = asyncio.ensure_future(track.recv())
-        stop = asyncio.ensure_future(ended.wait())
-        done, _ = await asyncio.wait({recv, stop}, timeout=idle_s, return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        if recv not in done:
-            recv.cancel()
-            stats.ended = stats.ended or ("idle" if not done else "deleted")
-            break
+    ready: asyncio.Queue = asyncio.Queue()
+    finished = object()
+
+    def put(fb: FrameBatch) -> None:
+        if ready.qsize() >= depth:
+            ready.get_nowait()
+            stats.unpublished += 1
+        ready.put_nowait(fb)
+
+    async def read() -> None:
         try:
-            vf = recv.result()
-        except MediaStreamError:
-            stats.ended = stats.ended or "peer gone"
-            break
-        arrived = time.time()
-        captured = clock.captured_at(vf, arrived)
-        if clock.report is not None and stats.frames % 8 == 0 and len(stats.capture_lag_s) < 4096:
-            stats.capture_lag_s.append(arrived - captured)
-        stats.frames += 1
-        for fb in batcher.add(vf, captured):
+            while not ended.is_set():
+                recv = asyncio.ensure_future(track.recv())
+                stop = asyncio.ensure_future(ended.wait())
+                done, _ = await asyncio.wait({recv, stop}, timeout=idle_s, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if recv not in done:
+                    recv.cancel()
+                    stats.ended = stats.ended or ("idle" if not done else "deleted")
+                    break
+                try:
+                    vf = recv.result()
+                except MediaStreamError:
+                    stats.ended = stats.ended or "peer gone"
+                    break
+                arrived = time.time()
+                captured = clock.captured_at(vf, arrived)
+                if clock.report is not None and stats.frames % 8 == 0 and len(stats.capture_lag_s) < 4096:
+                    stats.capture_lag_s.append(arrived - captured)
+                stats.frames += 1
+                for fb in batcher.add(vf, captured):
+                    put(fb)
+            for fb in batcher.flush():
+                put(fb)
+        finally:
+            stats.resizes = batcher.resizes
+            ready.put_nowait(finished)
+
+    reader = asyncio.create_task(read(), name="whip-reader")
+    seq = 0
+    try:
+        while (fb := await ready.get()) is not finished:
             stats.batches += 1
-            yield fb
-    for fb in batcher.flush():
-        stats.batches += 1
-        yield fb
-    stats.resizes = batcher.resizes
+            yield dataclasses.replace(fb, batch_seq=seq)
+            seq += 1
+        await reader  # (its error, if it had one)
+    finally:
+        reader.cancel()

@@ -39,7 +39,11 @@ def check_offer(body: bytes, direction: str) -> str:
                               "video only")
     offered, usable = [], []
     for v in videos:
-        if v.split()[1] == "0":
+        fields = v.split(None, 3)
+        if len(fields) < 4:
+            raise OfferError(400, f"malformed media line {v.splitlines()[0][:80]!r} (RFC 8866: m=<media> <port> "
+                                  "<proto> <fmt> ...)")
+        if fields[1] == "0":
             continue  # a rejected section
         if direction == "send" and re.search(r"^a=(recvonly|inactive)\s*$", v, re.M):
             continue

@@ -19,6 +19,8 @@ rate-limited per client address; publishes and viewers are capped.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import hashlib
 import ipaddress
 import os
 import ssl
@@ -55,6 +57,9 @@ CAPTURE_LAG = Histogram("aic_edge_capture_lag_seconds", "A published frame's arr
                         buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 
 PAGES = Path(__file__).parent / "pages"
+#: How long a token checked against the database is taken as checked.
+TOKEN_CACHE_S = 10.0
+MAX_ROWS_BYTES = 1 << 20
 
 
 class Refused(Exception):
@@ -102,6 +107,7 @@ class Session:
     task: asyncio.Task | None = None
     stats: PublishStats = field(default_factory=PublishStats)
     track: DeliveredTrack | None = None
+    sink: object = None  # a viewer's MediaBlackhole
 
     @property
     def location(self) -> str:
@@ -118,30 +124,46 @@ class Edge:
         self.taps: dict[str, StreamTap] = {}
         self.limiter = RateLimiter(cfg.rate)
         self.limiter.burst = max(1.0, 2 * cfg.rate)
+        self.reads = RateLimiter(10 * cfg.rate)  # session GETs, DELETEs, rows: cheap, but not free
         self._pool = None
         self._pool_lock = asyncio.Lock()
+        self._joining = 0  # viewers whose offers are being answered
+        self._verified: dict[str, tuple[float, Token | None]] = {}  # digest of a token -> (until, token)
+        # The rows' pass-through blocks a thread per request: its own two, not the loop's default
+        # executor, which aiortc's encoders and the taps' decoders use.
+        self._rows_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="edge-rows")
 
     # ------------------------------------------------------------------ who may
 
     async def _token(self, presented: str) -> Token | None:
+        """The token, checked against the database at most every ``TOKEN_CACHE_S`` (a revocation takes
+        that long to reach the edge; a flood of made-up tokens costs one query each, then none)."""
         import asyncpg
 
+        key, now = hashlib.sha256(presented.encode()).hexdigest(), time.monotonic()
+        cached = self._verified.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
         async with self._pool_lock:
             if self._pool is None:
-                self._pool = await asyncpg.create_pool(self.cfg.database_url, min_size=1, max_size=2, timeout=5)
-        async with self._pool.acquire() as conn:
-            return await verify(conn, presented)
+                self._pool = await asyncpg.create_pool(self.cfg.database_url, min_size=1, max_size=2, timeout=5,
+                                                       command_timeout=5)
+        async with self._pool.acquire(timeout=5) as conn:
+            token = await verify(conn, presented)
+        if len(self._verified) >= 10000:
+            self._verified = {k: v for k, v in self._verified.items() if v[0] > now}
+            if len(self._verified) >= 10000:
+                self._verified.clear()
+        self._verified[key] = (now + TOKEN_CACHE_S, token)
+        return token
 
     async def admit(self, request: Request, role: str, stream_id: str) -> Token | None:
         """The caller's token if it may act as ``role`` on ``stream_id`` (None without a token
         database, for a loopback client); else :class:`Refused`."""
         if not STREAM_ID_RE.match(stream_id):
             raise Refused(400, f"stream id {stream_id!r}: must be {STREAM_ID_RULE}")
-        host = request.client.host if request.client else None
         if self.cfg.database_url is None:
-            if not _loopback(host):
-                raise Refused(403, "this edge runs without API tokens (no --database-url): it serves clients on "
-                                   "its own machine only")
+            self.local_only(request)
             return None
         header = request.headers.get("authorization", "")
         scheme, _, presented = header.partition(" ")
@@ -161,9 +183,19 @@ class Edge:
             raise Refused(403, f"the token's tenant {token.tenant!r} does not reach stream {stream_id!r}")
         return token
 
-    def throttle(self, request: Request) -> None:
+    def local_only(self, request: Request) -> None:
+        """Without tokens: a client on this machine, asking for this machine by name.  (The name too: a
+        web page whose host name was made to resolve to 127.0.0.1 — DNS rebinding — would otherwise
+        reach the edge from the user's browser as a local client.)"""
+        host = request.client.host if request.client else None
+        name = request.headers.get("host", "").rsplit(":", 1)[0].strip("[]").lower()
+        if not _loopback(host) or name not in {"localhost", "127.0.0.1", "::1", self.cfg.host.lower()}:
+            raise Refused(403, "this edge runs without API tokens (no --database-url): it serves clients on "
+                               "its own machine only, that call it localhost or 127.0.0.1")
+
+    def throttle(self, request: Request, limiter: RateLimiter | None = None) -> None:
         host = request.client.host if request.client else "?"
-        wait = self.limiter.take(host)
+        wait = (limiter or self.limiter).take(host)
         if wait:
             raise Refused(429, "too many session requests from this address", {"Retry-After": str(max(1, round(wait)))})
 
@@ -233,8 +265,11 @@ class Edge:
                     stats.ended = "ICE or DTLS did not connect before the connect timeout"
                     return
                 await asyncio.sleep(0.05)
+            if session.ended.is_set():
+                return  # deleted, or the peer gone, before a frame: nothing to publish
             batcher = Batcher(session.stream_id, self.cfg.batch_frames, Fraction(self.cfg.fps))
-            batches = track_batches(track, batcher, clock, self.cfg.idle_s, stats, session.ended)
+            batches = track_batches(track, batcher, clock, self.cfg.idle_s, stats, session.ended,
+                                    depth=max(1, self.cfg.buffer_batches))
             ingested = await ingest(self.bus, f"whip:{session.peer}", session.stream_id, self.cfg.batch_frames,
                                     progress=False, outage_s=self.cfg.outage_s,
                                     buffer_batches=self.cfg.buffer_batches, batches=batches)
@@ -259,14 +294,15 @@ class Edge:
                 "whip_session_ended", stream_id=session.stream_id, session=session.id, peer=session.peer,
                 reason=stats.ended or ("error" if error else "track ended"), frames=stats.frames,
                 batches=ingested.batches if ingested else stats.batches,
-                dropped=ingested.dropped if ingested else 0, resizes=stats.resizes,
+                dropped=ingested.dropped if ingested else 0, unpublished=stats.unpublished, resizes=stats.resizes,
                 capture_lag_ms_p50=round(1000 * lags[len(lags) // 2], 1) if lags else None,
                 seconds=round(time.monotonic() - session.started, 1), **({"error": error} if error else {}))
 
     async def end_publish(self, request: Request, stream_id: str, session_id: str) -> Response:
+        self.throttle(request, self.reads)
         await self.admit(request, "operator", stream_id)
         session = self.publishes.get(stream_id)
-        if session is None or not secrets.compare_digest(session.id, session_id):
+        if session is None or not secrets.compare_digest(session.id.encode(), session_id.encode()):
             raise Refused(404, "no such session")
         session.stats.ended = "deleted"
         session.ended.set()
@@ -279,16 +315,17 @@ class Edge:
         self.throttle(request)
         await self.admit(request, "viewer", stream_id)
         offer = check_offer(await _body(request), "recv")
-        if len(self.viewers) >= self.cfg.max_viewers:
+        if len(self.viewers) + self._joining >= self.cfg.max_viewers:
             raise Refused(503, f"this edge serves {self.cfg.max_viewers} viewers at once", {"Retry-After": "10"})
         from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+        from aiortc.contrib.media import MediaBlackhole
 
-        tap = self.taps.get(stream_id)
-        if tap is None:
-            tap = self.taps[stream_id] = StreamTap(self.bus, stream_id)
-        track = DeliveredTrack(tap)
+        track = DeliveredTrack()
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         session = Session(secrets.token_urlsafe(12), stream_id, "whep", pc, _peer(request), track=track)
+        sink = session.sink = MediaBlackhole()  # what a viewer's offer would send us is read and dropped
+        pc.on("track", sink.addTrack)
+        self._joining += 1  # (the cap holds while offers are being answered)
         try:
             await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
             for t in pc.getTransceivers():
@@ -297,9 +334,17 @@ class Edge:
                     t.direction = "sendonly"
                     break
             await pc.setLocalDescription(await pc.createAnswer())
+            await sink.start()
         except Exception as exc:
             await pc.close()
             raise Refused(400, f"the offer could not be answered: {type(exc).__name__}: {str(exc)[:200]}") from None
+        finally:
+            self._joining -= 1
+        # From here to the response nothing awaits: the tap found (or made) is the one that runs.
+        tap = self.taps.get(stream_id)
+        if tap is None:
+            tap = self.taps[stream_id] = StreamTap(self.bus, stream_id)
+        track.tap = tap
         self.viewers[session.id] = session
         tap.viewers.add(track)
         tap.start()
@@ -326,6 +371,8 @@ class Edge:
         SESSIONS.labels("whep").dec()
         session.track.stop()
         await session.pc.close()
+        if session.sink is not None:
+            await session.sink.stop()
         tap = self.taps.get(session.stream_id)
         if tap is not None and not tap.viewers:
             del self.taps[session.stream_id]
@@ -341,6 +388,7 @@ class Edge:
         return session
 
     async def view_state(self, request: Request, stream_id: str, session_id: str) -> Response:
+        self.throttle(request, self.reads)
         await self.admit(request, "viewer", stream_id)
         s = self._viewer(stream_id, session_id)
         tap = self.taps.get(stream_id)
@@ -353,6 +401,7 @@ class Edge:
         })
 
     async def end_view(self, request: Request, stream_id: str, session_id: str) -> Response:
+        self.throttle(request, self.reads)
         await self.admit(request, "viewer", stream_id)
         await self._end_view(self._viewer(stream_id, session_id), "deleted")
         return Response(status_code=200)
@@ -362,26 +411,36 @@ class Edge:
     async def rows(self, request: Request) -> Response:
         """``GET /api/v1/aic/metrics``: the metrics API's answer, passed through with the caller's token
         (the API checks it), so that the watch page needs one origin only."""
+        self.throttle(request, self.reads)
         if self.cfg.api_url is None:
             raise Refused(404, "this edge was started without --api-url: no metrics to show")
-        if self.cfg.database_url is None and not _loopback(request.client.host if request.client else None):
-            raise Refused(403, "this edge serves clients on its own machine only")
+        if self.cfg.database_url is None:
+            self.local_only(request)
+        elif not request.headers.get("authorization", "").lower().startswith("bearer "):
+            raise Refused(401, "a bearer token is needed (aic token create)", {"WWW-Authenticate": "Bearer"})
+        if len(request.url.query) > 1000:
+            raise Refused(414, "the query is too long")
         url = f"{self.cfg.api_url.rstrip('/')}/api/v1/aic/metrics?{request.url.query}"
         headers = {"Authorization": request.headers["authorization"]} if "authorization" in request.headers else {}
 
         def get() -> tuple[int, bytes]:
             ca = os.environ.get("AIC_API_CA")  # the CA of an API served over HTTPS (aic up --https)
             context = ssl.create_default_context(cafile=ca) if ca and url.startswith("https:") else None
+            # No redirects: the caller's token goes to the API and nowhere else.
+            opener = urllib.request.build_opener(_NoRedirect, urllib.request.HTTPSHandler(context=context))
             try:
-                with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5,
-                                            context=context) as r:
-                    return r.status, r.read(1 << 20)
+                with opener.open(urllib.request.Request(url, headers=headers), timeout=5) as r:
+                    status, body = r.status, r.read(MAX_ROWS_BYTES + 1)
             except urllib.error.HTTPError as e:
-                return e.code, e.read(1 << 16)
+                status, body = e.code, e.read(1 << 16)
+            if len(body) > MAX_ROWS_BYTES:
+                return 502, b'{"detail": "the metrics API answered more than the edge passes on"}'
+            return status, body
 
         try:
-            status, body = await asyncio.to_thread(get)
-        except OSError:
+            status, body = await asyncio.get_running_loop().run_in_executor(self._rows_pool, get)
+        except Exception as exc:  # (unreachable, a broken answer, a URL it cannot build)
+            log.warning("rows_unavailable", error=type(exc).__name__)
             raise Refused(502, "the metrics API is not reachable") from None
         return Response(body, status, media_type="application/json")
 
@@ -399,6 +458,12 @@ class Edge:
             await self._end_view(s, "shutdown")
         if self._pool is not None:
             await self._pool.close()
+        self._rows_pool.shutdown(wait=False)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
 
 
 async def _body(request: Request) -> bytes:

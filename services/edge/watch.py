@@ -34,6 +34,8 @@ VIEWER_QUEUE = 24
 REORDER = 4
 #: Added to the first frame's delay: batches arrive every batch_frames / fps, give or take.
 PLAYOUT_MARGIN_S = 0.1
+#: A viewer this far off its schedule (behind after a stall, or a new publish's clock) starts again.
+RESYNC_S = 0.5
 
 
 class DeliveredTrack(MediaStreamTrack):
@@ -47,9 +49,9 @@ class DeliveredTrack(MediaStreamTrack):
 
     kind = "video"
 
-    def __init__(self, tap: "StreamTap"):
+    def __init__(self, tap: "StreamTap | None" = None):
         super().__init__()
-        self.tap = tap
+        self.tap = tap  # set once the viewer's session is answered
         self.queue: asyncio.Queue = asyncio.Queue()
         self.sent: deque = deque(maxlen=600)
         self.dropped = 0
@@ -69,8 +71,12 @@ class DeliveredTrack(MediaStreamTrack):
 
             raise MediaStreamError
         vf, captured = await self.queue.get()
+        if self._delay is None:
+            # Frames queued while ICE and DTLS came up are old: start from the newest.
+            while not self.queue.empty():
+                vf, captured = self.queue.get_nowait()
         now = time.time()
-        if self._delay is None or abs(now - (captured + self._delay)) > 1.0:
+        if self._delay is None or abs(now - (captured + self._delay)) > RESYNC_S:
             self._delay = now - captured + PLAYOUT_MARGIN_S
         wait = captured + self._delay - now
         if wait > 0:
@@ -88,7 +94,8 @@ class DeliveredTrack(MediaStreamTrack):
 
     def stop(self) -> None:
         super().stop()
-        self.tap.viewers.discard(self)
+        if self.tap is not None:
+            self.tap.viewers.discard(self)
 
 
 class StreamTap:
@@ -109,41 +116,60 @@ class StreamTap:
             self.task = asyncio.create_task(self._run(), name=f"tap-{self.stream_id}")
 
     async def _run(self) -> None:
+        """Follow and decode until the last viewer goes; the bus going away, or a batch that cannot be
+        read, is logged and gone past (viewers see the video stop, then resume), never the tap's end."""
         from nats.js import api as jsapi
 
-        sub = await self.bus.follow(busmod.COMPRESSED_STREAM, busmod.compressed_subject(self.stream_id),
-                                    deliver_policy=jsapi.DeliverPolicy.LAST)
+        while self.viewers:
+            try:
+                sub = await self.bus.follow(busmod.COMPRESSED_STREAM, busmod.compressed_subject(self.stream_id),
+                                            deliver_policy=jsapi.DeliverPolicy.LAST)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("tap_follow_failed", stream_id=self.stream_id, error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(1.0)
+                continue
+            try:
+                await self._follow(sub)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("tap_interrupted", stream_id=self.stream_id, error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(1.0)
+            finally:
+                await sub.close()
+
+    async def _follow(self, sub) -> None:
         pending: dict[int, object] = {}
         next_seq: int | None = None
-        try:
-            while self.viewers:
-                try:
-                    msg = await sub.next_msg(timeout=1.0)
-                except Exception as exc:
-                    if "Timeout" in type(exc).__name__:
-                        continue
-                    raise
-                try:
-                    cb = unpack_compressed_batch(await self.bus.payload(msg))
-                except (SchemaError, ClaimError) as exc:
-                    log.error("undecodable_batch", stream_id=self.stream_id, error=str(exc))
+        while self.viewers:
+            try:
+                msg = await sub.next_msg(timeout=1.0)
+            except Exception as exc:
+                if "Timeout" in type(exc).__name__:
                     continue
-                if next_seq is not None and cb.batch_seq < next_seq:
-                    continue  # a late duplicate
-                pending[cb.batch_seq] = cb
-                if next_seq is None:
-                    next_seq = cb.batch_seq
-                if next_seq not in pending and len(pending) > REORDER:
-                    next_seq = min(pending)  # the missing one is not coming
-                while next_seq in pending:
-                    await self._emit(pending.pop(next_seq))
-                    next_seq += 1
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.error("tap_failed", stream_id=self.stream_id, error=f"{type(exc).__name__}: {exc}")
-        finally:
-            await sub.close()
+                raise
+            try:
+                cb = unpack_compressed_batch(await self.bus.payload(msg))
+            except (SchemaError, ClaimError) as exc:
+                log.error("undecodable_batch", stream_id=self.stream_id, error=str(exc))
+                continue
+            if next_seq is not None and cb.batch_seq < next_seq:
+                continue  # a late duplicate
+            pending[cb.batch_seq] = cb
+            if next_seq is None:
+                next_seq = cb.batch_seq
+            if next_seq not in pending and len(pending) > REORDER:
+                next_seq = min(pending)  # the missing one is not coming
+            while next_seq in pending:
+                cb = pending.pop(next_seq)
+                next_seq += 1
+                try:
+                    await self._emit(cb)
+                except Exception as exc:  # a codec that raised something of its own: this batch only
+                    log.error("tap_decode_failed", stream_id=self.stream_id, batch_seq=cb.batch_seq,
+                              error=f"{type(exc).__name__}: {exc}")
 
     async def _emit(self, cb) -> None:
         frames = await self.receiver.decode(cb)

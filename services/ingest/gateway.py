@@ -517,15 +517,16 @@ async def ingest(
             if slotted:
                 slots.release()
 
-    async def report_dropped(fb: FrameBatch, why: str) -> None:
+    async def report_dropped(seq: int, msg_id: str, captured_at: float, why: str) -> None:
         """A dropped live batch's number, taken in order, and its marker once the bus is back: the
-        worker turns it into a rejected row, so the loss is counted where every batch is."""
+        worker turns it into a rejected row, so the loss is counted where every batch is.  (Its frames
+        are not held: an outage drops many.)"""
         try:
-            await reserve(fb.batch_seq)
-            headers = {busmod.CAPTURED_HEADER: repr(fb.captured_at), busmod.DROPPED_HEADER: why}
-            await send(b"", fb.msg_id, headers, f"marker of dropped batch {fb.batch_seq}")
+            await reserve(seq)
+            headers = {busmod.CAPTURED_HEADER: repr(captured_at), busmod.DROPPED_HEADER: why}
+            await send(b"", msg_id, headers, f"marker of dropped batch {seq}")
             stats.dropped += 1
-            unsent.discard(fb.batch_seq)
+            unsent.discard(seq)
         except BaseException as exc:
             errors.append(exc)
 
@@ -558,7 +559,7 @@ async def ingest(
                     DROPPED.labels(stream_id).inc()
                     log.warning("batch_dropped", stream_id=stream_id, batch_seq=fb.batch_seq, buffered=len(pending))
                     why = "the frames stream was full" if outage.full else "the bus was away"
-                    task = asyncio.create_task(report_dropped(fb, why))
+                    task = asyncio.create_task(report_dropped(fb.batch_seq, fb.msg_id, fb.captured_at, why))
                 else:
                     if not live:
                         await slots.acquire()  # a file waits for the bus; a live source cannot
@@ -570,7 +571,8 @@ async def ingest(
                 stats.batches += 1
                 stats.frames += fb.frame_count
                 stats.raw_bytes += fb.raw_bytes
-                stats.batch_ids.append(fb.msg_id)
+                if batches is None:  # (a WebRTC publish may last for days: its ids are not kept)
+                    stats.batch_ids.append(fb.msg_id)
                 bar.update(fb.frame_count)
         except SourceError as exc:  # the source broke off: what was read still goes out, then the error
             source_error = exc

@@ -128,15 +128,15 @@ class RateLimiter:
     def take(self, key: str) -> float:
         """0 if the request may go ahead, else the seconds until it may (for Retry-After)."""
         now = time.monotonic()
+        if key not in self._buckets and len(self._buckets) >= 10000:  # bounded: forget the idlest
+            for k in sorted(self._buckets, key=lambda k: self._buckets[k][1])[:5000]:
+                del self._buckets[k]
         tokens, at = self._buckets.get(key, (self.burst, now))
         tokens = min(self.burst, tokens + (now - at) * self.rate)
         if tokens >= 1.0:
             self._buckets[key] = (tokens - 1.0, now)
             return 0.0
         self._buckets[key] = (tokens, now)
-        if len(self._buckets) > 10000:  # bounded: forget the idlest
-            for k in sorted(self._buckets, key=lambda k: self._buckets[k][1])[:5000]:
-                del self._buckets[k]
         return (1.0 - tokens) / self.rate
 
 

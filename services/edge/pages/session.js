@@ -25,11 +25,18 @@ async function openSession(pc, path) {
                                body: pc.localDescription.sdp});
   const body = await r.text();
   if (r.status !== 201) throw new Error("the edge answered " + r.status + ": " + body.trim());
-  await pc.setRemoteDescription({type: "answer", sdp: body});
-  return r.headers.get("Location");
+  const resource = r.headers.get("Location");
+  try {
+    await pc.setRemoteDescription({type: "answer", sdp: body});
+  } catch (e) {
+    await closeSession(resource);  // (else the stream stays taken until the edge gives the session up)
+    throw e;
+  }
+  return resource;
 }
 
 async function closeSession(resource) {
   if (!resource) return;
-  try { await fetch(resource, {method: "DELETE", headers: authHeaders()}); } catch (e) {}
+  // keepalive: the DELETE still goes out when the page is being closed or reloaded
+  try { await fetch(resource, {method: "DELETE", headers: authHeaders(), keepalive: true}); } catch (e) {}
 }
