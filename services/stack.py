@@ -161,7 +161,7 @@ class Stack:
                 self.services.append(ServiceProcess(
                     "edge", [sys.executable, "-m", "services.edge", "--listen",
                              f"{env_str('AIC_EDGE_HOST', '127.0.0.1')}:{self.edge_port}", "--metrics-port", str(port),
-                             *self._https_args("edge")],
+                             *self._https_args("edge", env_str("AIC_EDGE_HOST"))],
                     env, logs / "edge.log"))
             for s in self.services:
                 s.start()
@@ -186,14 +186,17 @@ class Stack:
     def api_url(self) -> str:
         return f"{'https' if self.https else 'http'}://127.0.0.1:{self.http_port}"
 
-    def _https_args(self, stem: str = "api") -> list[str]:
+    def _https_args(self, stem: str = "api", also: str | None = None) -> list[str]:
+        """The TLS flags of a service with an HTTPS port; ``also``: another name its certificate
+        holds (an address it listens on besides loopback)."""
         if not self.https:
             return []
         if self.nats is None or self.nats.ca_file is None:
             raise ValueError("--https signs the API's certificate with the embedded NATS's CA: none here")
-        from shared.pki import ensure_server_tls
+        from shared.pki import default_names, ensure_server_tls
 
-        t = ensure_server_tls(self.nats.ca_file.parent, stem=stem)
+        names = default_names() + ([also] if also and also not in ("0.0.0.0", "::") else [])
+        t = ensure_server_tls(self.nats.ca_file.parent, names, stem=stem)
         return ["--tls-cert", str(t.cert_file), "--tls-key", str(t.key_file)]
 
     def nats_env(self, role: str) -> dict[str, str]:

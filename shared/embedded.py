@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+import http.client
 import os
 import re
 import secrets
@@ -320,7 +321,9 @@ class NatsServer:
                 url = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
                 with urllib.request.urlopen(url, timeout=1) as r:
                     return r.status == 200
-            except OSError:
+            except (OSError, http.client.HTTPException):
+                # (HTTPException: the monitor port was taken by another server's client port, which
+                # answers with its INFO line; this one then fails to bind and starts again on new ports)
                 return False
 
         for attempt in range(3):

@@ -273,6 +273,8 @@ async def test_without_a_token_database_only_loopback_clients_are_served(nats_se
         r = await http.post("/whip/cam1", content=b"v=0", headers={"Content-Type": "application/sdp"})
         assert r.status_code == 403 and "own machine" in r.text
         assert (await http.get("/publish")).status_code == 200  # the pages are public; what they do is not
+        r = await http.get("/whep/acme.cam1")  # a WHEP URL opened in a browser: the page that plays it
+        assert r.status_code == 303 and r.headers["location"] == "/watch?stream=acme.cam1"
     # A page elsewhere whose host name was made to resolve to 127.0.0.1 (DNS rebinding) is not local.
     transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
     async with httpx.AsyncClient(transport=transport, base_url="http://evil.example:8890") as http:

@@ -7,6 +7,7 @@ over WHEP; the pages ``/publish`` and ``/watch`` do both from a browser.
 ``DELETE <Location>``       ends the session (its last, partial batch is published)
 ``POST /whep/<stream>``     an SDP offer to receive → 201, the answer: the stream's delivered video
 ``GET <Location>``          a WHEP session's state: frames sent with their capture times (latency)
+``GET /whep/<stream>``      (and ``/whip/``) 303 to the page that watches (publishes) it
 ``GET /api/v1/aic/metrics`` the metrics API's rows, passed through with the caller's token
 ==========================  =========================================================================
 
@@ -36,7 +37,7 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge, Histogram
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from services.edge.publish import Batcher, PublishStats, SenderClock, track_batches
@@ -512,6 +513,12 @@ def create_app(edge: Edge) -> Starlette:
         # WHIP/WHEP clients may ask first; trickle ICE (PATCH) is not offered: gathering is complete.
         return Response(status_code=204, headers={"Allow": "POST, OPTIONS", "Accept-Post": "application/sdp"})
 
+    async def to_page(request: Request) -> Response:
+        # A person who opens a WHIP or WHEP URL in a browser gets the page that speaks it.
+        page = "publish" if request.url.path.startswith("/whip/") else "watch"
+        stream = urllib.parse.quote(request.path_params["stream_id"], safe="")
+        return RedirectResponse(f"/{page}?stream={stream}", 303)
+
     async def no_trickle(request: Request, **_) -> Response:
         return PlainTextResponse("trickle ICE is not supported: send a complete offer\n", 405,
                                  headers={"Allow": "GET, DELETE" if "/whep/" in request.url.path else "DELETE"})
@@ -522,10 +529,12 @@ def create_app(edge: Edge) -> Starlette:
         Route("/healthz", healthz),
         Route("/whip/{stream_id}", handler(edge.publish), methods=["POST"]),
         Route("/whip/{stream_id}", options, methods=["OPTIONS"]),
+        Route("/whip/{stream_id}", to_page, methods=["GET"]),
         Route("/whip/{stream_id}/{session_id}", handler(edge.end_publish), methods=["DELETE"]),
         Route("/whip/{stream_id}/{session_id}", no_trickle, methods=["PATCH"]),
         Route("/whep/{stream_id}", handler(edge.watch), methods=["POST"]),
         Route("/whep/{stream_id}", options, methods=["OPTIONS"]),
+        Route("/whep/{stream_id}", to_page, methods=["GET"]),
         Route("/whep/{stream_id}/{session_id}", handler(edge.view_state), methods=["GET"]),
         Route("/whep/{stream_id}/{session_id}", handler(edge.end_view), methods=["DELETE"]),
         Route("/whep/{stream_id}/{session_id}", no_trickle, methods=["PATCH"]),
