@@ -38,7 +38,7 @@ import numpy as np
 
 from services.stack import Stack
 from shared import logs
-from tools.browser import MEDIA, align, find_chromium, make_y4m, publish_and_watch
+from tools.browser import MEDIA, align, find_chromium, make_y4m, picture_luma, publish_and_watch
 
 SIZE = (640, 360)
 
@@ -139,7 +139,7 @@ async def run(seconds: float, clip: Path) -> dict:
     viewer = result["viewer"]
     g2v = viewer["latencies"][30:]  # (after the first second: the viewer's join and key frame)
     x, y, w, h = (int(round(v)) for v in result["video_box"])
-    gray = (result["screenshot"][y:y + h, x:x + w] @ np.array([0.299, 0.587, 0.114]) * 219 / 255 + 16).astype(np.uint8)
+    gray = picture_luma(result["screenshot"][y:y + h, x:x + w])
     (_, shot_psnr), = align([gray], SIZE, source)
     seqs = [r["batch_seq"] for r in got]
     return {

@@ -17,7 +17,7 @@ pytest.importorskip("websockets")
 from services.edge import publish as publishing  # noqa: E402
 from tests.conftest import unique  # noqa: E402
 from tests.test_edge import edge, pipeline, settled_rows, wait_for  # noqa: E402
-from tools.browser import MEDIA, align, find_chromium, luma, make_y4m, publish_and_watch  # noqa: E402
+from tools.browser import MEDIA, align, find_chromium, luma, make_y4m, picture_luma, publish_and_watch  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 SIZE = (640, 360)
@@ -78,8 +78,8 @@ async def test_a_browser_publishes_over_whip_and_another_watches_over_whep(chrom
     assert viewer["latencies"] and 0 < np.median(viewer["latencies"]) < 5000
     x, y, w, h = (int(round(v)) for v in result["video_box"])
     picture = result["screenshot"][y:y + h, x:x + w]
-    # (BT.601 luma of the screenshot's RGB, at the clip's size, against the best-matching clip frame)
-    gray = (picture @ np.array([0.299, 0.587, 0.114]) * 219 / 255 + 16).astype(np.uint8)
+    # (the screenshot's luma, at the clip's size, against the best-matching clip frame)
+    gray = picture_luma(picture)
     (_, shot_psnr), = align([gray], SIZE, source)
     print(f"viewer screenshot: PSNR-Y {shot_psnr:.1f} dB against the clip frame it shows, std {gray.std():.0f}")
     assert gray.std() > 10 and shot_psnr > 18

@@ -21,6 +21,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from shared.pixfmt import from_video_frame, split_planes
+
 #: Chromium's flags for WebRTC on one machine without a screen, a camera or a person to click "allow".
 FLAGS = ["--headless=new", "--allow-loopback-in-peer-connection", "--use-fake-device-for-media-stream",
          "--use-fake-ui-for-media-stream", "--autoplay-policy=no-user-gesture-required", "--disable-gpu",
@@ -62,10 +64,7 @@ def make_y4m(path: Path, source: Path | None = None, frames: int = 255, size: tu
     with container, open(path, "wb") as f:
         f.write(f"YUV4MPEG2 W{w} H{h} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
         for vf in container.decode(video=0):
-            vf = vf.reformat(width=w, height=h, format="yuv420p")
-            planes = [np.frombuffer(p, np.uint8).reshape(-1, p.line_size)[: (h if i == 0 else h // 2), : (w if i == 0 else w // 2)]
-                      for i, p in enumerate(vf.planes)]
-            packed = np.concatenate([p.reshape(-1) for p in planes])
+            packed = from_video_frame(vf.reformat(width=w, height=h, format="yuv420p"))
             f.write(b"FRAME\n" + packed.tobytes())
             out.append(packed)
             if len(out) == frames:
@@ -169,7 +168,15 @@ class Chromium:
 
 
 def luma(frame: np.ndarray, width: int, height: int) -> np.ndarray:
-    return frame[: width * height].reshape(height, width)
+    """The Y plane of a packed yuv420p frame."""
+    return split_planes(frame, width, height)[0]
+
+
+def picture_luma(rgb: np.ndarray) -> np.ndarray:
+    """The Y plane of an RGB picture (a screenshot), as the gateway would convert it (swscale)."""
+    h, w = rgb.shape[0] & ~1, rgb.shape[1] & ~1
+    vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[:h, :w]), format="rgb24")
+    return luma(from_video_frame(vf), w, h)
 
 
 def align(received: list[np.ndarray], size: tuple[int, int], source: list[np.ndarray]) -> list[tuple[int, float]]:

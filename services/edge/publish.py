@@ -90,7 +90,7 @@ class Batcher:
     frames: int = 0
     resizes: int = 0
     _buf: list[np.ndarray] = field(default_factory=list)
-    _times: list[float] = field(default_factory=list)
+    _captured: float = 0.0  # the capture time of the frame held last
     _pts: list[int] = field(default_factory=list)
     _size: tuple[int, int] | None = None
     _measured: bool = False
@@ -108,7 +108,7 @@ class Batcher:
             out += self.flush()
         self._size = (w, h)
         self._buf.append(from_video_frame(vf, np.empty(frame_size(w, h), np.uint8)))
-        self._times.append(captured_at)
+        self._captured = captured_at
         if vf.pts is not None:
             self._pts.append(vf.pts)
         if len(self._buf) >= self.batch_frames:
@@ -126,10 +126,10 @@ class Batcher:
         fb = FrameBatch(stream_id=self.stream_id, batch_seq=self.seq, width=w, height=h,
                         fps_num=self.fps.numerator, fps_den=self.fps.denominator, first_pts=self.frames,
                         # as for a live camera: a batch is captured when its last frame is
-                        captured_at=self._times[-1], frames=np.stack(self._buf))
+                        captured_at=self._captured, frames=np.stack(self._buf))
         self.seq += 1
         self.frames += len(self._buf)
-        self._buf, self._times, self._pts = [], [], []
+        self._buf, self._pts = [], []
         return [fb]
 
 

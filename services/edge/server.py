@@ -41,7 +41,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from services.edge.publish import Batcher, PublishStats, SenderClock, track_batches
-from services.edge.sdp import OfferError, check_offer
+from services.edge.sdp import MAX_SDP_BYTES, OfferError, check_offer
 from services.edge.watch import DeliveredTrack, StreamTap
 from services.metrics.auth import RateLimiter, Token, verify
 from shared.bus import Bus
@@ -105,6 +105,7 @@ class Session:
     peer: str
     started: float = field(default_factory=time.monotonic)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    connected: asyncio.Event = field(default_factory=asyncio.Event)  # ICE and DTLS up
     task: asyncio.Task | None = None
     stats: PublishStats = field(default_factory=PublishStats)
     track: DeliveredTrack | None = None
@@ -123,8 +124,7 @@ class Edge:
         self.publishes: dict[str, Session] = {}  # by stream id: one publisher per stream
         self.viewers: dict[str, Session] = {}  # by session id
         self.taps: dict[str, StreamTap] = {}
-        self.limiter = RateLimiter(cfg.rate)
-        self.limiter.burst = max(1.0, 2 * cfg.rate)
+        self.limiter = RateLimiter(cfg.rate)  # session POSTs (a burst of twice the rate)
         self.reads = RateLimiter(10 * cfg.rate)  # session GETs, DELETEs, rows: cheap, but not free
         self._pool = None
         self._pool_lock = asyncio.Lock()
@@ -229,7 +229,9 @@ class Edge:
 
         @pc.on("connectionstatechange")
         async def on_state():
-            if pc.connectionState in ("failed", "closed"):
+            if pc.connectionState == "connected":
+                session.connected.set()
+            elif pc.connectionState in ("failed", "closed"):
                 session.stats.ended = session.stats.ended or ("peer gone" if pc.connectionState == "failed" else "")
                 session.ended.set()
 
@@ -260,12 +262,9 @@ class Edge:
                 return
             track, clock = video.result()
             # ICE and DTLS up in time, or the session ends (a peer that answered and vanished).
-            deadline = time.monotonic() + self.cfg.connect_s
-            while pc.connectionState != "connected" and not session.ended.is_set():
-                if time.monotonic() > deadline:
-                    stats.ended = "ICE or DTLS did not connect before the connect timeout"
-                    return
-                await asyncio.sleep(0.05)
+            if not await _first(session.connected, session.ended, timeout=self.cfg.connect_s):
+                stats.ended = stats.ended or "ICE or DTLS did not connect before the connect timeout"
+                return
             if session.ended.is_set():
                 return  # deleted, or the peer gone, before a frame: nothing to publish
             batcher = Batcher(session.stream_id, self.cfg.batch_frames, Fraction(self.cfg.fps))
@@ -274,7 +273,7 @@ class Edge:
             ingested = await ingest(self.bus, f"whip:{session.peer}", session.stream_id, self.cfg.batch_frames,
                                     progress=False, outage_s=self.cfg.outage_s,
                                     buffer_batches=self.cfg.buffer_batches, batches=batches)
-        except (BatchNumberError, BusOutage, OfferError) as exc:
+        except (BatchNumberError, BusOutage) as exc:
             error = str(exc)
         except asyncio.CancelledError:
             stats.ended = stats.ended or "shutdown"
@@ -467,6 +466,17 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
+async def _first(*events: asyncio.Event, timeout: float) -> bool:
+    """Whether one of ``events`` was set within ``timeout`` seconds."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        return bool(done)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
 async def _body(request: Request) -> bytes:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/sdp":
@@ -474,8 +484,8 @@ async def _body(request: Request) -> bytes:
     body = b""
     async for chunk in request.stream():
         body += chunk
-        if len(body) > 64 * 1024:
-            raise Refused(413, "the offer is over 64 KiB")
+        if len(body) > MAX_SDP_BYTES:
+            raise Refused(413, f"the offer is over {MAX_SDP_BYTES} bytes")
     return body
 
 

@@ -19,6 +19,7 @@ from collections import deque
 import av
 from aiortc import MediaStreamTrack
 
+from services.receiver.decode import DecodeStats, InOrder, Receiver
 from shared import bus as busmod
 from shared.bus import Bus, ClaimError
 from shared.logs import get_logger
@@ -30,7 +31,8 @@ log = get_logger("edge")
 RTP_CLOCK = 90000
 #: Frames a viewer may fall behind before the oldest are dropped (latency stays bounded).
 VIEWER_QUEUE = 24
-#: Batches held back waiting for a missing one before it is skipped (several workers finish out of order).
+#: Batches held back waiting for a missing one before it is skipped (several workers finish out of
+#: order; fewer than ``aic decode`` holds: a viewer is live).
 REORDER = 4
 #: Added to the first frame's delay: batches arrive every batch_frames / fps, give or take.
 PLAYOUT_MARGIN_S = 0.1
@@ -42,7 +44,7 @@ class DeliveredTrack(MediaStreamTrack):
     """A viewer's video track: the tap's decoded frames, played out on the source's clock.
 
     A frame is sent at its capture time plus a delay fixed by the first one (and a margin for the
-    jitter of batches arriving); a viewer more than a second off that schedule starts again from
+    jitter of batches arriving); a viewer more than ``RESYNC_S`` off that schedule starts again from
     the frame it has.  The frames' pts run on their capture clock (90 kHz), so the viewer's RTP
     timestamps are capture times; :attr:`sent` keeps (pts, capture time, send time) of the last
     frames, which the WHEP session resource serves for glass-to-viewer latency."""
@@ -102,8 +104,6 @@ class StreamTap:
     """A stream's compressed batches, followed from the newest and decoded once for its viewers."""
 
     def __init__(self, bus: Bus, stream_id: str):
-        from services.receiver.decode import DecodeStats, Receiver
-
         self.bus, self.stream_id = bus, stream_id
         self.viewers: set[DeliveredTrack] = set()
         self.stats = DecodeStats(stream_id)
@@ -141,8 +141,7 @@ class StreamTap:
                 await sub.close()
 
     async def _follow(self, sub) -> None:
-        pending: dict[int, object] = {}
-        next_seq: int | None = None
+        order = InOrder(self.stream_id, REORDER)  # from the first batch that comes: the newest
         while self.viewers:
             try:
                 msg = await sub.next_msg(timeout=1.0)
@@ -155,16 +154,7 @@ class StreamTap:
             except (SchemaError, ClaimError) as exc:
                 log.error("undecodable_batch", stream_id=self.stream_id, error=str(exc))
                 continue
-            if next_seq is not None and cb.batch_seq < next_seq:
-                continue  # a late duplicate
-            pending[cb.batch_seq] = cb
-            if next_seq is None:
-                next_seq = cb.batch_seq
-            if next_seq not in pending and len(pending) > REORDER:
-                next_seq = min(pending)  # the missing one is not coming
-            while next_seq in pending:
-                cb = pending.pop(next_seq)
-                next_seq += 1
+            for cb in order.add(cb) or []:
                 try:
                     await self._emit(cb)
                 except Exception as exc:  # a codec that raised something of its own: this batch only

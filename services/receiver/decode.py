@@ -37,6 +37,52 @@ REORDER_WINDOW = 16
 _OUTPUTS = {".y4m": ("rawvideo", {}), ".mkv": ("ffv1", {}), ".mp4": ("libx264", {"crf": "16", "preset": "fast"})}
 
 
+class InOrder:
+    """A stream's batches handed on in ``batch_seq`` order: one that arrives early waits for those
+    before it, until ``window`` are waiting, when the missing ones are given up as a gap (they were
+    rejected, failed, or lost upstream; holding every later batch would not bring them)."""
+
+    def __init__(self, stream_id: str, window: int, next_seq: int | None = None, gaps: list[int] | None = None):
+        self.stream_id, self.window, self.next_seq = stream_id, window, next_seq
+        self.gaps = [] if gaps is None else gaps  # the numbers given up
+        self.held_max = 0  # most batches held at once (memory: at 720p, 11 MB a decoded batch of 8)
+        self._pending: dict[int, object] = {}
+
+    def add(self, cb, start: bool = True) -> list | None:
+        """The batches ``cb`` lets go, in order (None: ``cb`` is a repeat).  While the first number
+        is unknown, ``start`` says to begin at the lowest held now (else: once a window is held)."""
+        seq = cb.batch_seq
+        if seq in self._pending or (self.next_seq is not None and seq < self.next_seq):
+            return None
+        self._pending[seq] = cb
+        self.held_max = max(self.held_max, len(self._pending))
+        if self.next_seq is None:
+            if not start and len(self._pending) <= self.window:
+                return []
+            self.next_seq = min(self._pending)
+        if len(self._pending) > self.window and self.next_seq not in self._pending:
+            skip_to = min(self._pending)
+            self.gaps.extend(range(self.next_seq, skip_to))
+            log.warning("batches_missing", stream_id=self.stream_id, first=self.next_seq, last=skip_to - 1)
+            self.next_seq = skip_to
+        out = []
+        while self.next_seq in self._pending:
+            out.append(self._pending.pop(self.next_seq))
+            self.next_seq += 1
+        return out
+
+    def rest(self) -> list:
+        """What is still held, in order, the numbers missing between counted as gaps."""
+        out = []
+        for seq in sorted(self._pending):
+            if self.next_seq is None:
+                self.next_seq = seq
+            self.gaps.extend(range(self.next_seq, seq))
+            out.append(self._pending.pop(seq))
+            self.next_seq = seq + 1
+        return out
+
+
 class VideoWriter:
     """Packed yuv420p frames → video files chosen by extension, a new file at each change of size."""
 
@@ -161,8 +207,7 @@ async def decode_stream(
     writer = VideoWriter(out)
     receiver = Receiver(bus, stream_id, stats)
     sub = await bus.follow(busmod.COMPRESSED_STREAM, busmod.compressed_subject(stream_id))
-    pending: dict[int, object] = {}
-    next_seq = start_seq
+    order = InOrder(stream_id, REORDER_WINDOW, start_seq, stats.gaps)
 
     received = 0  # batches that arrived (decodable or not): what expect_batches counts
 
@@ -192,34 +237,18 @@ async def decode_stream(
                 stats.errors += 1
                 log.error("undecodable_batch", subject=msg.subject, error=str(exc))
                 continue
-            if cb.batch_seq in pending or (next_seq is not None and cb.batch_seq < next_seq):
+            # Batches are stored as workers finish them, a little out of order: the stream's first is
+            # the lowest of what arrived by the time it was read to its end (or a window's worth).
+            ready = order.add(cb, start=msg.metadata.num_pending == 0)
+            if ready is None:
                 continue  # duplicate delivery
-            pending[cb.batch_seq] = cb
-            stats.held_max = max(stats.held_max, len(pending))
             received += 1
-            if next_seq is None and (len(pending) > REORDER_WINDOW or msg.metadata.num_pending == 0):
-                # Batches are stored as workers finish them, a little out of order: the stream's first
-                # is the lowest of what arrived by the time it was read to its end (or a window's worth).
-                next_seq = min(pending)
-            if next_seq is None:
-                continue
-            if len(pending) > REORDER_WINDOW and next_seq not in pending:
-                # The missing batch is not coming (rejected, failed, or lost upstream): skip it
-                # rather than hold every later batch in memory.
-                skip_to = min(pending)
-                stats.gaps.extend(range(next_seq, skip_to))
-                log.warning("batches_missing", stream_id=stream_id, first=next_seq, last=skip_to - 1)
-                next_seq = skip_to
-            while next_seq in pending:
-                await emit(pending.pop(next_seq))
-                next_seq += 1
+            stats.held_max = order.held_max
+            for c in ready:
+                await emit(c)
         # Whatever is left arrived after a gap: decode it in order, and say so.
-        if next_seq is None and pending:
-            next_seq = min(pending)
-        for seq in sorted(pending):
-            stats.gaps.extend(range(next_seq, seq))
-            await emit(pending[seq])
-            next_seq = seq + 1
+        for c in order.rest():
+            await emit(c)
     finally:
         await sub.close()
         writer.close()

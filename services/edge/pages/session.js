@@ -4,6 +4,19 @@ const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const fragment = new URLSearchParams(location.hash.slice(1));  // (a fragment never reaches a server or its logs)
 
+// The page's state, for people (#state) and for automation (window.aic.state).
+function show(state, detail) {
+  aic.state = state;
+  $("state").textContent = state + (detail ? ": " + detail : "");
+}
+
+// A start that failed: say why, and end whatever it had opened.
+async function failed(e, stop) {
+  aic.error = String(e && e.message || e);
+  show("error", aic.error);
+  await stop();
+}
+
 function authHeaders(extra) {
   const t = $("token").value.trim();
   return Object.assign(t ? {Authorization: "Bearer " + t} : {}, extra || {});
